@@ -1,0 +1,10 @@
+"""gcbench: gradient caching (GradCache) for contrastive training, and how to measure what it costs."""
+
+from gcbench.cache import GradCache
+from gcbench.strategies import STRATEGIES, Objective, Strategy, make_strategy
+from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
+
+__version__ = "0.1.0"
+
+__all__ = ["GradCache", "ModelConfig", "Objective", "STRATEGIES", "Strategy", "WorkloadConfig", "__version__",
+           "build_workload", "make_strategy"]

@@ -1,0 +1,9 @@
+"""The technique: GradCache and the pieces every strategy shares (batches, RNG replay, the loss)."""
+
+from gcbench.cache.batching import Batch, batch_size, call_encoder, chunk_bounds, slice_batch
+from gcbench.cache.engine import GradCache, encode
+from gcbench.cache.loss import contrastive_loss
+from gcbench.cache.rng import RngState
+
+__all__ = ["Batch", "GradCache", "RngState", "batch_size", "call_encoder", "chunk_bounds", "contrastive_loss",
+           "encode", "slice_batch"]

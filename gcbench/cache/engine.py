@@ -1,0 +1,229 @@
+"""GradCache: full-batch contrastive gradients at the activation memory of one chunk.
+
+The three steps of Gao et al. (2021), one method each in :class:`GradCache`:
+
+1. ``_encode_without_graph``: encode every chunk with no graph; keep only the representations (and
+   the RNG state each chunk started from).
+2. ``_cache_gradients``: compute the loss over all representations and back-propagate it to them
+   only; their gradients are the cache (the loss's own parameters, e.g. a temperature, get theirs).
+3. ``_push_gradients``: re-encode each chunk with a graph, replaying its RNG state so dropout draws
+   the same masks, and back-propagate its slice of the cache into the encoder.
+
+The last chunk of the first pass is encoded with its graph kept (``reuse_last_graph``): its second
+forward would recompute exactly what is already there, so one chunk forward per step is saved, at the
+cost of holding one chunk's activations while the loss is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from gcbench.cache.batching import Batch, batch_devices, batch_size, call_encoder, chunk_bounds, module_devices, slice_batch
+from gcbench.cache.loss import contrastive_loss
+from gcbench.cache.rng import RngState
+
+GetRep = Callable[[Any], Tensor]
+ChunkId = tuple[int, int]  # (encoder index, chunk index)
+
+
+def as_encoder_list(encoders: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    if isinstance(encoders, nn.Module):
+        return [encoders]
+    if isinstance(encoders, Sequence) and encoders and all(isinstance(e, nn.Module) for e in encoders):
+        return list(encoders)
+    raise TypeError("encoders must be an nn.Module or a non-empty sequence of nn.Module")
+
+
+def as_chunk_sizes(chunk_size: int | Sequence[int], count: int, name: str = "chunk_size") -> tuple[int, ...]:
+    """One chunk size per encoder; TypeError/ValueError naming ``name`` otherwise."""
+    sizes = [chunk_size] * count if not isinstance(chunk_size, Sequence) else list(chunk_size)
+    if len(sizes) != count:
+        raise ValueError(f"{name}: got {len(sizes)} sizes for {count} encoders")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"{name} must be an int or one int per encoder, got {size!r}")
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+    return tuple(sizes)
+
+
+def encode(encoder: Callable[..., Any], batch: Batch, get_rep: GetRep | None, name: str) -> Tensor:
+    """Run ``encoder`` on ``batch`` and pull out the representation tensor."""
+    output = call_encoder(encoder, batch)
+    rep = get_rep(output) if get_rep is not None else output
+    if not isinstance(rep, Tensor):
+        hint = "" if get_rep is not None else "; pass get_rep= to pull the representation tensor out of it"
+        raise TypeError(f"{name} returned {type(output).__name__}, not a tensor{hint}")
+    return rep
+
+
+def unwrap_ddp(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+class GradCache:
+    """Accumulates into ``.grad`` exactly what ``loss_fn(*reps).backward()`` on the whole batch would.
+
+    ``encoders``: a module or one per input (the same module may appear twice: a tied encoder).
+    ``chunk_size``: an int or one per encoder; need not divide the batch.
+    ``get_rep``: pulls the representation tensor out of an encoder's output (HF outputs, tuples).
+    ``scaler``: a ``torch.amp.GradScaler``; the loss is scaled before the cache is built, so the
+    cached gradients carry the scale. Unscaling and stepping stay the caller's.
+
+    Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
+    detached, and never touches an optimizer. DDP-wrapped encoders all-reduce once per step.
+    """
+
+    def __init__(
+        self,
+        encoders: nn.Module | Sequence[nn.Module],
+        loss_fn: Callable[..., Tensor],
+        chunk_size: int | Sequence[int],
+        *,
+        get_rep: GetRep | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        reuse_last_graph: bool = True,
+    ) -> None:
+        self.encoders = as_encoder_list(encoders)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if get_rep is not None and not callable(get_rep):
+            raise TypeError(f"get_rep must be callable, got {type(get_rep).__name__}")
+        self.loss_fn = loss_fn
+        self.chunk_sizes = as_chunk_sizes(chunk_size, len(self.encoders))
+        self.get_rep = get_rep
+        self.scaler = scaler
+        self.reuse_last_graph = reuse_last_graph
+        self._warned_batchnorm: set[str] = set()
+
+    def __call__(self, *batches: Batch, **loss_kwargs: Any) -> Tensor:
+        if len(batches) != len(self.encoders):
+            raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
+        self._warn_batchnorm()
+        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.reuse_last_graph)
+        reps, kept, rng_states = self._encode_without_graph(plan)
+        rng_after = RngState.capture(plan.devices)
+        loss = self._cache_gradients(reps, loss_kwargs)
+        self._push_gradients(plan, reps, kept, rng_states)
+        rng_after.restore()
+        return loss.detach()
+
+    # Step 1 ------------------------------------------------------------------------------------
+    def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], Tensor | None, dict[ChunkId, RngState]]:
+        reps: list[Tensor | None] = [None] * len(self.encoders)
+        rng_states: dict[ChunkId, RngState] = {}
+        kept: Tensor | None = None
+        for cid in plan.chunk_ids:
+            i = cid[0]
+            rng_states[cid] = RngState.capture(plan.devices)
+            if cid == plan.kept_id:
+                with self._sync_context(cid, plan):
+                    kept = self._encode(self.encoders[i], plan.chunk(cid), i)
+                value = kept.detach()
+            else:
+                with torch.no_grad():
+                    value = self._encode(unwrap_ddp(self.encoders[i]), plan.chunk(cid), i)
+            if reps[i] is None:
+                reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
+            with torch.no_grad():
+                reps[i][plan.rows(cid)].copy_(value)
+        return [rep.requires_grad_() for rep in reps], kept, rng_states
+
+    # Step 2 ------------------------------------------------------------------------------------
+    def _cache_gradients(self, reps: list[Tensor], loss_kwargs: dict[str, Any]) -> Tensor:
+        loss = contrastive_loss(self.loss_fn, reps, loss_kwargs)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss
+
+    # Step 3 ------------------------------------------------------------------------------------
+    def _push_gradients(
+        self, plan: _Plan, reps: list[Tensor], kept: Tensor | None, rng_states: dict[ChunkId, RngState]
+    ) -> None:
+        caches = [rep.grad for rep in reps]
+        reps.clear()  # the values are no longer needed, only their gradients
+        for cid in plan.backward_order:
+            i = cid[0]
+            if caches[i] is None:  # the loss does not depend on this input
+                continue
+            with self._sync_context(cid, plan):
+                if cid == plan.kept_id:
+                    rep, kept = kept, None
+                else:
+                    rng_states[cid].restore()
+                    rep = self._encode(self.encoders[i], plan.chunk(cid), i)
+                rep.backward(caches[i][plan.rows(cid)])
+            del rep
+
+    # Helpers -----------------------------------------------------------------------------------
+    def _encode(self, encoder: nn.Module, batch: Batch, index: int) -> Tensor:
+        return encode(encoder, batch, self.get_rep, f"encoders[{index}]")
+
+    def _sync_context(self, cid: ChunkId, plan: _Plan) -> contextlib.AbstractContextManager[Any]:
+        encoder = self.encoders[cid[0]]
+        if isinstance(encoder, DistributedDataParallel) and cid not in plan.syncing:
+            return encoder.no_sync()
+        return contextlib.nullcontext()
+
+    def _warn_batchnorm(self) -> None:
+        for name, module in self._named_modules():
+            if isinstance(module, _BatchNorm) and module.training and name not in self._warned_batchnorm:
+                self._warned_batchnorm.add(name)
+                warnings.warn(
+                    f"GradCache: {name} is a BatchNorm in training mode; its statistics are per chunk and its "
+                    "running stats are updated twice, so gradients will not equal full-batch ones",
+                    stacklevel=3,
+                )
+
+    def _named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for i, encoder in enumerate(self.encoders):
+            for name, module in encoder.named_modules():
+                yield f"encoders[{i}]" + (f".{name}" if name else ""), module
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call splits into chunks, in which order they go backward, and which one syncs DDP."""
+
+    batches: tuple[Batch, ...]
+    sizes: tuple[int, ...]
+    bounds: tuple[tuple[tuple[int, int], ...], ...]
+    devices: frozenset[torch.device]
+    chunk_ids: tuple[ChunkId, ...]
+    kept_id: ChunkId | None
+    backward_order: tuple[ChunkId, ...]
+    syncing: frozenset[ChunkId]
+
+    @classmethod
+    def make(cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...],
+             reuse_last_graph: bool) -> _Plan:
+        sizes = tuple(batch_size(batch, f"batches[{i}]") for i, batch in enumerate(batches))
+        for i, size in enumerate(sizes):
+            if size == 0:
+                raise ValueError(f"batches[{i}] is empty")
+        bounds = tuple(tuple(chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes))
+        devices = frozenset().union(*(module_devices(e) for e in encoders), *(batch_devices(b) for b in batches))
+        chunk_ids = tuple((i, j) for i, encoder_bounds in enumerate(bounds) for j in range(len(encoder_bounds)))
+        kept_id = chunk_ids[-1] if reuse_last_graph else None
+        backward_order = ((kept_id,) if kept_id else ()) + tuple(c for c in chunk_ids if c != kept_id)
+        last_use: dict[int, ChunkId] = {}  # per distinct module, the last chunk to go backward syncs
+        for cid in backward_order:
+            last_use[id(encoders[cid[0]])] = cid
+        syncing = frozenset(c for c in last_use.values() if isinstance(encoders[c[0]], DistributedDataParallel))
+        return cls(batches, sizes, bounds, devices, chunk_ids, kept_id, backward_order, syncing)
+
+    def rows(self, cid: ChunkId) -> slice:
+        start, stop = self.bounds[cid[0]][cid[1]]
+        return slice(start, stop)
+
+    def chunk(self, cid: ChunkId) -> Batch:
+        rows = self.rows(cid)
+        return slice_batch(self.batches[cid[0]], rows.start, rows.stop)

@@ -1,0 +1,97 @@
+"""The ``gcbench`` command: a thin shell over the Python API.
+
+Bad input ends in one line on stderr naming the flag or key, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from gcbench.device import PRECISIONS, resolve_device
+from gcbench.errors import UsageError
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def int_list(flag: str, text: str) -> list[int]:
+    """``"8,16,32"`` -> ``[8, 16, 32]``; a UsageError naming ``flag`` otherwise."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag}: expected at least one integer, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gcbench")
+def cli() -> None:
+    """Gradient caching for contrastive training: exactness, memory and speed, measured."""
+
+
+@cli.command()
+@click.option("--workload", default="dpr,clip,simclr", show_default=True, help="Workloads, comma-separated.")
+@click.option("--strategy", default="cache", show_default=True,
+              help="Strategies to check against the full-batch reference, comma-separated.")
+@click.option("--dtype", "precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="float64/float32 parameters, or bf16/fp16 autocast (fp16 with a GradScaler).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--batch-size", type=int, default=12, show_default=True, help="Examples per batch.")
+@click.option("--chunk-size", default="5", show_default=True, help="One chunk size, or one per input (q,p).")
+@click.option("--tolerance", type=float, default=None,
+              help="Max relative gradient error [default: 1e-10 float64, 1e-5 float32, 3e-2 bf16, 3e-3 fp16].")
+@click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout of the test models.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def verify(workload: str, strategy: str, precision: str, device: str, batch_size: int, chunk_size: str,
+           tolerance: float | None, dropout: float, seed: int) -> int:
+    """Check that a strategy's gradients equal full-batch ones; exit 1 if any check fails."""
+    from gcbench.verify import verify as run_verify
+
+    results = run_verify(name_list(workload), name_list(strategy), precision=precision,
+                         device=resolve_device(device), batch_size=batch_size,
+                         chunk_sizes=int_list("--chunk-size", chunk_size), tolerance=tolerance, seed=seed,
+                         dropout=dropout)
+    table = Table(title=f"gradient equivalence vs full batch ({precision}, tolerance {results[0].tolerance:g})")
+    for column in ("workload", "strategy", "batch", "chunks", "max abs err", "max rel err", "cosine",
+                   "loss diff", "result"):
+        table.add_column(column, justify="left" if column in ("workload", "strategy") else "right")
+    for r in results:
+        c = r.comparison
+        verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
+        table.add_row(r.workload, r.strategy, str(r.batch_size), ",".join(map(str, r.chunk_sizes)),
+                      f"{c.max_abs_err:.2e}", f"{c.max_rel_err:.2e}", f"{c.cosine:.12f}", f"{c.loss_diff:.2e}",
+                      verdict)
+    console.print(table)
+    failed = sum(not r.passed for r in results)
+    if failed:
+        console.print(f"[red]{failed} of {len(results)} checks failed[/red]")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: run the command, map usage errors to one line and exit status 2."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="gcbench", standalone_mode=False)
+    except click.exceptions.Exit as exit_:
+        code = exit_.exit_code
+    except click.exceptions.Abort:
+        click.echo("gcbench: aborted", err=True)
+        code = 130
+    except click.UsageError as error:
+        command = f" {error.ctx.command_path.split(' ', 1)[1]}" if error.ctx and " " in error.ctx.command_path else ""
+        click.echo(f"gcbench{command}: error: {error.format_message()}", err=True)
+        code = 2
+    except UsageError as error:
+        click.echo(f"gcbench: error: {error}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,1 @@
+"""Measurement: gradient equivalence, peak memory, step time."""

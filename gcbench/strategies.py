@@ -1,0 +1,235 @@
+"""Ways to get contrastive-loss gradients for one batch, behind one interface.
+
+Every strategy accumulates gradients for one batch into ``.grad`` and returns the loss, detached:
+
+- ``full``: encode the whole batch with its graph, one loss, one backward (the naive baseline);
+- ``cache``: GradCache (exact, activation memory of one chunk);
+- ``cache-rerun``: GradCache re-encoding every chunk, as the paper and public libraries do;
+- ``accumulate``: gradient accumulation over micro-batches, in-batch negatives only within a
+  micro-batch. NOT equivalent to ``full``: that is what it is here to show;
+- ``checkpoint``: ``full`` with per-layer activation checkpointing of the encoders.
+
+The harness swaps them freely: they differ only in :meth:`Strategy.forward_backward`. Each also
+names the order in which it encodes its inputs (:meth:`Strategy.encode_order`), so that a reference
+with the full-batch loss can draw the same dropout masks (see :mod:`gcbench.measure.equivalence`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from gcbench.cache.batching import Batch, batch_size, chunk_bounds, slice_batch
+from gcbench.cache.engine import GetRep, GradCache, as_chunk_sizes, as_encoder_list, encode, unwrap_ddp
+from gcbench.cache.loss import contrastive_loss
+
+EncodeStep = tuple[int, slice]  # (encoder index, rows of its batch)
+
+
+@dataclass
+class Objective:
+    """What is trained: one encoder per input (possibly the same one twice) and the loss over their reps."""
+
+    encoders: list[nn.Module]
+    loss_fn: Callable[..., Tensor]
+    get_rep: GetRep | None = None
+
+    def __post_init__(self) -> None:
+        self.encoders = as_encoder_list(self.encoders)
+
+    def modules(self) -> list[nn.Module]:
+        """Distinct modules holding parameters: each encoder once, then the loss if it is a module."""
+        unique: dict[int, nn.Module] = {id(e): e for e in self.encoders}
+        if isinstance(self.loss_fn, nn.Module):
+            unique.setdefault(id(self.loss_fn), self.loss_fn)
+        return list(unique.values())
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for module in self.modules():
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+
+def backward_in_order(
+    objective: Objective,
+    batches: Sequence[Batch],
+    order: Sequence[EncodeStep],
+    loss_kwargs: Mapping[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
+    weight: float = 1.0,
+) -> Tensor:
+    """Encode the pieces in ``order`` keeping every graph, then one loss (times ``weight``) and backward."""
+    pieces: list[list[Tensor]] = [[] for _ in objective.encoders]
+    for i, rows in order:
+        batch = slice_batch(batches[i], rows.start, rows.stop)
+        pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
+    reps = [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
+    loss = contrastive_loss(objective.loss_fn, reps, loss_kwargs)
+    target = loss * weight if weight != 1.0 else loss
+    (scaler.scale(target) if scaler is not None else target).backward()
+    return loss.detach()
+
+
+def whole_batches(sizes: Sequence[int]) -> list[EncodeStep]:
+    return [(i, slice(0, size)) for i, size in enumerate(sizes)]
+
+
+class Strategy(ABC):
+    """One way to compute the gradients of a contrastive loss over a batch."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]  # gradients equal full-batch ones (up to rounding)
+    uses_chunks: ClassVar[bool]  # chunk sizes change what it does
+
+    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.objective = objective
+        self.scaler = scaler
+        count = len(objective.encoders)
+        if self.uses_chunks:
+            if chunk_sizes is None:
+                raise ValueError(f"strategy {self.name!r} needs chunk sizes")
+            self.chunk_sizes: tuple[int, ...] | None = as_chunk_sizes(chunk_sizes, count, "chunk_sizes")
+        else:
+            self.chunk_sizes = None
+
+    def check_batches(self, batches: Sequence[Batch]) -> list[int]:
+        if len(batches) != len(self.objective.encoders):
+            raise ValueError(f"batches: got {len(batches)} batches for {len(self.objective.encoders)} encoders")
+        return [batch_size(b, f"batches[{i}]") for i, b in enumerate(batches)]
+
+    @abstractmethod
+    def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
+        """Accumulate this batch's gradients into ``.grad``; return the loss, detached."""
+
+    @abstractmethod
+    def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
+        """The pieces of each input in the order this strategy first encodes them."""
+
+
+class Full(Strategy):
+    name = "full"
+    exact = True
+    uses_chunks = False
+
+    def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
+        sizes = self.check_batches(batches)
+        return backward_in_order(self.objective, batches, whole_batches(sizes), loss_kwargs, self.scaler)
+
+    def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
+        return whole_batches(sizes)
+
+
+class Checkpoint(Full):
+    """Full batch, every encoder layer recomputed in backward instead of storing its activations."""
+
+    name = "checkpoint"
+
+    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        super().__init__(objective, chunk_sizes, scaler)
+        for encoder in {id(e): e for e in objective.encoders}.values():
+            enable_checkpointing(unwrap_ddp(encoder))
+
+
+def enable_checkpointing(module: nn.Module) -> None:
+    """Per-layer activation checkpointing: Hugging Face models and gcbench's own models."""
+    if hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(module, "gradient_checkpointing"):
+        module.gradient_checkpointing = True
+    else:
+        raise TypeError(f"{type(module).__name__} has no per-layer activation checkpointing "
+                        "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)")
+
+
+class Cache(Strategy):
+    name = "cache"
+    exact = True
+    uses_chunks = True
+    reuse_last_graph: ClassVar[bool] = True
+
+    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        super().__init__(objective, chunk_sizes, scaler)
+        assert self.chunk_sizes is not None
+        self.engine = GradCache(objective.encoders, objective.loss_fn, self.chunk_sizes, get_rep=objective.get_rep,
+                                scaler=scaler, reuse_last_graph=self.reuse_last_graph)
+
+    def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
+        return self.engine(*batches, **loss_kwargs)
+
+    def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
+        assert self.chunk_sizes is not None
+        return [(i, slice(start, stop)) for i, (size, chunk) in enumerate(zip(sizes, self.chunk_sizes))
+                for start, stop in chunk_bounds(size, chunk)]
+
+
+class CacheRerun(Cache):
+    """GradCache as published: every chunk encoded twice (the baseline for ``reuse_last_graph``)."""
+
+    name = "cache-rerun"
+    reuse_last_graph = False
+
+
+class Accumulate(Strategy):
+    """Micro-batches of ``chunk_sizes[0]`` examples; every other input sliced in proportion.
+
+    Each micro-batch's loss sees only its own in-batch negatives and is weighted by its share of
+    the batch, the usual way to accumulate a mean loss.
+    """
+
+    name = "accumulate"
+    exact = False
+    uses_chunks = True
+
+    def micro_batches(self, sizes: Sequence[int]) -> list[list[slice]]:
+        assert self.chunk_sizes is not None
+        first = sizes[0]
+        for i, size in enumerate(sizes):
+            if size % first:
+                raise ValueError(f"accumulate: batches[{i}] has {size} rows, not a multiple of the "
+                                 f"{first} examples of batches[0]")
+        return [[slice(start * size // first, stop * size // first) for size in sizes]
+                for start, stop in chunk_bounds(first, self.chunk_sizes[0])]
+
+    def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
+        sizes = self.check_batches(batches)
+        total = torch.zeros((), device=_device_of(self.objective))
+        for rows in self.micro_batches(sizes):
+            share = (rows[0].stop - rows[0].start) / sizes[0]
+            micro = [slice_batch(b, r.start, r.stop) for b, r in zip(batches, rows)]
+            kwargs = {k: v[rows[0]] if isinstance(v, Tensor) and v.dim() and v.shape[0] == sizes[0] else v
+                      for k, v in loss_kwargs.items()}
+            loss = backward_in_order(self.objective, micro, whole_batches([r.stop - r.start for r in rows]),
+                                     kwargs, self.scaler, weight=share)
+            total = total + loss * share
+        return total
+
+    def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
+        return [(i, r) for rows in self.micro_batches(sizes) for i, r in enumerate(rows)]
+
+
+def _device_of(objective: Objective) -> torch.device:
+    for p in objective.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, Cache, CacheRerun, Accumulate, Checkpoint)}
+
+
+def make_strategy(name: str, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
+                  scaler: torch.amp.GradScaler | None = None) -> Strategy:
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+    return cls(objective, chunk_sizes if cls.uses_chunks else None, scaler)

@@ -1,0 +1,118 @@
+"""Encoders built from torch.nn with random weights: weights change neither memory nor speed.
+
+``transformer`` is a BERT-style text encoder (token + position embeddings, dropout, post-LN blocks
+with masked attention, CLS or mean pooling) that reaches BERT-base at ``hidden=768, layers=12``.
+``mlp`` encodes feature vectors (an "image" tower, SimCLR views). Both support per-layer activation
+checkpointing through their ``gradient_checkpointing`` attribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of an encoder. ``kind``: ``transformer`` or ``mlp`` (more kinds come from extras)."""
+
+    kind: str = "transformer"
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 0  # 0: 4 * hidden
+    vocab: int = 30522
+    dropout: float = 0.1
+    pooling: str = "cls"
+    features: int = 256  # input width of mlp towers
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn or 4 * self.hidden
+
+
+class _Block(nn.Module):
+    """Post-LN transformer block (BERT): attention, add & norm, feed-forward, add & norm."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"model.hidden ({hidden}) must be a multiple of model.heads ({heads})")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.ff_in = nn.Linear(hidden, ffn)
+        self.ff_out = nn.Linear(ffn, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        n, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+        attended = attended.transpose(1, 2).reshape(n, length, hidden)
+        x = self.norm1(x + F.dropout(self.out(attended), p, self.training))
+        return self.norm2(x + F.dropout(self.ff_out(F.gelu(self.ff_in(x))), p, self.training))
+
+
+class TransformerEncoder(nn.Module):
+    """``forward(input_ids, attention_mask)`` -> pooled representation ``(batch, hidden)``."""
+
+    def __init__(self, config: ModelConfig, max_length: int) -> None:
+        super().__init__()
+        if config.pooling not in ("cls", "mean"):
+            raise ValueError(f"model.pooling must be 'cls' or 'mean', got {config.pooling!r}")
+        self.pooling = config.pooling
+        self.tokens = nn.Embedding(config.vocab, config.hidden)
+        self.positions = nn.Embedding(max_length, config.hidden)
+        self.norm = nn.LayerNorm(config.hidden)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            _Block(config.hidden, config.heads, config.ffn_size, config.dropout) for _ in range(config.layers)
+        )
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        length = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.dropout(self.norm(self.tokens(input_ids) + self.positions(positions)))
+        key_mask = attention_mask.bool()[:, None, None, :]
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, key_mask, use_reentrant=False)
+            else:
+                x = block(x, key_mask)
+        if self.pooling == "cls":
+            return x[:, 0]
+        weights = attention_mask.to(x.dtype).unsqueeze(-1)
+        return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class MLPEncoder(nn.Module):
+    """Feature vectors ``(batch, features)`` -> ``(batch, out)`` through ``layers`` GELU blocks."""
+
+    def __init__(self, config: ModelConfig, out_features: int | None = None) -> None:
+        super().__init__()
+        widths = [config.features] + [config.hidden] * config.layers
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), nn.GELU(), nn.Dropout(config.dropout)) for a, b in zip(widths, widths[1:])
+        )
+        self.head = nn.Linear(widths[-1], out_features or config.hidden)
+        self.gradient_checkpointing = False
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = features
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head(x)

@@ -1,0 +1,186 @@
+"""Built-in contrastive workloads with synthetic data generated in-process from a seed.
+
+- ``dpr``: a query and a passage encoder; per query one positive and ``hard_negatives`` passages;
+  in-batch softmax over every passage of the batch (the paper's setting).
+- ``clip``: a text transformer and an MLP over "image" features; symmetric InfoNCE with a learnable
+  temperature.
+- ``simclr``: one encoder, two augmented views per example, NT-Xent.
+
+A workload's batch size counts examples (queries, pairs); an input may have more rows than that
+(``dpr`` passages: ``batch * (1 + hard_negatives)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from gcbench.cache.batching import Batch
+from gcbench.strategies import Objective
+from gcbench.workloads.losses import InBatchSoftmax, NTXent, SymmetricInfoNCE
+from gcbench.workloads.models import MLPEncoder, ModelConfig, TransformerEncoder
+
+CLS_ID, FIRST_WORD_ID = 101, 1000
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    name: str = "dpr"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    query_length: int = 32  # tokens per query (dpr) / caption (clip) / view (simclr on text)
+    passage_length: int = 128
+    hard_negatives: int = 1
+    tied: bool = False  # dpr: one encoder for queries and passages
+    temperature: float | None = None  # None: the workload's usual value
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """How a kind of text encoder is built and fed: random token ids, or a real tokenizer."""
+
+    build: Callable[[ModelConfig, int], nn.Module]
+    tokens: Callable[[ModelConfig, int, int, torch.Generator], dict[str, Tensor]]
+
+
+def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Token ids with a CLS first and a random real length per row (padding masked)."""
+    ids = torch.randint(FIRST_WORD_ID, config.vocab, (rows, length), generator=generator)
+    ids[:, 0] = CLS_ID
+    lengths = torch.randint(max(1, length // 2), length + 1, (rows, 1), generator=generator)
+    mask = (torch.arange(length)[None, :] < lengths).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+TEXT_TOWERS: dict[str, TextTower] = {
+    "transformer": TextTower(lambda config, length: TransformerEncoder(config, length), random_tokens),
+}
+FEATURE_KIND = "mlp"
+
+
+@dataclass
+class Workload:
+    """A built workload: the objective to train and a generator of its batches."""
+
+    config: WorkloadConfig
+    objective: Objective
+    make_batches: Callable[[int, torch.Generator], list[Batch]]
+    rows_per_example: tuple[int, ...]
+
+    def batches(self, batch_size: int, seed: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> list[Batch]:
+        """The batch of ``batch_size`` examples for ``seed``: the same on every device and call."""
+        generator = torch.Generator().manual_seed(seed)
+        return [_to(batch, device, dtype) for batch in self.make_batches(batch_size, generator)]
+
+    def rows(self, batch_size: int) -> list[int]:
+        return [batch_size * r for r in self.rows_per_example]
+
+
+def _to(batch: Batch, device: torch.device | str, dtype: torch.dtype) -> Batch:
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    if isinstance(batch, Tensor):
+        return move(batch)
+    return {key: move(value) for key, value in batch.items()}
+
+
+def _features(config: ModelConfig, rows: int, generator: torch.Generator) -> Tensor:
+    return torch.randn(rows, config.features, generator=generator)
+
+
+def _text_tower(config: ModelConfig) -> TextTower:
+    try:
+        return TEXT_TOWERS[config.kind]
+    except KeyError:
+        known = ", ".join([*TEXT_TOWERS, FEATURE_KIND])
+        raise ValueError(f"model.kind: unknown model {config.kind!r}; choose from {known}") from None
+
+
+def _encoder(config: ModelConfig, length: int) -> nn.Module:
+    return MLPEncoder(config) if config.kind == FEATURE_KIND else _text_tower(config).build(config, length)
+
+
+def _inputs(config: ModelConfig, length: int) -> Callable[[int, torch.Generator], Batch]:
+    """Generator of an encoder's inputs: feature vectors for ``mlp``, token ids otherwise."""
+    if config.kind == FEATURE_KIND:
+        return lambda rows, g: _features(config, rows, g)
+    text = _text_tower(config)
+    return lambda rows, g: text.tokens(config, rows, length, g)
+
+
+def build_dpr(config: WorkloadConfig) -> Workload:
+    group = 1 + config.hard_negatives
+    queries = _inputs(config.model, config.query_length)
+    passages = _inputs(config.model, config.passage_length)
+    if config.tied:
+        query_encoder = passage_encoder = _encoder(config.model, max(config.query_length, config.passage_length))
+    else:
+        query_encoder = _encoder(config.model, config.query_length)
+        passage_encoder = _encoder(config.model, config.passage_length)
+    loss = InBatchSoftmax(config.temperature or 1.0)
+
+    def make(batch_size: int, g: torch.Generator) -> list[Batch]:
+        return [queries(batch_size, g), passages(batch_size * group, g)]
+
+    return Workload(config, Objective([query_encoder, passage_encoder], loss), make, (1, group))
+
+
+def build_clip(config: WorkloadConfig) -> Workload:
+    text_config = config.model if config.model.kind != FEATURE_KIND else replace(config.model, kind="transformer")
+    text_encoder = _encoder(text_config, config.query_length)
+    texts = _inputs(text_config, config.query_length)
+    image_encoder = MLPEncoder(replace(config.model, kind=FEATURE_KIND), out_features=text_config.hidden)
+    loss = SymmetricInfoNCE(config.temperature or 0.07)
+
+    def make(batch_size: int, g: torch.Generator) -> list[Batch]:
+        return [texts(batch_size, g), _features(config.model, batch_size, g)]
+
+    return Workload(config, Objective([text_encoder, image_encoder], loss), make, (1, 1))
+
+
+def build_simclr(config: WorkloadConfig) -> Workload:
+    encoder = _encoder(config.model, config.query_length)
+    originals = _inputs(config.model, config.query_length)
+    loss = NTXent(config.temperature or 0.5)
+
+    def view(batch: Batch, g: torch.Generator) -> Batch:
+        """Features with Gaussian noise, or token ids with 15% of the words replaced."""
+        if isinstance(batch, Tensor):
+            return batch + 0.1 * torch.randn(batch.shape, generator=g)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        swap = (torch.rand(ids.shape, generator=g) < 0.15) & mask.bool()
+        swap[:, 0] = False
+        words = torch.randint(FIRST_WORD_ID, config.model.vocab, ids.shape, generator=g)
+        return {**batch, "input_ids": torch.where(swap, words, ids)}
+
+    def make(batch_size: int, g: torch.Generator) -> list[Batch]:
+        base = originals(batch_size, g)
+        return [view(base, g), view(base, g)]
+
+    return Workload(config, Objective([encoder, encoder], loss), make, (1, 1))
+
+
+WORKLOADS: dict[str, Callable[[WorkloadConfig], Workload]] = {
+    "dpr": build_dpr,
+    "clip": build_clip,
+    "simclr": build_simclr,
+}
+
+
+def build_workload(config: WorkloadConfig, *, seed: int = 0, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Workload:
+    """Build the workload's modules from ``seed`` (same weights every time) on ``device`` in ``dtype``."""
+    try:
+        builder = WORKLOADS[config.name]
+    except KeyError:
+        raise ValueError(f"workload: unknown workload {config.name!r}; choose from {', '.join(WORKLOADS)}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        workload = builder(config)
+    for module in workload.objective.modules():
+        module.to(device=device, dtype=dtype)
+    return workload
