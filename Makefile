@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/gcbench verify
+	$(BIN)/gcbench sweep quick --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

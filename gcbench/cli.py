@@ -6,7 +6,9 @@ Bad input ends in one line on stderr naming the flag or key, and exit status 2; 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -14,6 +16,9 @@ from rich.table import Table
 
 from gcbench.device import PRECISIONS, resolve_device
 from gcbench.errors import UsageError
+
+if TYPE_CHECKING:
+    from gcbench.sweep.config import Experiment
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -76,6 +81,80 @@ def verify(workload: str, strategy: str, precision: str, device: str, batch_size
     if failed:
         console.print(f"[red]{failed} of {len(results)} checks failed[/red]")
     return 1 if failed else 0
+
+
+SWEEP_FLAGS = {  # flag -> experiment key it overrides
+    "strategies": "sweep.strategies", "batch_sizes": "sweep.batch_sizes", "chunk_sizes": "sweep.chunk_sizes",
+    "device": "sweep.device", "precision": "sweep.precision", "memory_budget": "sweep.memory_budget",
+    "repeats": "sweep.repeats", "warmup": "sweep.warmup", "seed": "sweep.seed", "threads": "sweep.threads",
+    "timeout": "sweep.timeout",
+}
+
+
+def experiment_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The experiment argument and the flags that override its fields (shared by sweep and estimate)."""
+    options = [
+        click.argument("experiment", default="quick"),
+        click.option("--strategies", help="Comma-separated strategies, e.g. full,cache."),
+        click.option("--batch-sizes", help="Comma-separated batch sizes, e.g. 8,16,32."),
+        click.option("--chunk-sizes", help="Chunk settings, e.g. 4,8; per input q/p: 16/8,32/16."),
+        click.option("--device", help="auto, cpu, cuda, cuda:1, ..."),
+        click.option("--precision", help="float32, float64, bf16 or fp16 (autocast)."),
+        click.option("--memory-budget", help="e.g. 11GiB; points over it are out of memory."),
+        click.option("--repeats", type=int, help="Timed steps per point."),
+        click.option("--warmup", type=int, help="Untimed steps before measuring."),
+        click.option("--seed", type=int),
+        click.option("--threads", type=int, help="torch threads per point (0: torch's default)."),
+        click.option("--timeout", type=float, help="Seconds per point before it is ended as timeout."),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Override any experiment key, e.g. --set model.hidden=256."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_with_overrides(experiment: str, settings: Sequence[str], flags: dict[str, Any]) -> Experiment:
+    from gcbench.sweep.config import load_experiment, parse_override
+
+    overrides: dict[str, tuple[Any, str]] = {}
+    for text in settings:
+        key, value = parse_override(text)
+        overrides[key] = (value, f"--set {key}")
+    for name, value in flags.items():
+        if value is not None and name in SWEEP_FLAGS:
+            overrides[SWEEP_FLAGS[name]] = (value, "--" + name.replace("_", "-"))
+    return load_experiment(experiment, overrides)
+
+
+@cli.command()
+@experiment_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Results folder [default: reports/EXPERIMENT].")
+@click.option("--fresh", is_flag=True, help="Discard earlier results in the folder instead of resuming.")
+@click.option("--quiet", is_flag=True, help="No progress bar: one line per point (for CI logs).")
+def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: bool, quiet: bool,
+          **flags: Any) -> int:
+    """Measure strategies across batch and chunk sizes, one process per point; resumes."""
+    from gcbench.sweep.display import make_progress, progress_events, quiet_events, summary_tables
+    from gcbench.sweep.runner import run_sweep
+
+    chosen = load_with_overrides(experiment, settings, flags)
+    out_dir = out or Path("reports") / chosen.name
+    console.print(f"sweep [bold]{chosen.name}[/] ({len(chosen.points())} points) -> {out_dir}", highlight=False)
+    if quiet:
+        outcome = run_sweep(chosen, out_dir, fresh=fresh, events=quiet_events(console))
+    else:
+        with make_progress(console) as progress:
+            outcome = run_sweep(chosen, out_dir, fresh=fresh, events=progress_events(progress))
+    for table in summary_tables(outcome.records):
+        console.print(table)
+    console.print(f"{outcome.ran} points measured, {outcome.resumed} kept from an earlier run; "
+                  f"results: {outcome.results_path}", highlight=False)
+    if outcome.interrupted:
+        console.print("[yellow]interrupted[/]: finished points are kept; run the same command again to resume")
+        return 130
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

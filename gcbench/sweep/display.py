@@ -1,0 +1,73 @@
+"""What a person watching a sweep sees: a progress bar, then a table per strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gcbench.sweep.config import format_bytes
+from gcbench.sweep.records import Point, Record
+from gcbench.sweep.runner import SweepEvents
+
+STATUS_STYLE = {"ok": "green", "oom": "red", "error": "bold red", "timeout": "yellow", "skipped": "dim"}
+
+
+def progress_events(progress: Progress) -> SweepEvents:
+    task = progress.add_task("starting", total=None)
+
+    def start(total: int, done: int) -> None:
+        progress.update(task, total=total, completed=done, description=f"{done} kept from earlier run" if done else "")
+
+    def point(p: Point) -> None:
+        progress.update(task, description=p.id)
+
+    def record(r: Record) -> None:
+        progress.advance(task)
+        if r.status != "ok":
+            progress.console.print(f"[{STATUS_STYLE[r.status]}]{r.status}[/]: {r.point.id}: {r.reason}")
+
+    return SweepEvents(start, point, record)
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+
+
+def quiet_events(console: Console) -> SweepEvents:
+    """One plain line per finished point, for CI logs."""
+    def record(r: Record) -> None:
+        console.print(f"{r.status:8} {r.point.id} {point_summary(r)}", highlight=False, markup=False)
+
+    return SweepEvents(on_record=record)
+
+
+def point_summary(r: Record) -> str:
+    peak = format_bytes(r.memory.peak_bytes) if r.memory else "-"
+    speed = f"{r.time.examples_per_s:.1f} ex/s" if r.time else "-"
+    return f"peak {peak}, {speed}" + (f" ({r.reason})" if r.reason else "")
+
+
+def summary_tables(records: Iterable[Record]) -> list[Table]:
+    by_strategy: dict[str, list[Record]] = {}
+    for r in records:
+        by_strategy.setdefault(r.point.strategy, []).append(r)
+    tables = []
+    for strategy, rows in by_strategy.items():
+        table = Table(title=strategy, title_justify="left")
+        for column in ("batch", "chunks", "peak memory", "step time", "examples/s", "grad rel err", "status"):
+            table.add_column(column, justify="right" if column not in ("status",) else "left")
+        for r in sorted(rows, key=lambda r: (r.point.chunk_sizes or (), r.point.batch_size)):
+            eq = r.equivalence
+            error = f"{eq.max_rel_err:.1e}" if eq and eq.max_rel_err is not None else (
+                "ref" if eq and eq.reference == "self" else "n/a")
+            table.add_row(str(r.point.batch_size), r.point.chunk_label,
+                          format_bytes(r.memory.peak_bytes) if r.memory else "-",
+                          f"{r.time.median_s * 1e3:.1f} ms" if r.time else "-",
+                          f"{r.time.examples_per_s:.1f}" if r.time else "-", error,
+                          f"[{STATUS_STYLE[r.status]}]{r.status}[/]")
+        tables.append(table)
+    return tables

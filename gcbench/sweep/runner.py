@@ -1,0 +1,171 @@
+"""The sweep: every point of an experiment in its own process, each record stored as it ends.
+
+A point's process is forked from a server that has imported torch and gcbench but run nothing (so a
+point starts in milliseconds, not the second and more of a fresh interpreter, and no thread pool is
+inherited); allocator state, peak statistics and a crash stay with that point. Finished points are
+kept across interruptions: running the same sweep again resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+import signal
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gcbench.errors import UsageError
+from gcbench.sweep.config import Experiment
+from gcbench.sweep.environment import git_commit
+from gcbench.sweep.records import Point, Record
+from gcbench.sweep.store import ResultsStore
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass
+class SweepOutcome:
+    out_dir: Path
+    records: list[Record]
+    ran: int = 0
+    resumed: int = 0
+    interrupted: bool = False
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / RESULTS_FILE
+
+
+@dataclass
+class SweepEvents:
+    """What a front end (the rich progress bar, a quiet log) hears about."""
+
+    on_start: Callable[[int, int], None] = lambda total, done: None
+    on_point: Callable[[Point], None] = lambda point: None
+    on_record: Callable[[Record], None] = lambda record: None
+
+
+def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False,
+              events: SweepEvents | None = None) -> SweepOutcome:
+    events = events or SweepEvents()
+    store = ResultsStore(out_dir / RESULTS_FILE)
+    done = _load_previous(store, experiment, fresh)
+    outcome = SweepOutcome(out_dir, list(done.values()), resumed=len(done))
+    points = experiment.points()
+    events.on_start(len(points), sum(p.id in done for p in points))
+    env_extra = {"git_commit": git_commit()}
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        for point in points:
+            if point.id in done:
+                continue
+            events.on_point(point)
+            blocker = _blocking_oom(point, done)
+            if blocker is not None:
+                record = Record(experiment.name, experiment.fingerprint, point, "skipped",
+                                reason=f"{blocker.point.series} ran out of memory at batch {blocker.point.batch_size}",
+                                env=env_extra, finished_at=_now())
+            else:
+                record = run_point_process(experiment, point, env_extra, logs)
+                outcome.ran += 1
+            store.append(record)
+            done[point.id] = record
+            outcome.records.append(record)
+            events.on_record(record)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    write_csv(outcome.records, out_dir / "results.csv")
+    return outcome
+
+
+def _load_previous(store: ResultsStore, experiment: Experiment, fresh: bool) -> dict[str, Record]:
+    """The finished points of this experiment in the store, by point id."""
+    if fresh:
+        store.reset()
+        return {}
+    records = store.load()
+    others = {r.fingerprint for r in records} - {experiment.fingerprint}
+    if others:
+        raise UsageError(f"{store.path} holds results of a different experiment (fingerprint {others.pop()}, this one "
+                         f"{experiment.fingerprint}); use --fresh to replace them or --out for another folder")
+    return {r.point.id: r for r in records}
+
+
+def _blocking_oom(point: Point, done: dict[str, Record]) -> Record | None:
+    """A smaller batch of the same strategy and chunk sizes that ran out of memory."""
+    for record in done.values():
+        p = record.point
+        if (record.status == "oom" and p.strategy == point.strategy and p.chunk_sizes == point.chunk_sizes
+                and p.batch_size < point.batch_size):
+            return record
+    return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # The optimizer's first step imports torch._dynamo (and sympy): a second per point if not preloaded.
+        context.set_forkserver_preload(["gcbench.sweep.worker", "torch._dynamo", "torch.profiler"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def run_point_process(experiment: Experiment, point: Point, env_extra: dict[str, object], logs: Path) -> Record:
+    """Measure ``point`` in a child process; a timeout, crash or kill becomes a record too."""
+    from gcbench.sweep.worker import child_main
+
+    log_path = logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", point.id) + ".log")
+    with tempfile.TemporaryDirectory(prefix="gcbench-point-") as scratch:
+        result_path = Path(scratch) / "record.json"
+        process = _context().Process(target=child_main, args=(experiment.to_dict(), _point_dict(point), env_extra,
+                                                               str(result_path), str(log_path)))
+        process.start()
+        timed_out = False
+        try:
+            process.join(experiment.sweep.timeout)
+            timed_out = process.is_alive()
+        finally:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if result_path.exists():
+            return Record.from_dict(json.loads(result_path.read_text()))
+    if timed_out:
+        status, reason = "timeout", f"exceeded the {experiment.sweep.timeout:g} s point timeout"
+    else:
+        status, reason = "error", _exit_reason(process.exitcode, log_path)
+    return Record(experiment.name, experiment.fingerprint, point, status, reason=reason, env=dict(env_extra),
+                  finished_at=_now())
+
+
+def _point_dict(point: Point) -> dict[str, object]:
+    return {"strategy": point.strategy, "batch_size": point.batch_size,
+            "chunk_sizes": list(point.chunk_sizes) if point.chunk_sizes else None}
+
+
+def _exit_reason(exitcode: int | None, log_path: Path) -> str:
+    tail = ""
+    if log_path.exists():
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        tail = f"; last output: {lines[-1][:300]}" if lines else ""
+    if exitcode == -signal.SIGKILL:
+        return f"worker killed by SIGKILL (out of host memory?){tail}"
+    if exitcode is not None and exitcode < 0:
+        return f"worker killed by {signal.Signals(-exitcode).name}{tail}"
+    return f"worker exited with status {exitcode} and no record{tail}"
+
+
+def write_csv(records: list[Record], path: Path) -> None:
+    from gcbench.sweep.table import records_frame
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records_frame(records).to_csv(path, index=False)

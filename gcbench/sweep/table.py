@@ -1,0 +1,62 @@
+"""Records as a flat table (pandas): one row per point, one column per measured quantity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pandas as pd
+
+from gcbench.measure.tracker import CATEGORIES
+from gcbench.sweep.records import Point, Record
+
+MEMORY_COLUMNS = ("peak_bytes", "baseline_bytes", "step_peak_bytes", "forward_backward_peak_bytes",
+                  "optimizer_peak_bytes", "reserved_bytes", "tracked_peak_bytes")
+
+
+def record_row(record: Record) -> dict[str, Any]:
+    p, memory, time, eq = record.point, record.memory, record.time, record.equivalence
+    breakdown = (memory.breakdown if memory else None) or {}
+    prediction = record.prediction or {}
+    distributed = record.distributed or {}
+    return {
+        "experiment": record.experiment,
+        "point": p.id,
+        "strategy": p.strategy,
+        "batch_size": p.batch_size,
+        "chunk_sizes": p.chunk_label,
+        "series": p.series,
+        "status": record.status,
+        "reason": record.reason,
+        **{column: getattr(memory, column, None) if memory else None for column in MEMORY_COLUMNS},
+        **{f"memory_{category}": breakdown.get(category) for category in CATEGORIES},
+        "memory_method": memory.method if memory else None,
+        "predicted_peak_bytes": prediction.get("peak_bytes"),
+        "time_median_s": time.median_s if time else None,
+        "time_q1_s": time.q1_s if time else None,
+        "time_q3_s": time.q3_s if time else None,
+        "time_iqr_s": time.iqr_s if time else None,
+        "examples_per_s": time.examples_per_s if time else None,
+        "grad_reference": eq.reference if eq else None,
+        "grad_max_abs_err": eq.max_abs_err if eq else None,
+        "grad_max_rel_err": eq.max_rel_err if eq else None,
+        "grad_cosine": eq.cosine if eq else None,
+        "loss_diff": eq.loss_diff if eq else None,
+        "grad_note": eq.note if eq else None,
+        "world_size": distributed.get("world_size", 1),
+        "rank_peak_max_bytes": distributed.get("peak_max_bytes"),
+        "rank_peak_mean_bytes": distributed.get("peak_mean_bytes"),
+        "device": record.env.get("device"),
+        "device_name": record.env.get("device_name"),
+        "torch": record.env.get("torch"),
+        "git_commit": record.env.get("git_commit"),
+        "finished_at": record.finished_at,
+        "wall_s": record.wall_s,
+    }
+
+
+def records_frame(records: Iterable[Record]) -> pd.DataFrame:
+    rows = [record_row(r) for r in records]
+    columns = list(record_row(Record("", "", Point("full", 1), "skipped")))
+    return pd.DataFrame(rows, columns=columns)
+

@@ -1,0 +1,126 @@
+"""One training step, the unit everything measures: zero grads, strategy forward+backward, optimizer step.
+
+:class:`StepConfig` says everything a step depends on; :func:`build_step` makes it from scratch (the
+same weights and data for a seed), on a real device or under fake tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gcbench.cache.batching import Batch
+from gcbench.device import autocast, grad_scaler, param_dtype
+from gcbench.errors import UsageError
+from gcbench.strategies import Strategy, make_strategy
+from gcbench.workloads import Workload, WorkloadConfig, build_workload
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    foreach: bool | None = None  # None: torch's default (foreach on CUDA, a for-loop on CPU)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=config.foreach)
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, foreach=config.foreach)
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, foreach=config.foreach)
+    raise UsageError(f"optimizer: unknown optimizer {config.name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything one measured training step depends on."""
+
+    workload: WorkloadConfig
+    strategy: str
+    batch_size: int
+    chunk_sizes: int | tuple[int, ...] | None = None  # one for all inputs, or one per input
+    precision: str = "float32"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    seed: int = 0
+
+
+@dataclass
+class TrainingStep:
+    config: StepConfig
+    workload: Workload
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    batches: list[Batch]
+    device: torch.device
+    scaler: torch.amp.GradScaler | None
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self) -> Tensor:
+        with autocast(self.config.precision, self.device):
+            return self.strategy.forward_backward(self.batches)
+
+    def optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def __call__(self) -> Tensor:
+        self.zero_grad()
+        loss = self.forward_backward()
+        self.optimizer_step()
+        return loss
+
+    @property
+    def examples(self) -> int:
+        return self.config.batch_size
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.workload.objective.parameters()
+
+    def resident(self) -> dict[str, list[Tensor]]:
+        """Tensors alive between steps, by category: what a step starts from."""
+        modules = self.workload.objective.modules()
+        return {
+            "parameters": [*self.parameters(), *(b for m in modules for b in m.buffers())],
+            "gradients": [p.grad for p in self.parameters() if p.grad is not None],
+            "optimizer": list(_optimizer_tensors(self.optimizer)),
+            "inputs": [t for batch in self.batches for t in _batch_tensors(batch)],
+        }
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                yield value
+
+
+def _batch_tensors(batch: Batch) -> Iterator[Tensor]:
+    values = [batch] if isinstance(batch, Tensor) else batch.values() if isinstance(batch, dict) else batch
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+
+
+def build_step(config: StepConfig, device: torch.device) -> TrainingStep:
+    dtype = param_dtype(config.precision)
+    workload = build_workload(config.workload, seed=config.seed, device=device, dtype=dtype)
+    for module in workload.objective.modules():
+        module.train()
+    scaler = grad_scaler(config.precision, device)
+    strategy = make_strategy(config.strategy, workload.objective, config.chunk_sizes, scaler)
+    optimizer = make_optimizer(workload.objective.parameters(), config.optimizer)
+    batches = workload.batches(config.batch_size, seed=config.seed + 1, device=device, dtype=dtype)
+    return TrainingStep(config, workload, strategy, optimizer, batches, device, scaler)

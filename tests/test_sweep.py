@@ -1,0 +1,231 @@
+"""``gcbench sweep`` end to end: records, resume after kill -9, out of memory, bad input, honest memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcbench.cli import main
+from gcbench.measure.memory import measure_step_memory, track_step
+from gcbench.sweep import ResultsStore, load_experiment, run_sweep
+from gcbench.sweep.records import Point
+from gcbench.sweep.runner import run_point_process
+
+MICRO = """
+name = "micro"
+[workload]
+name = "dpr"
+query_length = 8
+passage_length = 12
+[model]
+hidden = 16
+layers = 1
+heads = 2
+vocab = 2000
+[sweep]
+strategies = ["full", "cache", "accumulate"]
+batch_sizes = [4, 8, 16]
+chunk_sizes = [4]
+device = "cpu"
+repeats = 2
+timeout = 120
+"""
+
+
+@pytest.fixture
+def micro(tmp_path: Path) -> Path:
+    path = tmp_path / "micro.toml"
+    path.write_text(MICRO)
+    return path
+
+
+def sweep_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gcbench", "sweep", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def ids(path: Path) -> list[str]:
+    return [r.point.id for r in ResultsStore(path).load()]
+
+
+@pytest.mark.slow
+def test_micro_sweep_end_to_end(micro, tmp_path):
+    out = tmp_path / "out"
+    done = sweep_cli(str(micro), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    records = ResultsStore(out / "results.jsonl").load()
+    assert len(records) == 9 and all(r.status == "ok" for r in records)
+    for r in records:
+        assert r.memory.peak_bytes > r.memory.baseline_bytes > 0
+        assert r.memory.peak_bytes == r.memory.baseline_bytes + r.memory.step_peak_bytes
+        assert r.memory.peak_bytes == max(r.memory.forward_backward_peak_bytes, r.memory.optimizer_peak_bytes)
+        assert set(r.memory.breakdown) == {"parameters", "gradients", "optimizer", "inputs", "activations",
+                                           "temporaries"}
+        assert abs(r.memory.tracked_peak_bytes - r.memory.peak_bytes) <= 0.01 * r.memory.peak_bytes
+        assert len(r.time.samples_s) == 2 and r.time.q1_s <= r.time.median_s <= r.time.q3_s
+        assert r.time.examples_per_s == pytest.approx(r.point.batch_size / r.time.median_s)
+        assert r.env["torch"] == torch.__version__ and r.env["device"] == "cpu" and r.schema == 1
+    by_id = {r.point.id: r for r in records}
+    assert by_id["full batch=4 chunks=-"].equivalence.reference == "self"
+    assert by_id["cache batch=16 chunks=4"].equivalence.max_rel_err < 1e-5
+    assert by_id["accumulate batch=16 chunks=4"].equivalence.max_rel_err > 1e-2
+    csv = (out / "results.csv").read_text().splitlines()
+    assert len(csv) == 10 and "peak_bytes" in csv[0]
+    assert "full" in done.stdout and "cache" in done.stdout  # the summary tables
+
+
+@pytest.mark.slow
+def test_resume_after_kill_loses_and_duplicates_nothing(micro, tmp_path):
+    out = tmp_path / "killed"
+    results = out / "results.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "gcbench", "sweep", str(micro), "--out", str(out), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 3):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = ids(results)
+    assert 3 <= len(before) < 9, "the sweep should have been killed mid-way"
+    with open(results, "ab") as f:  # as if the kill had torn a write
+        f.write(b'{"schema": 1, "experiment": "mic')
+    done = sweep_cli(str(micro), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    after = ids(results)
+    assert after[: len(before)] == before, "finished points are kept, not rerun"
+    assert sorted(after) == sorted(p.id for p in load_experiment(str(micro)).points())
+    assert len(after) == len(set(after)) == 9
+    assert "torn" in done.stderr
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(micro, tmp_path):
+    out = tmp_path / "oom"
+    experiment = load_experiment(str(micro), {"sweep.memory_budget": ("1.2MiB", "--memory-budget"),
+                                              "sweep.strategies": (["full", "cache"], "--strategies"),
+                                              "sweep.equivalence": (False, "--set")})
+    outcome = run_sweep(experiment, out)
+    status = {r.point.id: r.status for r in outcome.records}
+    full = [status[f"full batch={b} chunks=-"] for b in (4, 8, 16)]
+    assert "oom" in full, status
+    first = full.index("oom")
+    assert all(s == "skipped" for s in full[first + 1:])
+    oom = next(r for r in outcome.records if r.status == "oom")
+    assert oom.memory.peak_bytes > experiment.sweep.memory_budget and "over the memory budget" in oom.reason
+    assert len(outcome.records) == 6, "the cache points ran after full ran out of memory"
+
+
+def test_a_crashing_point_is_an_error_record(micro, tmp_path):
+    experiment = load_experiment(str(micro))
+    record = run_point_process(experiment, Point("cache", 4, (2, 2, 2)), {}, tmp_path)
+    assert record.status == "error" and "chunk_sizes: got 3 sizes for 2 encoders" in record.reason
+
+
+def test_a_slow_point_is_a_timeout(micro, tmp_path):
+    experiment = load_experiment(str(micro), {"sweep.timeout": (1.0, "--timeout"),
+                                              "model.layers": (6, "--set"), "model.hidden": (256, "--set")})
+    record = run_point_process(experiment, Point("full", 256), {}, tmp_path)
+    assert record.status == "timeout" and "timeout" in record.reason
+
+
+def test_results_of_another_experiment_are_refused(micro, tmp_path, capsys):
+    out = tmp_path / "other"
+    experiment = load_experiment(str(micro), {"sweep.batch_sizes": ([4], "--batch-sizes"),
+                                              "sweep.strategies": (["full"], "--strategies")})
+    run_sweep(experiment, out)
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(micro), "--out", str(out), "--set", "model.hidden=32", "--batch-sizes", "4",
+              "--strategies", "full"])
+    assert exit_.value.code == 2 and "--fresh" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, args, expected", [
+    ("name = [unclosed", [], "not valid TOML"),
+    (MICRO, ["--strategies", "full,warp"], "--strategies: unknown value 'warp'"),
+    (MICRO, ["--batch-sizes", "8,-4"], "--batch-sizes: must be >= 1, got -4"),
+    (MICRO, ["--chunk-sizes", "0"], "--chunk-sizes: must be >= 1"),
+    (MICRO, ["--memory-budget", "lots"], "--memory-budget: 'lots' is not a memory size"),
+    (MICRO, ["--precision", "int4"], "--precision: unknown value 'int4'"),
+    (MICRO, ["--set", "model.colour=3"], "--set model.colour: unknown key"),
+    (MICRO.replace("[sweep]", "[sweep]\nbogus = 1"), [], "unknown key sweep.bogus"),
+    (MICRO.replace('name = "dpr"', 'name = "dpx"'), [], "workload.name: unknown value 'dpx'"),
+    (MICRO.replace("heads = 2", "heads = 3"), [], "must be a multiple of model.heads"),
+    (MICRO, ["--repeats", "0"], "--repeats: must be >= 1"),
+])
+def test_bad_experiments_exit_2_before_any_work(tmp_path, capsys, content, args, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(path), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists(), "nothing may start before the input is checked"
+
+
+def test_unknown_experiment_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "no-such-experiment"])
+    assert exit_.value.code == 2 and "quick" in capsys.readouterr().err
+
+
+class KnownAllocation:
+    """A stand-in training step whose forward+backward holds exactly 96 MiB at its peak."""
+
+    device = torch.device("cpu")
+    size = 96 * 2**20
+
+    def __init__(self) -> None:
+        self.weights = torch.zeros(1024)
+
+    def zero_grad(self) -> None:
+        pass
+
+    def forward_backward(self) -> None:
+        block = torch.empty(self.size, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+
+    def optimizer_step(self) -> None:
+        self.weights.add_(1.0)
+
+    def parameters(self):
+        return []
+
+    def resident(self):
+        return {"parameters": [self.weights]}
+
+
+def test_cpu_memory_measure_matches_a_known_allocation():
+    step = KnownAllocation()
+    measured = measure_step_memory(step)
+    assert measured.baseline_bytes == 4096
+    assert abs(measured.step_peak_bytes - step.size) <= 0.01 * step.size
+    assert abs(measured.phase_peak_bytes["forward_backward"] - step.size) <= 0.01 * step.size
+    assert measured.phase_peak_bytes["optimizer"] < 0.01 * step.size
+    baseline, tracked = track_step(step)
+    assert baseline == 4096 and abs(tracked.total - baseline - step.size) <= 0.01 * step.size
+    assert tracked.breakdown["activations"] == step.size
+
+
+@pytest.mark.slow
+def test_quick_experiment_cache_memory_grows_far_slower_than_full(tmp_path):
+    experiment = load_experiment("quick", {"sweep.batch_sizes": ([16, 256], "--batch-sizes"),
+                                           "sweep.strategies": (["full", "cache"], "--strategies"),
+                                           "sweep.chunk_sizes": ([[16]], "--chunk-sizes"),
+                                           "sweep.equivalence": (False, "--set"),
+                                           "sweep.repeats": (1, "--repeats")})
+    records = {r.point.id: r.memory.peak_bytes for r in run_sweep(experiment, tmp_path).records}
+    full_growth = records["full batch=256 chunks=-"] - records["full batch=16 chunks=-"]
+    cache_growth = records["cache batch=256 chunks=16"] - records["cache batch=16 chunks=16"]
+    assert full_growth > 20 * max(cache_growth, 1), (full_growth, cache_growth)
+    assert records["cache batch=256 chunks=16"] < records["full batch=256 chunks=-"] / 4
