@@ -133,13 +133,15 @@ def load_with_overrides(experiment: str, settings: Sequence[str], flags: dict[st
               help="Results folder [default: reports/EXPERIMENT].")
 @click.option("--fresh", is_flag=True, help="Discard earlier results in the folder instead of resuming.")
 @click.option("--quiet", is_flag=True, help="No progress bar: one line per point (for CI logs).")
+@click.option("--predict", is_flag=True, default=None,
+              help="Record a predicted peak beside each measured one; skip points predicted far over the budget.")
 def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: bool, quiet: bool,
-          **flags: Any) -> int:
+          predict: bool | None, **flags: Any) -> int:
     """Measure strategies across batch and chunk sizes, one process per point; resumes."""
     from gcbench.sweep.display import make_progress, progress_events, quiet_events, summary_tables
     from gcbench.sweep.runner import run_sweep
 
-    chosen = load_with_overrides(experiment, settings, flags)
+    chosen = load_with_overrides(experiment, (*settings, *(["sweep.predict=true"] if predict else [])), flags)
     out_dir = out or Path("reports") / chosen.name
     console.print(f"sweep [bold]{chosen.name}[/] ({len(chosen.points())} points) -> {out_dir}", highlight=False)
     if quiet:
@@ -154,6 +156,36 @@ def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: b
     if outcome.interrupted:
         console.print("[yellow]interrupted[/]: finished points are kept; run the same command again to resume")
         return 130
+    return 0
+
+
+@cli.command()
+@experiment_options
+@click.option("--device-memory", "device_memory", default="11GiB,24GiB,80GiB", show_default=True,
+              help="Device memory sizes to fit, comma-separated.")
+@click.option("--target", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="The device the prediction is for (modelled on CPU fake tensors).")
+@click.option("--batch", "advice_batch", type=int, help="Batch for the chunk-size advice [default: the largest].")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def estimate(experiment: str, settings: tuple[str, ...], device_memory: str, target: str, advice_batch: int | None,
+             fmt: str, **flags: Any) -> int:
+    """Predict peak memory per strategy and batch without allocating it; advise a chunk size."""
+    from gcbench.estimate.plan import estimate_experiment
+    from gcbench.estimate.render import render
+    from gcbench.sweep.config import parse_bytes
+
+    chosen = load_with_overrides(experiment, settings, flags)
+    memories = [parse_bytes(text, "--device-memory") for text in name_list(device_memory)]
+    if not memories:
+        raise UsageError("--device-memory: give at least one size, e.g. 11GiB")
+    if advice_batch is not None and advice_batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {advice_batch}")
+    output = render(estimate_experiment(chosen, target, memories, advice_batch), fmt)
+    if isinstance(output, str):
+        click.echo(output, nl=not output.endswith("\n"))
+    else:
+        for table in output:
+            console.print(table)
     return 0
 
 

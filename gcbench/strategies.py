@@ -113,6 +113,9 @@ class Strategy(ABC):
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         """The pieces of each input in the order this strategy first encodes them."""
 
+    def release(self) -> None:
+        """Undo what the strategy changed on the model (the estimator reuses one model for many points)."""
+
 
 class Full(Strategy):
     name = "full"
@@ -135,16 +138,26 @@ class Checkpoint(Full):
     def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         super().__init__(objective, chunk_sizes, scaler)
-        for encoder in {id(e): e for e in objective.encoders}.values():
-            enable_checkpointing(unwrap_ddp(encoder))
+        for encoder in self._distinct_encoders():
+            set_checkpointing(encoder, True)
+
+    def release(self) -> None:
+        for encoder in self._distinct_encoders():
+            set_checkpointing(encoder, False)
+
+    def _distinct_encoders(self) -> list[nn.Module]:
+        return list({id(e): unwrap_ddp(e) for e in self.objective.encoders}.values())
 
 
-def enable_checkpointing(module: nn.Module) -> None:
-    """Per-layer activation checkpointing: Hugging Face models and gcbench's own models."""
+def set_checkpointing(module: nn.Module, enabled: bool) -> None:
+    """Per-layer activation checkpointing on or off: Hugging Face models and gcbench's own models."""
     if hasattr(module, "gradient_checkpointing_enable"):
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if enabled:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_disable()
     elif hasattr(module, "gradient_checkpointing"):
-        module.gradient_checkpointing = True
+        module.gradient_checkpointing = enabled
     else:
         raise TypeError(f"{type(module).__name__} has no per-layer activation checkpointing "
                         "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)")

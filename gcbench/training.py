@@ -15,7 +15,7 @@ from torch import Tensor
 from gcbench.cache.batching import Batch
 from gcbench.device import autocast, grad_scaler, param_dtype
 from gcbench.errors import UsageError
-from gcbench.strategies import Strategy, make_strategy
+from gcbench.strategies import Objective, Strategy, make_strategy
 from gcbench.workloads import Workload, WorkloadConfig, build_workload
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -46,7 +46,7 @@ class StepConfig:
     workload: WorkloadConfig
     strategy: str
     batch_size: int
-    chunk_sizes: int | tuple[int, ...] | None = None  # one for all inputs, or one per input
+    chunk_sizes: tuple[int, ...] | None = None  # one for all inputs, or one per input
     precision: str = "float32"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0
@@ -115,12 +115,23 @@ def _batch_tensors(batch: Batch) -> Iterator[Tensor]:
 
 
 def build_step(config: StepConfig, device: torch.device) -> TrainingStep:
-    dtype = param_dtype(config.precision)
-    workload = build_workload(config.workload, seed=config.seed, device=device, dtype=dtype)
+    """A fresh model, optimizer and batch for ``config``: the same weights and data for a seed."""
+    workload = build_workload(config.workload, seed=config.seed, device=device, dtype=param_dtype(config.precision))
     for module in workload.objective.modules():
         module.train()
-    scaler = grad_scaler(config.precision, device)
-    strategy = make_strategy(config.strategy, workload.objective, config.chunk_sizes, scaler)
     optimizer = make_optimizer(workload.objective.parameters(), config.optimizer)
-    batches = workload.batches(config.batch_size, seed=config.seed + 1, device=device, dtype=dtype)
+    return step_on(workload, optimizer, config, device)
+
+
+def step_on(workload: Workload, optimizer: torch.optim.Optimizer, config: StepConfig, device: torch.device, *,
+            objective: Objective | None = None, loss_scaling: bool = True) -> TrainingStep:
+    """A step for ``config`` on a workload and optimizer that already exist (the estimator reuses one model).
+
+    ``objective`` replaces the workload's own (wrapped encoders); ``loss_scaling=False`` drops fp16's
+    GradScaler, whose overflow check needs real values.
+    """
+    scaler = grad_scaler(config.precision, device) if loss_scaling else None
+    strategy = make_strategy(config.strategy, objective or workload.objective, config.chunk_sizes, scaler)
+    batches = workload.batches(config.batch_size, seed=config.seed + 1, device=device,
+                               dtype=param_dtype(config.precision))
     return TrainingStep(config, workload, strategy, optimizer, batches, device, scaler)

@@ -44,8 +44,10 @@ def as_encoder_list(encoders: nn.Module | Sequence[nn.Module]) -> list[nn.Module
 
 
 def as_chunk_sizes(chunk_size: int | Sequence[int], count: int, name: str = "chunk_size") -> tuple[int, ...]:
-    """One chunk size per encoder; TypeError/ValueError naming ``name`` otherwise."""
+    """One chunk size per encoder (one int, or a one-item sequence, serves all); errors name ``name``."""
     sizes = [chunk_size] * count if not isinstance(chunk_size, Sequence) else list(chunk_size)
+    if len(sizes) == 1:
+        sizes = sizes * count
     if len(sizes) != count:
         raise ValueError(f"{name}: got {len(sizes)} sizes for {count} encoders")
     for size in sizes:

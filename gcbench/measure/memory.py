@@ -99,10 +99,10 @@ def _measure_cpu(step: TrainingStep) -> MemoryMeasurement:
     return MemoryMeasurement("cpu profiler memory events", baseline, peak, phases)
 
 
-def track_step(step: TrainingStep, block_size: int = 1) -> tuple[int, TrackedPeak]:
+def track_step(step: TrainingStep, block_size: int = 1, count_cpu_rng_states: bool = True) -> tuple[int, TrackedPeak]:
     """Run one step under the dispatch-level tracker: (baseline bytes, peak with its breakdown)."""
     step.zero_grad()
-    tracker = MemoryTracker(block_size=block_size)
+    tracker = MemoryTracker(block_size=block_size, count_cpu_rng_states=count_cpu_rng_states)
     for category, tensors in step.resident().items():
         tracker.register(tensors, category)
     tracker.watch_gradients(step.parameters())

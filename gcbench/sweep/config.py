@@ -80,9 +80,7 @@ class Experiment:
         return grid
 
     def step_config(self, point: Point) -> StepConfig:
-        chunks = point.chunk_sizes
-        return StepConfig(self.workload, point.strategy, point.batch_size,
-                          chunks[0] if chunks and len(chunks) == 1 else chunks, self.sweep.precision,
+        return StepConfig(self.workload, point.strategy, point.batch_size, point.chunk_sizes, self.sweep.precision,
                           self.optimizer, self.sweep.seed)
 
     @property
@@ -125,13 +123,19 @@ def parse_bytes(text: str | int, label: str) -> int:
     return int(value * _UNITS[unit])
 
 
+BINARY_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+
+
+def byte_unit(n: float) -> tuple[str, int]:
+    """The largest binary unit that ``n`` bytes is at least one of."""
+    return next(((unit, size) for unit, size in BINARY_UNITS if abs(n) >= size), BINARY_UNITS[-1])
+
+
 def format_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    unit, size = byte_unit(n)
+    return f"{n / size:.2f} {unit}" if size > 1 else f"{int(n)} B"
 
 
 def parse_chunk_sizes(text: str, label: str) -> list[list[int]]:
@@ -258,7 +262,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "model": {
         "kind": _choice(_model_kinds), "hidden": _int(1), "layers": _int(1), "heads": _int(1), "ffn": _int(0),
         "vocab": _int(2000), "dropout": _float(0.0, 1.0, open_max=True), "pooling": _choice(lambda: ["cls", "mean"]),
-        "features": _int(1),
+        "features": _int(1), "attention": _choice(lambda: ["sdpa", "eager"]),
     },
     "optimizer": {
         "name": _choice(lambda: OPTIMIZERS), "lr": _float(0.0), "weight_decay": _float(0.0),

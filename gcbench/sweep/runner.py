@@ -17,14 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from gcbench.errors import UsageError
-from gcbench.sweep.config import Experiment
+from gcbench.sweep.config import Experiment, format_bytes
 from gcbench.sweep.environment import git_commit
 from gcbench.sweep.records import Point, Record
 from gcbench.sweep.store import ResultsStore
 
 RESULTS_FILE = "results.jsonl"
+PREDICTED_SKIP_MARGIN = 1.25  # with --predict, a point predicted over budget x this is not run
 
 
 @dataclass
@@ -60,19 +62,21 @@ def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False,
     env_extra = {"git_commit": git_commit()}
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    predict = _predictor(experiment) if experiment.sweep.predict else None
     try:
         for point in points:
             if point.id in done:
                 continue
             events.on_point(point)
-            blocker = _blocking_oom(point, done)
-            if blocker is not None:
-                record = Record(experiment.name, experiment.fingerprint, point, "skipped",
-                                reason=f"{blocker.point.series} ran out of memory at batch {blocker.point.batch_size}",
+            prediction = predict(point) if predict else None
+            reason = _skip_reason(experiment, point, done, prediction)
+            if reason is not None:
+                record = Record(experiment.name, experiment.fingerprint, point, "skipped", reason=reason,
                                 env=env_extra, finished_at=_now())
             else:
                 record = run_point_process(experiment, point, env_extra, logs)
                 outcome.ran += 1
+            record.prediction = prediction
             store.append(record)
             done[point.id] = record
             outcome.records.append(record)
@@ -96,14 +100,40 @@ def _load_previous(store: ResultsStore, experiment: Experiment, fresh: bool) -> 
     return {r.point.id: r for r in records}
 
 
-def _blocking_oom(point: Point, done: dict[str, Record]) -> Record | None:
-    """A smaller batch of the same strategy and chunk sizes that ran out of memory."""
+def _skip_reason(experiment: Experiment, point: Point, done: dict[str, Record],
+                 prediction: dict[str, Any] | None) -> str | None:
+    """Why ``point`` is not worth running: a smaller batch of its series ran out of memory, or the
+    prediction is far over the budget."""
     for record in done.values():
         p = record.point
         if (record.status == "oom" and p.strategy == point.strategy and p.chunk_sizes == point.chunk_sizes
                 and p.batch_size < point.batch_size):
-            return record
+            return f"{p.series} ran out of memory at batch {p.batch_size}"
+    budget = experiment.sweep.memory_budget
+    peak = (prediction or {}).get("peak_bytes")
+    if budget is not None and peak is not None and peak > budget * PREDICTED_SKIP_MARGIN:
+        return f"skipped (predicted): predicted peak {format_bytes(peak)} is far over the budget {format_bytes(budget)}"
     return None
+
+
+def _predictor(experiment: Experiment) -> Callable[[Point], dict[str, Any]]:
+    """Predictions for the sweep's device, from one fake model built here (nothing is allocated)."""
+    from gcbench.device import resolve_device
+    from gcbench.estimate import EstimateError, Estimator
+
+    device = resolve_device(experiment.sweep.device)
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--predict: no memory model for {device.type} devices (cpu and cuda have one)")
+    estimator = Estimator(experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed,
+                          experiment.optimizer)
+
+    def predict(point: Point) -> dict[str, Any]:
+        try:
+            return estimator.predict(experiment.step_config(point)).as_dict()
+        except EstimateError as error:
+            return {"error": str(error)}
+
+    return predict
 
 
 def _now() -> str:

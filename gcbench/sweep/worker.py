@@ -81,7 +81,8 @@ def _measure(experiment: Experiment, point: Point, device: torch.device) -> tupl
     for _ in range(experiment.sweep.warmup):
         step()
     measured = measure_step_memory(step)
-    _, tracked = track_step(step, CUDA_BLOCK if device.type == "cuda" else 1)
+    on_cuda = device.type == "cuda"
+    _, tracked = track_step(step, CUDA_BLOCK if on_cuda else 1, count_cpu_rng_states=not on_cuda)
     timing = time_calls(step, experiment.sweep.repeats, device)
     q1, q3 = timing.quartiles_s
     memory = MemoryResult(

@@ -29,21 +29,39 @@ class ModelConfig:
     dropout: float = 0.1
     pooling: str = "cls"
     features: int = 256  # input width of mlp towers
+    attention: str = "sdpa"  # sdpa: fused kernels; eager: softmax(QK^T)V spelt out, as 2021's BERT did
 
     @property
     def ffn_size(self) -> int:
         return self.ffn or 4 * self.hidden
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, p: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+
+
+def _eager(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, p: float) -> Tensor:
+    """Scores, softmax and dropout as separate ops: the (batch, heads, L, L) probabilities are stored."""
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    probs = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
+    return F.dropout(probs, p, training=p > 0) @ v
+
+
+ATTENTION = {"sdpa": _sdpa, "eager": _eager}
+
+
 class _Block(nn.Module):
     """Post-LN transformer block (BERT): attention, add & norm, feed-forward, add & norm."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, attention: str = "sdpa") -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"model.hidden ({hidden}) must be a multiple of model.heads ({heads})")
+        if attention not in ATTENTION:
+            raise ValueError(f"model.attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.heads = heads
         self.dropout = dropout
+        self.attend = ATTENTION[attention]
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
         self.norm1 = nn.LayerNorm(hidden)
@@ -55,7 +73,7 @@ class _Block(nn.Module):
         n, length, hidden = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+        attended = self.attend(q, k, v, key_mask, p)
         attended = attended.transpose(1, 2).reshape(n, length, hidden)
         x = self.norm1(x + F.dropout(self.out(attended), p, self.training))
         return self.norm2(x + F.dropout(self.ff_out(F.gelu(self.ff_in(x))), p, self.training))
@@ -74,7 +92,8 @@ class TransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.hidden)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            _Block(config.hidden, config.heads, config.ffn_size, config.dropout) for _ in range(config.layers)
+            _Block(config.hidden, config.heads, config.ffn_size, config.dropout, config.attention)
+            for _ in range(config.layers)
         )
         self.gradient_checkpointing = False
 

@@ -181,6 +181,7 @@ def build_workload(config: WorkloadConfig, *, seed: int = 0, device: torch.devic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         workload = builder(config)
-    for module in workload.objective.modules():
-        module.to(device=device, dtype=dtype)
+    if torch.device(device) != torch.device("cpu") or dtype != torch.get_default_dtype():
+        for module in workload.objective.modules():  # (a no-op move would fail under fake tensors)
+            module.to(device=device, dtype=dtype)
     return workload

@@ -1,0 +1,92 @@
+"""Predict a training step's peak memory without allocating it: the sweep's step under fake tensors.
+
+The model is built once under ``FakeTensorMode`` (CPU fake tensors: shapes, dtypes, no storage),
+its optimizer state is created by one optimizer step on zero gradients, and each point then runs
+the very strategy code the sweep measures, under the same dispatch-level tracker that gives the
+sweep its breakdown. See :mod:`gcbench.estimate.target` for what is modelled of the target device
+and :mod:`gcbench.estimate.repeats` for how repeated chunks are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+from gcbench.device import param_dtype
+from gcbench.estimate.repeats import skipping_objective
+from gcbench.estimate.target import Target, target
+from gcbench.measure.memory import track_step
+from gcbench.training import OptimizerConfig, StepConfig, make_optimizer, step_on
+from gcbench.workloads import WorkloadConfig, build_workload
+
+
+class EstimateError(RuntimeError):
+    """The step cannot run under fake tensors (an op whose output depends on tensor values)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    target: str
+    peak_bytes: int
+    baseline_bytes: int
+    forward_backward_peak_bytes: int
+    optimizer_peak_bytes: int
+    breakdown: dict[str, int]
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Estimator:
+    """One fake model for a workload, precision and target; :meth:`predict` for each point."""
+
+    def __init__(self, workload: WorkloadConfig, precision: str, target_name: str = "cuda", seed: int = 0,
+                 optimizer: OptimizerConfig | None = None, skip_repeats: bool = True) -> None:
+        self.target: Target = target(target_name)
+        self.skip_repeats = skip_repeats
+        self.precision = precision
+        self.optimizer_config = self.target.optimizer(optimizer or OptimizerConfig())
+        self.mode = FakeTensorMode()
+        self.device = torch.device("cpu")
+        with self.mode, _explained():
+            self.workload = build_workload(workload, seed=seed, device=self.device, dtype=param_dtype(precision))
+            for module in self.workload.objective.modules():
+                module.train()
+            self.optimizer = make_optimizer(self.workload.objective.parameters(), self.optimizer_config)
+            for p in self.workload.objective.parameters():
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()  # creates the optimizer state a warmed-up step starts from
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def predict(self, config: StepConfig) -> Prediction:
+        """Peak memory of ``config``'s step on the target (its workload must be this estimator's)."""
+        started = time.perf_counter()
+        config = replace(config, optimizer=self.optimizer_config)
+        with self.mode, self.target.kernels(), _explained():
+            objective = skipping_objective(self.workload.objective) if self.skip_repeats else None
+            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective,
+                           loss_scaling=False)
+            try:
+                baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
+            finally:
+                step.strategy.release()
+                step.zero_grad()
+        return Prediction(self.target.name, tracked.total, baseline, tracked.phase_peaks["forward_backward"],
+                          tracked.phase_peaks["optimizer"], tracked.breakdown, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _explained() -> Iterator[None]:
+    """Turn fake-tensor failures into an :class:`EstimateError` that names the op."""
+    try:
+        yield
+    except (DynamicOutputShapeException, DataDependentOutputException) as error:
+        op = getattr(error, "func", None) or "an op"
+        raise EstimateError(f"cannot predict without allocating: {op} has an output that depends on tensor values "
+                            "(a data-dependent shape or a .item() call)") from None

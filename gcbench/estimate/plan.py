@@ -1,0 +1,117 @@
+"""``gcbench estimate``: predicted peaks over an experiment's grid, what fits, which chunk size to use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gcbench.estimate.estimator import EstimateError, Estimator, Prediction
+from gcbench.sweep.config import Experiment, format_bytes
+from gcbench.sweep.records import Point
+
+
+@dataclass(frozen=True)
+class EstimateRow:
+    point: Point
+    prediction: Prediction | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkAdvice:
+    """The largest chunk sizes (one per input) whose predicted peak fits ``device_memory``."""
+
+    strategy: str
+    batch_size: int
+    device_memory: int
+    chunk_sizes: tuple[int, ...] | None
+    peak_bytes: int | None
+    tried: tuple[tuple[tuple[int, ...], int], ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class EstimatePlan:
+    experiment: str
+    target: str
+    device_memories: tuple[int, ...]
+    rows: tuple[EstimateRow, ...]
+    advice: tuple[ChunkAdvice, ...]
+
+    def largest_batch(self, series: str, device_memory: int) -> int | None:
+        """The largest batch of ``series`` whose predicted peak fits, with every smaller one fitting too."""
+        best = None
+        for row in sorted((r for r in self.rows if r.point.series == series), key=lambda r: r.point.batch_size):
+            if row.prediction is None or row.prediction.peak_bytes > device_memory:
+                break
+            best = row.point.batch_size
+        return best
+
+    def series(self) -> list[str]:
+        return list(dict.fromkeys(r.point.series for r in self.rows))
+
+
+def estimate_experiment(experiment: Experiment, target: str, device_memories: Sequence[int],
+                        advice_batch: int | None = None) -> EstimatePlan:
+    estimator = Estimator(experiment.workload, experiment.sweep.precision, target, experiment.sweep.seed,
+                          experiment.optimizer)
+    rows = tuple(predict_row(estimator, experiment, point) for point in experiment.points())
+    chunked = [s for s in experiment.sweep.strategies if s.startswith("cache")]
+    advice = tuple(recommend_chunks(estimator, experiment, chunked[0], advice_batch or max(experiment.sweep.batch_sizes),
+                                    memory) for memory in device_memories) if chunked else ()
+    return EstimatePlan(experiment.name, target, tuple(device_memories), rows, advice)
+
+
+def predict_row(estimator: Estimator, experiment: Experiment, point: Point) -> EstimateRow:
+    try:
+        return EstimateRow(point, estimator.predict(experiment.step_config(point)))
+    except EstimateError as error:
+        return EstimateRow(point, None, str(error))
+
+
+def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[int, ...]]:
+    """Chunk settings in the experiment's proportions (16/8 -> 2:1), smallest first, up to whole inputs."""
+    base = base * len(rows) if len(base) == 1 else base
+    unit = min(base)
+    ratio = [size / unit for size in base]
+    candidates, scale = [], 1
+    while True:
+        sizes = tuple(max(1, min(row, round(r * scale))) for r, row in zip(ratio, rows))
+        if not candidates or sizes != candidates[-1]:
+            candidates.append(sizes)
+        if all(size >= row for size, row in zip(sizes, rows)):
+            return candidates
+        scale *= 2
+
+
+def recommend_chunks(estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int,
+                     device_memory: int) -> ChunkAdvice:
+    """Binary search for the largest chunk setting that fits: larger chunks run faster."""
+    candidates = chunk_candidates(experiment.sweep.chunk_sizes[0], estimator.workload.rows(batch_size))
+    tried: dict[tuple[int, ...], Prediction] = {}
+
+    def peak(sizes: tuple[int, ...]) -> int:
+        if sizes not in tried:
+            tried[sizes] = estimator.predict(experiment.step_config(Point(strategy, batch_size, sizes)))
+        return tried[sizes].peak_bytes
+
+    def advice(chunks: tuple[int, ...] | None, reason: str) -> ChunkAdvice:
+        return ChunkAdvice(strategy, batch_size, device_memory, chunks, tried[chunks].peak_bytes if chunks else None,
+                           tuple((sizes, p.peak_bytes) for sizes, p in tried.items()), reason)
+
+    low, high = -1, len(candidates) - 1  # candidates[:low + 1] fit; larger chunks need more memory
+    while low < high:  # small chunks are the slow ones to predict: probe them only when larger ones fail
+        middle = (low + high + 1) // 2
+        if peak(candidates[middle]) <= device_memory:
+            low = middle
+        else:
+            high = middle - 1
+    if low < 0:
+        smallest = candidates[0]
+        held = sum(tried[smallest].breakdown.get(k, 0) for k in ("parameters", "gradients", "optimizer"))
+        return advice(None, f"nothing fits {format_bytes(device_memory)}: even chunks of "
+                            f"{'/'.join(map(str, smallest))} need {format_bytes(peak(smallest))}, of which parameters, "
+                            f"gradients and optimizer state alone take {format_bytes(held)}")
+    best = candidates[low]
+    return advice(best, f"the largest chunks whose predicted peak fits {format_bytes(device_memory)}; "
+                        "larger chunks run faster")

@@ -1,0 +1,99 @@
+"""An estimate plan as rich tables, JSON or CSV."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from gcbench.estimate.plan import EstimatePlan, EstimateRow
+from gcbench.sweep.config import byte_unit, format_bytes
+
+
+def plan_frame(plan: EstimatePlan) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "strategy": r.point.strategy, "batch_size": r.point.batch_size, "chunk_sizes": r.point.chunk_label,
+        "series": r.point.series, "target": plan.target,
+        "peak_bytes": r.prediction.peak_bytes if r.prediction else None,
+        **{f"fits_{format_bytes(m).replace(' ', '')}": (r.prediction.peak_bytes <= m) if r.prediction else None
+           for m in plan.device_memories},
+        **({f"memory_{k}": v for k, v in r.prediction.breakdown.items()} if r.prediction else {}),
+        "seconds": r.prediction.seconds if r.prediction else None, "error": r.error,
+    } for r in plan.rows])
+
+
+def plan_dict(plan: EstimatePlan) -> dict[str, Any]:
+    return {
+        "experiment": plan.experiment,
+        "target": plan.target,
+        "device_memories": list(plan.device_memories),
+        "predictions": plan_frame(plan).to_dict(orient="records"),
+        "largest_batch": {s: {str(m): plan.largest_batch(s, m) for m in plan.device_memories} for s in plan.series()},
+        "chunk_advice": [{"strategy": a.strategy, "batch_size": a.batch_size, "device_memory": a.device_memory,
+                          "chunk_sizes": list(a.chunk_sizes) if a.chunk_sizes else None, "peak_bytes": a.peak_bytes,
+                          "reason": a.reason, "tried": [[list(c), p] for c, p in a.tried]} for a in plan.advice],
+    }
+
+
+def render(plan: EstimatePlan, fmt: str) -> str | list[Table]:
+    if fmt == "json":
+        return json.dumps(plan_dict(plan), indent=2)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        plan_frame(plan).to_csv(buffer, index=False)
+        return buffer.getvalue()
+    return tables(plan)
+
+
+def tables(plan: EstimatePlan) -> list[Table]:
+    memories = plan.device_memories
+    batches = sorted({r.point.batch_size for r in plan.rows})
+    unit, size = byte_unit(max((r.prediction.peak_bytes for r in plan.rows if r.prediction), default=1))
+    fits = f"green: fits {format_bytes(min(memories))}" + (
+        f", yellow: fits {format_bytes(max(memories))}" if len(memories) > 1 else "")
+    peaks = Table(title=f"{plan.experiment}: predicted peak memory of a training step on {plan.target}, in {unit} "
+                        f"({fits}, red: fits none)", title_justify="left")
+    peaks.add_column("strategy")
+    for batch in batches:
+        peaks.add_column(str(batch), justify="right")
+    for series in plan.series():
+        cells = {r.point.batch_size: r for r in plan.rows if r.point.series == series}
+        peaks.add_row(series, *(_cell(cells.get(b), memories, size) for b in batches))
+    fits = Table(title="largest batch that fits (every smaller batch fitting too)", title_justify="left")
+    fits.add_column("strategy")
+    for memory in memories:
+        fits.add_column(format_bytes(memory), justify="right")
+    for series in plan.series():
+        fits.add_row(series, *(str(plan.largest_batch(series, m) or "none") for m in memories))
+    result = [peaks, fits]
+    if plan.advice:
+        advice = Table(title=f"recommended chunk sizes ({plan.advice[0].strategy}, batch {plan.advice[0].batch_size})",
+                       title_justify="left")
+        for column in ("device memory", "chunk sizes", "predicted peak", "why"):
+            advice.add_column(column)
+        for a in plan.advice:
+            advice.add_row(format_bytes(a.device_memory), "/".join(map(str, a.chunk_sizes)) if a.chunk_sizes else "-",
+                           format_bytes(a.peak_bytes), a.reason)
+        result.append(advice)
+    errors = [r for r in plan.rows if r.error]
+    if errors:
+        failed = Table(title="points that cannot be predicted", title_justify="left")
+        failed.add_column("point")
+        failed.add_column("why")
+        for r in errors:
+            failed.add_row(r.point.id, r.error)
+        result.append(failed)
+    return result
+
+
+def _cell(row: EstimateRow | None, memories: tuple[int, ...], unit_size: int) -> str:
+    if row is None:
+        return ""
+    if row.prediction is None:
+        return "[red]n/a[/]"
+    peak = row.prediction.peak_bytes
+    style = "green" if peak <= min(memories) else "yellow" if peak <= max(memories) else "red"
+    return f"[{style}]{peak / unit_size:.2f}[/]"

@@ -1,0 +1,162 @@
+"""``gcbench estimate``: predictions without allocation agree with allocator-level measurements."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gcbench.cli import main
+from gcbench.estimate import EstimateError, Estimator
+from gcbench.estimate.plan import chunk_candidates, recommend_chunks
+from gcbench.measure.memory import measure_step_memory
+from gcbench.sweep import load_experiment, run_sweep
+from gcbench.sweep.records import Point
+from gcbench.training import build_step
+from gcbench.workloads import TEXT_TOWERS, ModelConfig, TextTower, WorkloadConfig
+from gcbench.workloads.tasks import random_tokens
+
+QUICK_POINTS = [Point("full", 64), Point("cache", 256, (8,)), Point("cache", 100, (32,)),
+                Point("accumulate", 128, (32,)), Point("checkpoint", 128), Point("cache-rerun", 48, (8,))]
+
+
+@pytest.fixture(scope="module")
+def quick():
+    return load_experiment("quick")
+
+
+@pytest.fixture(scope="module")
+def quick_cpu_estimator(quick):
+    return Estimator(quick.workload, quick.sweep.precision, "cpu", quick.sweep.seed, quick.optimizer)
+
+
+def measured_peak(experiment, point) -> int:
+    step = build_step(experiment.step_config(point), torch.device("cpu"))
+    for _ in range(experiment.sweep.warmup):
+        step()
+    return measure_step_memory(step).peak_bytes
+
+
+@pytest.mark.parametrize("point", QUICK_POINTS, ids=lambda p: p.id)
+def test_cpu_prediction_within_5_percent_of_the_allocator(quick, quick_cpu_estimator, point):
+    predicted = quick_cpu_estimator.predict(quick.step_config(point)).peak_bytes
+    measured = measured_peak(quick, point)
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+TINY = WorkloadConfig("dpr", ModelConfig(hidden=16, layers=1, heads=2, vocab=2000), query_length=8, passage_length=12)
+
+
+@pytest.mark.parametrize("point", [Point("cache", 40, (4,)), Point("cache", 37, (5, 3)), Point("cache-rerun", 24, (4,)),
+                                   Point("accumulate", 30, (4,)), Point("cache", 9, (16,))], ids=lambda p: p.id)
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_skipping_repeated_chunks_changes_no_byte(point, target):
+    from gcbench.training import StepConfig
+
+    config = StepConfig(TINY, point.strategy, point.batch_size, point.chunk_sizes)
+    skipping = Estimator(TINY, "float32", target).predict(config)
+    running = Estimator(TINY, "float32", target, skip_repeats=False).predict(config)
+    assert skipping.peak_bytes == running.peak_bytes
+    assert skipping.breakdown == running.breakdown
+
+
+def test_cuda_target_models_the_device():
+    from gcbench.training import StepConfig
+
+    config = StepConfig(TINY, "full", 8)
+    cpu = Estimator(TINY, "float32", "cpu")
+    cuda = Estimator(TINY, "float32", "cuda")
+    assert cuda.optimizer_config.foreach is True and cpu.optimizer_config.foreach is None
+    cpu_peak, cuda_peak = cpu.predict(config), cuda.predict(config)
+    assert cuda_peak.peak_bytes % 512 == 0 and cuda_peak.peak_bytes > cpu_peak.peak_bytes
+    assert F.scaled_dot_product_attention.__module__ == "torch.nn.functional" or \
+        F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+
+
+def test_eager_attention_needs_more_memory_than_fused():
+    from dataclasses import replace
+
+    from gcbench.training import StepConfig
+
+    eager = replace(TINY, model=replace(TINY.model, attention="eager"))
+    fused = Estimator(TINY, "float32", "cuda").predict(StepConfig(TINY, "full", 16)).peak_bytes
+    spelt_out = Estimator(eager, "float32", "cuda").predict(StepConfig(eager, "full", 16)).peak_bytes
+    assert spelt_out > fused
+
+
+class DataDependent(nn.Module):
+    def __init__(self, config: ModelConfig, length: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab, config.hidden)
+
+    def forward(self, input_ids, attention_mask):
+        kept = self.embed(input_ids)[attention_mask.bool()]  # a data-dependent shape
+        return kept.sum(0, keepdim=True).expand(input_ids.shape[0], -1)
+
+
+def test_data_dependent_op_is_named_not_a_crash(monkeypatch):
+    from gcbench.training import StepConfig
+
+    monkeypatch.setitem(TEXT_TOWERS, "data-dependent", TextTower(DataDependent, random_tokens))
+    config = WorkloadConfig("dpr", ModelConfig(kind="data-dependent", hidden=8, vocab=2000), query_length=4,
+                            passage_length=4)
+    with pytest.raises(EstimateError, match="nonzero|index"):
+        Estimator(config, "float32", "cpu").predict(StepConfig(config, "full", 4))
+
+
+def test_chunk_candidates_keep_the_proportions():
+    assert chunk_candidates((16, 8), [64, 128])[:4] == [(2, 1), (4, 2), (8, 4), (16, 8)]
+    assert chunk_candidates((16, 8), [64, 128])[-1] == (64, 128)
+    assert chunk_candidates((8,), [5, 10]) == [(1, 1), (2, 2), (4, 4), (5, 8), (5, 10)]
+
+
+def test_chunk_advice_picks_the_largest_that_fits(quick, quick_cpu_estimator):
+    advice = recommend_chunks(quick_cpu_estimator, quick, "cache", 256, 40 * 2**20)
+    assert advice.chunk_sizes is not None and advice.peak_bytes <= 40 * 2**20
+    tried = dict(advice.tried)
+    bigger = [c for c in tried if c[0] > advice.chunk_sizes[0]]
+    assert all(tried[c] > 40 * 2**20 for c in bigger) and bigger, "a larger chunk was tried and did not fit"
+    nothing = recommend_chunks(quick_cpu_estimator, quick, "cache", 256, 10 * 2**20)
+    assert nothing.chunk_sizes is None and "parameters, gradients and optimizer state" in nothing.reason
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_estimate_cli_formats(capsys):
+    small = ["quick", "--target", "cpu", "--batch-sizes", "8,64", "--strategies", "full,cache", "--chunk-sizes", "8"]
+    code, out, _ = run_cli(capsys, "estimate", *small, "--format", "json", "--device-memory", "30MiB")
+    data = json.loads(out)
+    assert code == 0 and len(data["predictions"]) == 4
+    assert data["largest_batch"]["full"][str(30 * 2**20)] == 8
+    assert data["chunk_advice"][0]["chunk_sizes"]
+    code, out, _ = run_cli(capsys, "estimate", *small, "--format", "csv")
+    assert code == 0 and out.splitlines()[0].startswith("strategy,batch_size") and len(out.splitlines()) == 5
+    code, out, _ = run_cli(capsys, "estimate", *small)
+    assert code == 0 and "largest batch that fits" in out and "recommended chunk sizes" in out
+
+
+@pytest.mark.parametrize("args, flag", [(["--device-memory", "lots"], "--device-memory"),
+                                        (["--batch", "0"], "--batch"), (["--target", "tpu"], "--target"),
+                                        (["--batch-sizes", "x"], "--batch-sizes")])
+def test_estimate_bad_input_exits_2(capsys, args, flag):
+    code, _, err = run_cli(capsys, "estimate", "quick", *args)
+    assert code == 2 and flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_predict_records_and_skips(quick, tmp_path):
+    experiment = load_experiment("quick", {
+        "sweep.batch_sizes": ([16, 512], "--batch-sizes"), "sweep.strategies": (["full"], "--strategies"),
+        "sweep.memory_budget": ("100MiB", "--memory-budget"), "sweep.predict": (True, "--predict"),
+        "sweep.equivalence": (False, "--set"), "sweep.repeats": (1, "--repeats")})
+    records = {r.point.batch_size: r for r in run_sweep(experiment, tmp_path).records}
+    assert records[16].status == "ok"
+    assert abs(records[16].prediction["peak_bytes"] - records[16].memory.peak_bytes) <= 0.05 * records[16].memory.peak_bytes
+    assert records[512].status == "skipped" and records[512].reason.startswith("skipped (predicted)")
