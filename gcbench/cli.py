@@ -55,18 +55,33 @@ def cli() -> None:
 @click.option("--chunk-size", default="5", show_default=True, help="One chunk size, or one per input (q,p).")
 @click.option("--tolerance", type=float, default=None,
               help="Max relative gradient error [default: 1e-10 float64, 1e-5 float32, 3e-2 bf16, 3e-3 fp16].")
-@click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout of the test models.")
+@click.option("--dropout", type=float, default=None, help="Dropout of the test models [default: 0.1; 0 with --nproc].")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ranks: >1 checks N-rank gradients (DDP, gathered loss) against one process over the global batch.")
+@click.option("--backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
+              help="Process-group backend with --nproc > 1 (auto: nccl on CUDA, gloo on CPU).")
 def verify(workload: str, strategy: str, precision: str, device: str, batch_size: int, chunk_size: str,
-           tolerance: float | None, dropout: float, seed: int) -> int:
+           tolerance: float | None, dropout: float | None, seed: int, nproc: int, backend: str) -> int:
     """Check that a strategy's gradients equal full-batch ones; exit 1 if any check fails."""
     from gcbench.verify import verify as run_verify
 
-    results = run_verify(name_list(workload), name_list(strategy), precision=precision,
-                         device=resolve_device(device), batch_size=batch_size,
-                         chunk_sizes=int_list("--chunk-size", chunk_size), tolerance=tolerance, seed=seed,
-                         dropout=dropout)
-    table = Table(title=f"gradient equivalence vs full batch ({precision}, tolerance {results[0].tolerance:g})")
+    options = dict(precision=precision, device=resolve_device(device), batch_size=batch_size,
+                   chunk_sizes=int_list("--chunk-size", chunk_size), tolerance=tolerance, seed=seed)
+    if nproc > 1:
+        from gcbench.distributed import RankError, verify_distributed
+
+        try:
+            results = verify_distributed(nproc, name_list(workload), name_list(strategy), **options,
+                                         dropout=dropout or 0.0, backend=backend)
+        except (RankError, TimeoutError) as error:
+            console.print(f"[red]distributed check failed[/red]: {error}", highlight=False)
+            return 1
+    else:
+        results = run_verify(name_list(workload), name_list(strategy), **options,
+                             dropout=0.1 if dropout is None else dropout)
+    ranks = f", {nproc} ranks vs 1 process" if nproc > 1 else ""
+    table = Table(title=f"gradient equivalence vs full batch ({precision}{ranks}, tolerance {results[0].tolerance:g})")
     for column in ("workload", "strategy", "batch", "chunks", "max abs err", "max rel err", "cosine",
                    "loss diff", "result"):
         table.add_column(column, justify="left" if column in ("workload", "strategy") else "right")
@@ -87,7 +102,7 @@ SWEEP_FLAGS = {  # flag -> experiment key it overrides
     "strategies": "sweep.strategies", "batch_sizes": "sweep.batch_sizes", "chunk_sizes": "sweep.chunk_sizes",
     "device": "sweep.device", "precision": "sweep.precision", "memory_budget": "sweep.memory_budget",
     "repeats": "sweep.repeats", "warmup": "sweep.warmup", "seed": "sweep.seed", "threads": "sweep.threads",
-    "timeout": "sweep.timeout",
+    "timeout": "sweep.timeout", "nproc": "sweep.nproc", "backend": "sweep.backend",
 }
 
 
@@ -106,6 +121,8 @@ def experiment_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int),
         click.option("--threads", type=int, help="torch threads per point (0: torch's default)."),
         click.option("--timeout", type=float, help="Seconds per point before it is ended as timeout."),
+        click.option("--nproc", type=int, help="Ranks per point (DDP); batch sizes are global, split evenly."),
+        click.option("--backend", help="auto, gloo or nccl: the process-group backend with --nproc > 1."),
         click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
                      help="Override any experiment key, e.g. --set model.hidden=256."),
     ]

@@ -16,6 +16,7 @@ with the full-batch loss can draw the same dropout masks (see :mod:`gcbench.meas
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.batching import Batch, batch_size, chunk_bounds, slice_batch
 from gcbench.cache.engine import GetRep, GradCache, as_chunk_sizes, as_encoder_list, encode, unwrap_ddp
@@ -216,18 +218,29 @@ class Accumulate(Strategy):
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         sizes = self.check_batches(batches)
         total = torch.zeros((), device=_device_of(self.objective))
-        for rows in self.micro_batches(sizes):
+        micro_batches = self.micro_batches(sizes)
+        for index, rows in enumerate(micro_batches):
             share = (rows[0].stop - rows[0].start) / sizes[0]
             micro = [slice_batch(b, r.start, r.stop) for b, r in zip(batches, rows)]
             kwargs = {k: v[rows[0]] if isinstance(v, Tensor) and v.dim() and v.shape[0] == sizes[0] else v
                       for k, v in loss_kwargs.items()}
-            loss = backward_in_order(self.objective, micro, whole_batches([r.stop - r.start for r in rows]),
-                                     kwargs, self.scaler, weight=share)
+            with _no_sync(self.objective.encoders, index < len(micro_batches) - 1):
+                loss = backward_in_order(self.objective, micro, whole_batches([r.stop - r.start for r in rows]),
+                                         kwargs, self.scaler, weight=share)
             total = total + loss * share
         return total
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         return [(i, r) for rows in self.micro_batches(sizes) for i, r in enumerate(rows)]
+
+
+def _no_sync(encoders: Sequence[nn.Module], skip: bool) -> contextlib.ExitStack:
+    """DDP all-reduces only after the last micro-batch: ``no_sync`` on every distinct DDP encoder before it."""
+    stack = contextlib.ExitStack()
+    if skip:
+        for encoder in {id(e): e for e in encoders if isinstance(e, DistributedDataParallel)}.values():
+            stack.enter_context(encoder.no_sync())
+    return stack
 
 
 def _device_of(objective: Objective) -> torch.device:

@@ -53,6 +53,23 @@ def verify(
     dropout: float = 0.1,
 ) -> list[VerifyResult]:
     """One comparison per workload and strategy; a chunk size per encoder, or one for all."""
+    chunks = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes)
+    if not 0.0 <= dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
+    tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
+    results = []
+    for name in workloads:
+        config = workload_config(name, dropout)
+        for strategy in strategies:
+            comparison = check_strategy(config, strategy, batch_size, chunks, precision=precision, device=device,
+                                        seed=seed)
+            results.append(VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol))
+    return results
+
+
+def check_arguments(workloads: Sequence[str], strategies: Sequence[str], precision: str, batch_size: int,
+                    chunk_sizes: Sequence[int]) -> tuple[int, ...]:
+    """UsageError naming the flag for a bad value; the chunk sizes, one per input."""
     check_precision(precision)
     for name in workloads:
         if name not in WORKLOADS:
@@ -64,15 +81,4 @@ def verify(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if not chunk_sizes or len(chunk_sizes) > 2 or any(c < 1 for c in chunk_sizes):
         raise UsageError(f"--chunk-size: one size, or one per input (2), each >= 1; got {list(chunk_sizes)}")
-    if not 0.0 <= dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
-    tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
-    results = []
-    for name in workloads:
-        config = workload_config(name, dropout)
-        for strategy in strategies:
-            chunks = tuple(chunk_sizes) * (2 // len(chunk_sizes))
-            comparison = check_strategy(config, strategy, batch_size, chunks, precision=precision, device=device,
-                                        seed=seed)
-            results.append(VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol))
-    return results
+    return tuple(chunk_sizes) * (2 // len(chunk_sizes))

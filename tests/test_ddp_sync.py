@@ -67,3 +67,14 @@ def test_ddp_gradients_equal_plain_module(process_group):
     GradCache([plain, plain], loss, 3)(x, y)
     GradCache([wrapped, wrapped], loss, 3)(x, y)
     assert torch.allclose(plain.weight.grad, wrapped.module.weight.grad, atol=1e-7)
+
+
+def test_accumulate_syncs_once_per_step(process_group):
+    from gcbench.strategies import Objective, make_strategy
+
+    torch.manual_seed(0)
+    calls = []
+    enc = counting_ddp(nn.Linear(4, 3), calls)
+    strategy = make_strategy("accumulate", Objective([enc, enc], loss), 2)
+    strategy.forward_backward([torch.randn(8, 4), torch.randn(8, 4)])  # four micro-batches
+    assert len(calls) == 1

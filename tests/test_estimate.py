@@ -160,3 +160,17 @@ def test_sweep_predict_records_and_skips(quick, tmp_path):
     assert records[16].status == "ok"
     assert abs(records[16].prediction["peak_bytes"] - records[16].memory.peak_bytes) <= 0.05 * records[16].memory.peak_bytes
     assert records[512].status == "skipped" and records[512].reason.startswith("skipped (predicted)")
+
+
+@pytest.mark.slow
+def test_two_rank_prediction_includes_gathered_reps_and_ddp(tmp_path):
+    experiment = load_experiment("quick", {
+        "sweep.batch_sizes": ([16, 128], "--batch-sizes"), "sweep.strategies": (["full", "cache"], "--strategies"),
+        "sweep.chunk_sizes": ([[8]], "--chunk-sizes"), "sweep.nproc": (2, "--nproc"),
+        "sweep.predict": (True, "--predict"), "sweep.equivalence": (False, "--set"), "sweep.repeats": (1, "--repeats")})
+    records = run_sweep(experiment, tmp_path).records
+    assert len(records) == 4
+    for r in records:
+        assert r.status == "ok" and r.prediction["world_size"] == 2
+        measured = r.distributed["peak_max_bytes"]
+        assert abs(r.prediction["peak_bytes"] - measured) <= 0.05 * measured, r.point.id

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -229,3 +228,20 @@ def test_quick_experiment_cache_memory_grows_far_slower_than_full(tmp_path):
     cache_growth = records["cache batch=256 chunks=16"] - records["cache batch=16 chunks=16"]
     assert full_growth > 20 * max(cache_growth, 1), (full_growth, cache_growth)
     assert records["cache batch=256 chunks=16"] < records["full batch=256 chunks=-"] / 4
+
+
+@pytest.mark.slow
+def test_sweep_on_two_ranks_records_per_rank_memory(micro, tmp_path):
+    out = tmp_path / "ranks"
+    done = sweep_cli(str(micro), "--out", str(out), "--quiet", "--nproc", "2", "--strategies", "full,cache",
+                     "--batch-sizes", "8")
+    assert done.returncode == 0, done.stderr
+    records = ResultsStore(out / "results.jsonl").load()
+    assert [r.status for r in records] == ["ok", "ok"], [r.reason for r in records]
+    for r in records:
+        d = r.distributed
+        assert d["world_size"] == 2 and d["backend"] == "gloo" and len(d["rank_peak_bytes"]) == 2
+        assert d["peak_max_bytes"] >= d["peak_mean_bytes"] > 0 and d["local_batch_size"] == 4
+        assert r.time.examples_per_s == pytest.approx(8 / r.time.median_s)
+    cache = next(r for r in records if r.point.strategy == "cache")
+    assert cache.equivalence.max_rel_err < 1e-5

@@ -18,6 +18,8 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from gcbench.device import param_dtype
+from gcbench.distributed.objective import ddp_bucket_bytes, gathers
+from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
 from gcbench.estimate.target import Target, target
 from gcbench.measure.memory import track_step
@@ -38,6 +40,7 @@ class Prediction:
     optimizer_peak_bytes: int
     breakdown: dict[str, int]
     seconds: float
+    world_size: int = 1  # > 1: one rank's peak (DDP buckets and gathered representations included)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -64,12 +67,20 @@ class Estimator:
             self.optimizer.step()  # creates the optimizer state a warmed-up step starts from
             self.optimizer.zero_grad(set_to_none=True)
 
-    def predict(self, config: StepConfig) -> Prediction:
-        """Peak memory of ``config``'s step on the target (its workload must be this estimator's)."""
+    def predict(self, config: StepConfig, world_size: int = 1) -> Prediction:
+        """Peak memory of ``config``'s step on the target (its workload must be this estimator's).
+
+        With ``world_size`` > 1: one rank's peak, ``config.batch_size`` being the global batch.
+        """
         started = time.perf_counter()
-        config = replace(config, optimizer=self.optimizer_config)
+        config = replace(config, optimizer=self.optimizer_config, batch_size=config.batch_size // world_size)
+        objective = skipping_objective(self.workload.objective) if self.skip_repeats else self.workload.objective
+        buckets = 0
+        if world_size > 1:
+            buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
+            if gathers(config.strategy):
+                objective = gathering_objective(objective, world_size)
         with self.mode, self.target.kernels(), _explained():
-            objective = skipping_objective(self.workload.objective) if self.skip_repeats else None
             step = step_on(self.workload, self.optimizer, config, self.device, objective=objective,
                            loss_scaling=False)
             try:
@@ -77,8 +88,10 @@ class Estimator:
             finally:
                 step.strategy.release()
                 step.zero_grad()
-        return Prediction(self.target.name, tracked.total, baseline, tracked.phase_peaks["forward_backward"],
-                          tracked.phase_peaks["optimizer"], tracked.breakdown, time.perf_counter() - started)
+        breakdown = {**tracked.breakdown, "gradients": tracked.breakdown["gradients"] + buckets}
+        return Prediction(self.target.name, tracked.total + buckets, baseline + buckets,
+                          tracked.phase_peaks["forward_backward"] + buckets, tracked.phase_peaks["optimizer"] + buckets,
+                          breakdown, time.perf_counter() - started, world_size)
 
 
 @contextlib.contextmanager

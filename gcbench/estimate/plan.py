@@ -34,6 +34,7 @@ class ChunkAdvice:
 class EstimatePlan:
     experiment: str
     target: str
+    world_size: int
     device_memories: tuple[int, ...]
     rows: tuple[EstimateRow, ...]
     advice: tuple[ChunkAdvice, ...]
@@ -59,12 +60,12 @@ def estimate_experiment(experiment: Experiment, target: str, device_memories: Se
     chunked = [s for s in experiment.sweep.strategies if s.startswith("cache")]
     advice = tuple(recommend_chunks(estimator, experiment, chunked[0], advice_batch or max(experiment.sweep.batch_sizes),
                                     memory) for memory in device_memories) if chunked else ()
-    return EstimatePlan(experiment.name, target, tuple(device_memories), rows, advice)
+    return EstimatePlan(experiment.name, target, experiment.sweep.nproc, tuple(device_memories), rows, advice)
 
 
 def predict_row(estimator: Estimator, experiment: Experiment, point: Point) -> EstimateRow:
     try:
-        return EstimateRow(point, estimator.predict(experiment.step_config(point)))
+        return EstimateRow(point, estimator.predict(experiment.step_config(point), experiment.sweep.nproc))
     except EstimateError as error:
         return EstimateRow(point, None, str(error))
 
@@ -87,12 +88,14 @@ def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[i
 def recommend_chunks(estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int,
                      device_memory: int) -> ChunkAdvice:
     """Binary search for the largest chunk setting that fits: larger chunks run faster."""
-    candidates = chunk_candidates(experiment.sweep.chunk_sizes[0], estimator.workload.rows(batch_size))
+    local_rows = estimator.workload.rows(batch_size // experiment.sweep.nproc)
+    candidates = chunk_candidates(experiment.sweep.chunk_sizes[0], local_rows)
     tried: dict[tuple[int, ...], Prediction] = {}
 
     def peak(sizes: tuple[int, ...]) -> int:
         if sizes not in tried:
-            tried[sizes] = estimator.predict(experiment.step_config(Point(strategy, batch_size, sizes)))
+            tried[sizes] = estimator.predict(experiment.step_config(Point(strategy, batch_size, sizes)),
+                                             experiment.sweep.nproc)
         return tried[sizes].peak_bytes
 
     def advice(chunks: tuple[int, ...] | None, reason: str) -> ChunkAdvice:

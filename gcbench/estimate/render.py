@@ -29,6 +29,7 @@ def plan_dict(plan: EstimatePlan) -> dict[str, Any]:
     return {
         "experiment": plan.experiment,
         "target": plan.target,
+        "world_size": plan.world_size,
         "device_memories": list(plan.device_memories),
         "predictions": plan_frame(plan).to_dict(orient="records"),
         "largest_batch": {s: {str(m): plan.largest_batch(s, m) for m in plan.device_memories} for s in plan.series()},
@@ -54,7 +55,8 @@ def tables(plan: EstimatePlan) -> list[Table]:
     unit, size = byte_unit(max((r.prediction.peak_bytes for r in plan.rows if r.prediction), default=1))
     fits = f"green: fits {format_bytes(min(memories))}" + (
         f", yellow: fits {format_bytes(max(memories))}" if len(memories) > 1 else "")
-    peaks = Table(title=f"{plan.experiment}: predicted peak memory of a training step on {plan.target}, in {unit} "
+    where = f"each of {plan.world_size} ranks ({plan.target}), global batch" if plan.world_size > 1 else plan.target
+    peaks = Table(title=f"{plan.experiment}: predicted peak memory of a training step on {where}, in {unit} "
                         f"({fits}, red: fits none)", title_justify="left")
     peaks.add_column("strategy")
     for batch in batches:

@@ -21,6 +21,9 @@ from gcbench.strategies import EncodeStep, backward_in_order, make_strategy
 from gcbench.workloads import WorkloadConfig, build_workload
 
 REFERENCE = "full-batch loss, same encode order and dropout masks"
+# A step whose scaled gradients overflow is skipped by a GradScaler, and comparing it says nothing;
+# this moderate scale keeps fp16 gradients finite and still carries a scale through the cache.
+COMPARISON_LOSS_SCALE = 2.0**8
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,7 @@ def check_strategy(
         objective = workload.objective
         for module in objective.modules():
             module.train()
-        # A step whose scaled gradients overflow is skipped by a GradScaler, and comparing it says
-        # nothing; a moderate scale keeps fp16 gradients finite and still carries a scale through.
-        scaler = grad_scaler(precision, device, init_scale=2.0**8)
+        scaler = grad_scaler(precision, device, init_scale=COMPARISON_LOSS_SCALE)
         torch.manual_seed(seed + 2)
         with autocast(precision, device):
             if role == "strategy":

@@ -129,7 +129,7 @@ def _predictor(experiment: Experiment) -> Callable[[Point], dict[str, Any]]:
 
     def predict(point: Point) -> dict[str, Any]:
         try:
-            return estimator.predict(experiment.step_config(point)).as_dict()
+            return estimator.predict(experiment.step_config(point), experiment.sweep.nproc).as_dict()
         except EstimateError as error:
             return {"error": str(error)}
 

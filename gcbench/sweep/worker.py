@@ -22,8 +22,9 @@ import torch
 
 from gcbench.device import resolve_device
 from gcbench.measure.equivalence import REFERENCE, check_strategy
-from gcbench.measure.memory import CUDA_BLOCK, measure_step_memory, track_step
-from gcbench.measure.timing import time_calls
+from gcbench.measure.memory import CUDA_BLOCK, MemoryMeasurement, measure_step_memory, track_step
+from gcbench.measure.timing import Timing, time_calls
+from gcbench.measure.tracker import TrackedPeak
 from gcbench.sweep.config import Experiment, format_bytes
 from gcbench.sweep.environment import environment
 from gcbench.sweep.records import EquivalenceResult, MemoryResult, Point, Record, TimeResult
@@ -46,13 +47,17 @@ def first_line(error: BaseException) -> str:
 
 def measure_point(experiment: Experiment, point: Point, env_extra: dict[str, Any] | None = None) -> Record:
     sweep = experiment.sweep
+    if sweep.nproc > 1:
+        from gcbench.distributed.sweep import measure_point_distributed  # it imports this module
+
+        return measure_point_distributed(experiment, point, env_extra)
     started = time.perf_counter()
     if sweep.threads:
         torch.set_num_threads(sweep.threads)
     device = resolve_device(sweep.device)
     record = Record(experiment.name, experiment.fingerprint, point, "ok",
                     env={**environment(device), **(env_extra or {})})
-    _limit_cuda_memory(device, sweep.memory_budget)
+    limit_cuda_memory(device, sweep.memory_budget)
     try:
         memory, timing = _measure(experiment, point, device)
     except Exception as error:  # noqa: BLE001 - every failure is a result
@@ -68,7 +73,7 @@ def measure_point(experiment: Experiment, point: Point, env_extra: dict[str, Any
             record.status = "oom"
             record.reason = (f"peak {format_bytes(memory.peak_bytes)} is over the memory budget "
                              f"{format_bytes(sweep.memory_budget)}")
-    _release(device)
+    release_memory(device)
     if record.status == "ok" and sweep.equivalence:
         record.equivalence = _equivalence(experiment, point, device)
     record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -81,11 +86,15 @@ def _measure(experiment: Experiment, point: Point, device: torch.device) -> tupl
     for _ in range(experiment.sweep.warmup):
         step()
     measured = measure_step_memory(step)
-    on_cuda = device.type == "cuda"
-    _, tracked = track_step(step, CUDA_BLOCK if on_cuda else 1, count_cpu_rng_states=not on_cuda)
+    _, tracked = track_step(step, CUDA_BLOCK if device.type == "cuda" else 1,
+                            count_cpu_rng_states=device.type == "cpu")
     timing = time_calls(step, experiment.sweep.repeats, device)
-    q1, q3 = timing.quartiles_s
-    memory = MemoryResult(
+    return memory_result(measured, tracked), time_result(timing, point.batch_size)
+
+
+def memory_result(measured: MemoryMeasurement, tracked: TrackedPeak) -> MemoryResult:
+    """A record's memory: the allocator-level peak, and the tracker's breakdown of another run of the step."""
+    return MemoryResult(
         method=measured.method,
         peak_bytes=measured.peak_bytes,
         baseline_bytes=measured.baseline_bytes,
@@ -96,8 +105,11 @@ def _measure(experiment: Experiment, point: Point, device: torch.device) -> tupl
         breakdown=tracked.breakdown,
         tracked_peak_bytes=tracked.total,
     )
-    time_result = TimeResult(timing.median_s, q1, q3, list(timing.samples_s), point.batch_size / timing.median_s)
-    return memory, time_result
+
+
+def time_result(timing: Timing, examples: int) -> TimeResult:
+    q1, q3 = timing.quartiles_s
+    return TimeResult(timing.median_s, q1, q3, list(timing.samples_s), examples / timing.median_s)
 
 
 def _equivalence(experiment: Experiment, point: Point, device: torch.device) -> EquivalenceResult:
@@ -110,12 +122,12 @@ def _equivalence(experiment: Experiment, point: Point, device: torch.device) -> 
     except Exception as error:  # noqa: BLE001
         if not is_out_of_memory(error):
             raise
-        _release(device)
+        release_memory(device)
         return EquivalenceResult(REFERENCE, note=f"n/a: the full-batch reference does not fit ({first_line(error)})")
     return EquivalenceResult(REFERENCE, result.max_abs_err, result.max_rel_err, result.cosine, result.loss_diff)
 
 
-def _limit_cuda_memory(device: torch.device, budget: int | None) -> None:
+def limit_cuda_memory(device: torch.device, budget: int | None) -> None:
     """Enforce a budget on the caching allocator (the CUDA context comes on top of it)."""
     if device.type != "cuda" or budget is None:
         return
@@ -123,7 +135,7 @@ def _limit_cuda_memory(device: torch.device, budget: int | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
 
 
-def _release(device: torch.device) -> None:
+def release_memory(device: torch.device) -> None:
     """Free what a failed or finished measurement held; lift the budget for the equivalence check."""
     gc.collect()
     if device.type == "cuda":

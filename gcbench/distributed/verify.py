@@ -1,0 +1,137 @@
+"""Are W-rank gradients, after DDP's all-reduce, the single-process gradients of the global batch?
+
+The reference is one process running ``full`` over the global batch built from the same seed (same
+weights, same rows in the same order). Every rank computes it too and compares its own gradients,
+so the result is the worst rank's: passing means every rank agrees with the reference, hence with
+rank 0.
+
+Dropout is off here. A rank draws its masks from its own RNG stream, in its own chunk order; a
+single process cannot draw those masks without replaying W interleaved streams. What the distributed
+path adds (the gather, its backward, DDP's averaging, ``no_sync``) does not depend on masks, and the
+replay of masks within a process is what ``gcbench verify`` already checks against a mask-consistent
+reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gcbench.device import grad_scaler
+from gcbench.distributed.launch import RankInfo, launch
+from gcbench.distributed.objective import distribute_step, gathers
+from gcbench.errors import UsageError
+from gcbench.measure.equivalence import COMPARISON_LOSS_SCALE, GradComparison, compare, gradients
+from gcbench.strategies import STRATEGIES, make_strategy
+from gcbench.training import StepConfig, TrainingStep, build_step
+from gcbench.verify import DEFAULT_TOLERANCE, VerifyResult, check_arguments, workload_config
+from gcbench.workloads import WORKLOADS
+
+REFERENCE = "single-process full over the global batch, dropout off"
+
+
+def step_gradients(step: TrainingStep) -> tuple[list[Tensor], float]:
+    """One forward+backward of ``step`` from zero gradients: float64 copies, unscaled, and the loss."""
+    step.zero_grad()
+    loss = step.forward_backward()
+    unscale = 1.0 / step.scaler.get_scale() if step.scaler is not None else 1.0
+    return [g * unscale for g in gradients(step.parameters())], float(loss)
+
+
+def checked_step(config: StepConfig, device: torch.device) -> TrainingStep:
+    """``build_step`` with the comparison's moderate fp16 loss scale (see COMPARISON_LOSS_SCALE)."""
+    step = build_step(config, device)
+    step.scaler = grad_scaler(config.precision, device, init_scale=COMPARISON_LOSS_SCALE)
+    step.strategy = make_strategy(config.strategy, step.workload.objective, config.chunk_sizes, step.scaler)
+    return step
+
+
+def distributed_gradients(config: StepConfig, device: torch.device) -> tuple[list[Tensor], float]:
+    """This rank's gradients after one W-rank step of ``config`` (global batch), and the loss they descend.
+
+    A gathering strategy's loss is the global one on every rank; ``accumulate``'s is the rank's own,
+    so the mean over ranks is reported: DDP's averaged gradient is that mean's gradient.
+    """
+    grads, loss = step_gradients(distribute_step(checked_step(config, device)))
+    if not gathers(config.strategy):
+        total = torch.tensor(loss, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        loss = float(total) / dist.get_world_size()
+    return grads, loss
+
+
+def reference_gradients(config: StepConfig, device: torch.device, strategy: str = "full") -> tuple[list[Tensor], float]:
+    """``strategy`` in this process alone over ``config``'s global batch (no collective: OOM here is local)."""
+    uses_chunks = STRATEGIES[strategy].uses_chunks
+    return step_gradients(checked_step(replace(config, strategy=strategy,
+                                               chunk_sizes=config.chunk_sizes if uses_chunks else None), device))
+
+
+def worst(comparisons: Sequence[GradComparison]) -> GradComparison:
+    """The rank furthest from the reference (NaN counts as furthest)."""
+    def distance(x: float) -> float:
+        return math.inf if math.isnan(x) else x
+
+    return max(comparisons, key=lambda c: (distance(c.max_rel_err), distance(c.loss_diff)))
+
+
+def _check_cases(info: RankInfo, cases: list[StepConfig], reference: str | None) -> list[GradComparison]:
+    results = []
+    for config in cases:
+        grads, loss = distributed_gradients(config, info.device)
+        ref_grads, ref_loss = reference_gradients(config, info.device, reference or config.strategy)
+        results.append(compare(grads, ref_grads, loss, ref_loss))
+    return results
+
+
+def check_distributed(cases: Sequence[StepConfig], nproc: int, *, device: torch.device | str = "cpu",
+                      backend: str = "auto", timeout: float = 600.0, reference: str | None = "full",
+                      ) -> list[GradComparison]:
+    """Each case (its ``batch_size`` is the global batch) on ``nproc`` ranks in one launch, against one process.
+
+    ``reference``: the single-process strategy to compare with; ``None``: the case's own strategy
+    (``accumulate`` on W ranks equals one-process ``accumulate`` when each rank's rows split into
+    whole micro-batches). One comparison per case: the worst rank's.
+    """
+    per_rank = launch(_check_cases, nproc, (list(cases), reference), device=device, backend=backend, timeout=timeout)
+    return [worst(column) for column in zip(*per_rank)]
+
+
+def verify_distributed(
+    nproc: int,
+    workloads: Sequence[str] = tuple(WORKLOADS),
+    strategies: Sequence[str] = ("cache",),
+    *,
+    precision: str = "float32",
+    device: torch.device | str = "cpu",
+    batch_size: int = 12,
+    chunk_sizes: Sequence[int] = (5,),
+    tolerance: float | None = None,
+    seed: int = 0,
+    dropout: float = 0.0,
+    backend: str = "auto",
+    timeout: float = 600.0,
+) -> list[VerifyResult]:
+    """``gcbench verify --nproc N``: one comparison per workload and strategy, all in one launch.
+
+    ``batch_size`` is the global batch (each rank gets ``batch_size / nproc``); chunk sizes apply to
+    each rank's rows. ``dropout`` must be 0 (see the module docstring).
+    """
+    chunks = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes)
+    if batch_size % nproc:
+        raise UsageError(f"--batch-size {batch_size} must split evenly over --nproc {nproc} ranks")
+    if dropout != 0.0:
+        raise UsageError(f"--dropout: the distributed check runs with dropout 0 (ranks draw masks from their own "
+                         f"random streams, which one process cannot replay); got {dropout}")
+    pairs = [(name, strategy) for name in workloads for strategy in strategies]
+    cases = [StepConfig(workload_config(name, 0.0), strategy, batch_size, chunks, precision, seed=seed)
+             for name, strategy in pairs]
+    comparisons = check_distributed(cases, nproc, device=device, backend=backend, timeout=timeout)
+    tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
+    return [VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol)
+            for (name, strategy), comparison in zip(pairs, comparisons)]

@@ -1,0 +1,47 @@
+"""One rank of W, predicted in one process: local rows, the gathered representations, DDP's buckets.
+
+A rank's step differs from a single process's in three ways that cost memory: its encoders see
+``B / W`` rows; the exact strategies' loss sees all ``B`` rows, gathered (``W x B/W x d`` per input,
+and the logits over the global batch); DDP holds gradient-sized buffers. The first is the local batch
+size, the second a stand-in for the all-gather with the same allocations (no process group needed),
+the third is added as :data:`DDP_GRADIENT_COPIES` copies of the encoders' gradients: measured with
+gloo on CPU, a rank held its buckets (allocated when DDP wraps the model) and a second
+gradient-sized buffer from the all-reduce on, through the optimizer step, at every peak measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gcbench.distributed.gather import GatherLoss
+from gcbench.strategies import Objective
+
+DDP_GRADIENT_COPIES = 2
+
+
+class _GatherStandIn(torch.autograd.Function):
+    """Allocates what ``all_gather_with_grad`` does on one rank: W x rows out, and this rank's rows back."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, world: int) -> Tensor:
+        gathered = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        gathered.view(world, *tensor.shape).copy_(tensor.unsqueeze(0).expand(world, *tensor.shape))
+        ctx.rows, ctx.world = tensor.shape[0], world
+        return gathered
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad[: ctx.rows] * ctx.world, None
+
+
+def gathering_objective(objective: Objective, world_size: int) -> Objective:
+    """``objective`` whose loss sees ``world_size`` times the rows, as a rank's gathered loss does."""
+
+    def gather(tensors: Sequence[Tensor], group: object) -> list[Tensor]:
+        return [_GatherStandIn.apply(t, world_size) for t in tensors]
+
+    return Objective(objective.encoders, GatherLoss(objective.loss_fn, gather=gather), objective.get_rep)
