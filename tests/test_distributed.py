@@ -80,7 +80,7 @@ def test_which_strategies_gather_and_bad_arguments():
         verify_distributed(2, dropout=0.1)
     with pytest.raises(UsageError, match="split evenly"):
         verify_distributed(2, batch_size=7)
-    with pytest.raises(UsageError, match="--workload 'nope'"):
+    with pytest.raises(UsageError, match="--workload: unknown workload 'nope'"):
         verify_distributed(2, ["nope"])
 
 
