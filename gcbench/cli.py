@@ -168,6 +168,11 @@ def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: b
             outcome = run_sweep(chosen, out_dir, fresh=fresh, events=progress_events(progress))
     for table in summary_tables(outcome.records):
         console.print(table)
+    if outcome.records:
+        from gcbench.report import write_report
+
+        files = write_report([outcome.results_path], out_dir, memory_budget=chosen.sweep.memory_budget)
+        console.print(f"report: {files.report}", highlight=False)
     console.print(f"{outcome.ran} points measured, {outcome.resumed} kept from an earlier run; "
                   f"results: {outcome.results_path}", highlight=False)
     if outcome.interrupted:
@@ -203,6 +208,31 @@ def estimate(experiment: str, settings: tuple[str, ...], device_memory: str, tar
     else:
         for table in output:
             console.print(table)
+    return 0
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder [default: the folder of a single RESULTS, else reports/comparison].")
+@click.option("--show", is_flag=True, help="Also print the summary table here.")
+@click.option("--budget", help="Memory budget to draw and judge fits against, e.g. 11GiB.")
+@click.option("--batch", "breakdown_batch", type=int, help="Batch of the memory breakdown [default: the largest full ran].")
+@click.option("--label", "labels", multiple=True, help="A name per RESULTS, in order, for legends and tables.")
+def report(results: tuple[Path, ...], out: Path | None, show: bool, budget: str | None,
+           breakdown_batch: int | None, labels: tuple[str, ...]) -> int:
+    """Figures and tables (report.md) from sweep results; several RESULTS are compared."""
+    from gcbench.report import load_runs, summary_table, write_report
+    from gcbench.sweep.config import parse_bytes
+
+    memory_budget = parse_bytes(budget, "--budget") if budget else None
+    runs = load_runs(results, labels or None)
+    out_dir = out or (runs[0].source.parent if len(runs) == 1 else Path("reports") / "comparison")
+    files = write_report(runs, out_dir, memory_budget=memory_budget, breakdown_batch=breakdown_batch)
+    if show:
+        console.print(summary_table(runs, memory_budget))
+    console.print(f"report: {files.report} ({len(files.figures)} figure files, {len(files.tables)} table files)",
+                  highlight=False)
     return 0
 
 

@@ -48,6 +48,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "hostname": platform.node(),
+        "load_average_1m": _load_average(),  # other work on the machine distorts times: judge them by it
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
@@ -57,6 +58,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         info.update(device_name=info["cpu"], device_memory_bytes=_host_memory())
     return info
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _host_memory() -> int | None:

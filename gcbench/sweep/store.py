@@ -45,7 +45,7 @@ class ResultsStore:
     def _parse(self, line: bytes, number: int) -> Record:
         try:
             return Record.from_dict(json.loads(line))
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise UsageError(f"{self.path}:{number}: not a gcbench results record ({error})") from None
 
     def append(self, record: Record) -> None:

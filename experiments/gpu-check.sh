@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One prepared GPU run of the paper's setting (one device call of at most ~8 minutes):
+#   environment, gcbench verify in float32 / fp16+GradScaler / bf16, the dpr-bert-base sweep under an
+#   11 GiB budget with predictions beside the measurements, then `full` without a budget, and a report.
+# Logs and a tarball of the results and report land in $OUT (the device tool brings back at most 8
+# files there); the sweeps work in $WORK.
+#
+#   experiments/gpu-check.sh                 # on a GPU
+#   experiments/gpu-check.sh --device cpu    # dry run on CPU: a tiny model, small batches, same steps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+if [[ "${1:-}" == "--device" ]]; then DEVICE="$2"; fi
+OUT="${OUT:-/tmp/gpu-check}"
+WORK="${WORK:-/tmp/gpu-check-work}"
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+G=(python3 -m gcbench)
+
+if [[ "$DEVICE" == cpu ]]; then  # the same steps at a size two CPU cores finish in a few minutes
+  SIZE=(--set model.hidden=64 --set model.layers=2 --set model.heads=4 --set model.vocab=8192
+        --set workload.passage_length=64 --device cpu)
+  BUDGET_BATCHES=8,32,128
+  FREE_BATCHES=8,32
+else
+  SIZE=(--device cuda)
+  BUDGET_BATCHES=8,16,32,64,128,256,512,1024
+  FREE_BATCHES=8,16,32,64,128,256
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
+} 2>&1 | tee "$OUT/environment.txt"
+
+for dtype in float32 fp16 bf16; do
+  "${G[@]}" verify --device "$DEVICE" --dtype "$dtype" --strategy cache,checkpoint,accumulate || true
+done 2>&1 | tee "$OUT/verify.txt"
+
+# The paper's card: 11 GiB enforced with set_per_process_memory_fraction; predictions recorded beside.
+"${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full,cache,accumulate --batch-sizes "$BUDGET_BATCHES" \
+  --memory-budget 11GiB --predict --repeats 3 --warmup 1 --timeout 120 --set sweep.equivalence=false \
+  --out "$WORK/budget-11GiB" --fresh --quiet 2>&1 | tee "$OUT/sweeps.txt"
+
+# Where does full really stop on the whole card?
+"${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full --batch-sizes "$FREE_BATCHES" --memory-budget none \
+  --predict --repeats 3 --warmup 1 --timeout 120 --out "$WORK/no-budget" --fresh --quiet 2>&1 | tee -a "$OUT/sweeps.txt"
+
+"${G[@]}" report "$WORK/budget-11GiB" "$WORK/no-budget" --out "$WORK/report" --budget 11GiB 2>&1 | tail -5
+tar -czf "$OUT/results.tar.gz" -C "$WORK" report budget-11GiB/results.jsonl budget-11GiB/logs \
+  no-budget/results.jsonl no-budget/logs
+echo "done: $OUT"

@@ -1,0 +1,128 @@
+"""Every run's points in one frame, with what figures, tables and the headline all ask of it.
+
+One row per (run, point): a point recorded more than once in a run (a concatenated results file, a
+repeated sweep) is merged into the median of its numbers, with the number of runs in ``runs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from gcbench.errors import UsageError
+from gcbench.report.load import Run
+from gcbench.report.style import REFERENCE, Look
+from gcbench.strategies import STRATEGIES, Cache
+from gcbench.sweep.table import records_frame
+
+
+@dataclass(frozen=True)
+class ReportData:
+    runs: tuple[Run, ...]
+    points: pd.DataFrame  # one row per run and point, ordered by run, series, batch
+    look: Look
+    budget: int | None  # bytes
+
+    @classmethod
+    def of(cls, runs: Sequence[Run], budget: int | None = None) -> ReportData:
+        look = Look.of((r.point for run in runs for r in run.records), [run.label for run in runs])
+        frames = [records_frame(run.records).assign(run=run.label) for run in runs]
+        points = _merge_repeats(pd.concat(frames, ignore_index=True))
+        # Distributed points must fit on every rank: their peak is the largest rank's.
+        points["peak"] = points["rank_peak_max_bytes"].fillna(points["peak_bytes"])
+        # Examples/s at the quartiles of step time (the faster quartile gives the higher rate).
+        points["examples_per_s_fast"] = points["examples_per_s"] * points["time_median_s"] / points["time_q1_s"]
+        points["examples_per_s_slow"] = points["examples_per_s"] * points["time_median_s"] / points["time_q3_s"]
+        points["prediction_error"] = points["predicted_peak_bytes"] / points["peak"] - 1
+        ok = points["status"] == "ok"
+        points["fits"] = ok & (True if budget is None else ~(points["peak"] > budget))
+        points["over"] = (points["status"] == "oom") | (ok & ~points["fits"])
+        order = points.assign(_run=points["run"].map(look.runs.index), _series=points["series"].map(look.series.index))
+        points = points.loc[order.sort_values(["_run", "_series", "batch_size"], kind="stable").index]
+        return cls(tuple(runs), points.reset_index(drop=True), look, budget)
+
+    @property
+    def repeated(self) -> bool:
+        return bool((self.points["runs"] > 1).any())
+
+    @property
+    def distributed(self) -> bool:
+        return bool((self.points["world_size"] > 1).any())
+
+    @property
+    def predicted(self) -> bool:
+        return bool(self.points["predicted_peak_bytes"].notna().any())
+
+    def largest_fits(self) -> pd.DataFrame:
+        """Per run and series, the point at the largest batch that ran ok (within the budget, if any)."""
+        fits = self.points[self.points["fits"]]
+        return fits.loc[fits.groupby(["run", "series"], sort=False)["batch_size"].idxmax()]
+
+    def reference(self, run: str) -> pd.DataFrame:
+        """The points of a run's ``full`` strategy, which the others are measured against."""
+        return self.points[(self.points["run"] == run) & (self.points["strategy"] == REFERENCE)]
+
+    def caching(self, run: str) -> pd.DataFrame:
+        """The points of a run's gradient-caching strategies (GradCache and its variants)."""
+        rows = self.points[self.points["run"] == run]
+        return rows[rows["strategy"].map(is_caching)]
+
+    def caching_cost(self) -> pd.DataFrame:
+        """Caching points with a full point at the same batch (both ok), with ``time_ratio`` = their
+        step time over full's."""
+        pairs = []
+        for run in self.look.runs:
+            full = self.reference(run)
+            full = full.loc[(full["status"] == "ok") & full["time_median_s"].notna(), ["batch_size", "time_median_s"]]
+            caching = self.caching(run)
+            caching = caching[(caching["status"] == "ok") & caching["time_median_s"].notna()]
+            pairs.append(caching.merge(full, on="batch_size", suffixes=("", "_full")))
+        ratios = pd.concat(pairs, ignore_index=True)
+        return ratios.assign(time_ratio=ratios["time_median_s"] / ratios["time_median_s_full"])
+
+    def breakdown_batch(self, requested: int | None) -> int | None:
+        """The batch for the breakdown: the one asked for, else the largest at which ``full`` ran ok,
+        else the largest at which anything did; None if nothing ran ok."""
+        ok = self.points[self.points["status"] == "ok"]
+        if requested is not None:
+            if requested not in set(ok["batch_size"]):
+                ran = ", ".join(map(str, sorted(set(ok["batch_size"])))) or "none"
+                raise UsageError(f"breakdown batch {requested}: no point ran ok at that batch "
+                                 f"(batches that did: {ran})")
+            return requested
+        full = ok[ok["strategy"] == REFERENCE]
+        chosen = full if not full.empty else ok
+        return None if chosen.empty else int(chosen["batch_size"].max())
+
+
+def is_caching(strategy: str) -> bool:
+    cls = STRATEGIES.get(strategy)
+    return cls is not None and issubclass(cls, Cache)
+
+
+def status_counts(statuses: pd.Series) -> str:
+    """``"2 error, 1 timeout"``: what happened at points that did not run ok."""
+    return ", ".join(f"{count} {status}" for status, count in statuses.value_counts().items())
+
+
+def _merge_repeats(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, point): the median of each number over the runs with the most common status."""
+    # Columns no record filled (None throughout) become numbers too: NaN, the same as a missing number.
+    frame = frame.apply(lambda column: column.astype(float) if column.isna().all() else column)
+    numbers = frame.select_dtypes("number").columns
+    rows = []
+    for _, group in frame.groupby(["run", "point"], sort=False):
+        status = group["status"].value_counts().index[0]
+        chosen = group[group["status"] == status]
+        row = chosen.iloc[0].copy()
+        row[numbers] = chosen[numbers].median()
+        row["runs"] = len(group)
+        if len(chosen) < len(group):
+            others = status_counts(group.loc[group["status"] != status, "status"])
+            said = f"{len(chosen)} of {len(group)} runs {status}, others {others}"
+            row["reason"] = f"{said}; {row['reason']}" if isinstance(row["reason"], str) else said
+        rows.append(row)
+    merged = pd.DataFrame(rows).reset_index(drop=True).infer_objects()
+    return merged.astype({"batch_size": int, "world_size": int})

@@ -1,0 +1,143 @@
+"""The report's tables: numbers for CSV, the same rows as text for Markdown, LaTeX and the terminal."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from gcbench.report.data import ReportData
+from gcbench.report.load import Run
+from gcbench.report.style import MemoryUnit
+from gcbench.sweep.config import format_bytes
+from gcbench.sweep.records import STATUSES
+
+TABLE_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX"}  # extension -> name
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A table in numbers (``frame``, column names carry the units) and how to show each column."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    formats: dict[str, str]  # column -> format spec for the text forms; others are shown as they are
+
+    def text(self) -> pd.DataFrame:
+        return self.frame.apply(lambda column: column.map(lambda value: _show(value, self.formats.get(column.name))))
+
+    def markdown(self) -> str:
+        cells = self.text().apply(lambda column: column.str.replace("|", "\\|"))
+        return cells.to_markdown(index=False, disable_numparse=True, colalign=self._alignment())
+
+    def latex(self) -> str:
+        return self.text().to_latex(index=False, escape=True, caption=self.title, label=f"tab:{self.name}",
+                                    longtable=len(self.frame) > 30,
+                                    column_format="".join(align[0] for align in self._alignment()))
+
+    def _alignment(self) -> list[str]:
+        """Numbers right, text (and columns with nothing in them) left."""
+        frame = self.frame
+        return ["right" if pd.api.types.is_numeric_dtype(frame[c]) and frame[c].notna().any() else "left"
+                for c in frame.columns]
+
+    def write(self, folder: Path) -> list[Path]:
+        """``NAME.csv``, ``NAME.md`` and ``NAME.tex`` in ``folder``."""
+        paths = {extension: folder / f"{self.name}.{extension}" for extension in TABLE_FORMATS}
+        self.frame.to_csv(paths["csv"], index=False)
+        paths["md"].write_text(self.markdown() + "\n")
+        paths["tex"].write_text(self.latex())
+        return list(paths.values())
+
+
+def report_tables(data: ReportData) -> dict[str, ReportTable]:
+    """Every table, by name, in reading order."""
+    return {table.name: table for table in (summary(data), every_point(data), sources(data))}
+
+
+def summary(data: ReportData) -> ReportTable:
+    """Per series (and run): how far it got, what that cost, how exact it was, what happened."""
+    points = data.points
+    best = data.largest_fits().set_index(["run", "series"])
+    unit = MemoryUnit.of(best["peak"])
+    largest = "largest batch ok" if data.budget is None else f"largest batch within {format_bytes(data.budget)}"
+    peak = f"peak memory there ({unit.name})"
+    rows = []
+    for (run, series), group in points.groupby(["run", "series"], sort=False):
+        there = best.loc[(run, series)] if (run, series) in best.index else None
+        ok = group[group["status"] == "ok"]
+        rows.append({
+            "run": run, "series": series, "world size": group["world_size"].max(),
+            largest: None if there is None else there["batch_size"],
+            peak: None if there is None else unit(there["peak"]),
+            "examples/s there": None if there is None else there["examples_per_s"],
+            "max grad rel err": ok["grad_max_rel_err"].max(),
+            **{status: int((group["status"] == status).sum()) for status in STATUSES},
+        })
+    frame = _drop_unneeded(data, pd.DataFrame(rows, columns=["run", "series", "world size", largest, peak,
+                                                             "examples/s there", "max grad rel err", *STATUSES]))
+    formats = {largest: ".0f", peak: ",.1f", "examples/s there": ",.0f", "max grad rel err": ".1e"}
+    return ReportTable("summary", "Summary per series", frame, formats)
+
+
+def every_point(data: ReportData) -> ReportTable:
+    """Every point measured (repeats merged into medians), with predictions where there are any."""
+    points = data.points
+    unit = MemoryUnit.of(points["peak"])
+    peak, predicted = f"peak memory ({unit.name})", f"predicted peak ({unit.name})"
+    frame = pd.DataFrame({
+        "run": points["run"], "series": points["series"], "batch": points["batch_size"],
+        "chunks": points["chunk_sizes"], "world size": points["world_size"], "status": points["status"],
+        "reason": points["reason"], peak: unit(points["peak"]),
+        "step time (ms)": points["time_median_s"] * 1e3, "step time IQR (ms)": points["time_iqr_s"] * 1e3,
+        "examples/s": points["examples_per_s"], "grad rel err": points["grad_max_rel_err"],
+        predicted: unit(points["predicted_peak_bytes"]), "prediction error (%)": points["prediction_error"] * 100,
+        "runs": points["runs"],
+    })
+    if not data.predicted:
+        frame = frame.drop(columns=[predicted, "prediction error (%)"])
+    formats = {peak: ",.1f", "step time (ms)": ",.1f", "step time IQR (ms)": ",.1f", "examples/s": ",.0f",
+               "grad rel err": ".1e", predicted: ",.1f", "prediction error (%)": "+.1f"}
+    return ReportTable("points", "Every point", _drop_unneeded(data, frame), formats)
+
+
+def sources(data: ReportData) -> ReportTable:
+    """Where each run's numbers come from: the file, the machine, the code."""
+    rows = []
+    for run in data.runs:
+        torch = dict.fromkeys(r.env["torch"] for r in run.records if r.env.get("torch"))
+        commits = dict.fromkeys(r.env["git_commit"][:10] for r in run.records if r.env.get("git_commit"))
+        finished = sorted(r.finished_at for r in run.records if r.finished_at)
+        rows.append({"run": run.label, "results": str(run.source), "experiment": run.experiment,
+                     "device": run.device_name, "torch": ", ".join(torch), "git commit": ", ".join(commits),
+                     "points": len(run.records), "finished": f"{finished[0]} to {finished[-1]}" if finished else None})
+    return ReportTable("runs", "Runs", pd.DataFrame(rows), {})
+
+
+def summary_table(runs: Sequence[Run], memory_budget: int | None = None) -> Table:
+    """The summary for a terminal (``gcbench report --show``)."""
+    table = summary(ReportData.of(runs, memory_budget))
+    shown = Table(title=f"{table.title}: {', '.join(run.label for run in runs)}", title_justify="left")
+    for column in table.frame.columns:
+        text = column in ("run", "series")
+        shown.add_column(column, justify="left" if text else "right", no_wrap=text)
+    for row in table.text().itertuples(index=False):
+        shown.add_row(*row)
+    return shown
+
+
+def _drop_unneeded(data: ReportData, frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns that would say nothing: the run of a one-run report, world size 1, one run per point."""
+    unneeded = {"run": not data.look.several_runs, "world size": not data.distributed, "runs": not data.repeated}
+    return frame.drop(columns=[column for column, drop in unneeded.items() if drop and column in frame])
+
+
+def _show(value: object, spec: str | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # nothing measured
+        return "-"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)

@@ -1,0 +1,330 @@
+"""``gcbench.report``: the files it writes, the numbers behind its figures and tables, and results
+files that are odd (every status, repeats, one batch, several ranks) or not usable at all.
+
+Fixtures in tests/fixtures/report were cut from a real ``quick`` sweep on CPU, with points crafted
+for the statuses that sweep did not produce; mixed.jsonl is read with a 64 MiB budget.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gcbench.errors import UsageError
+from gcbench.report import ReportFiles, Run, load_runs, summary_table, write_report
+from gcbench.report.data import ReportData
+from gcbench.report.figures import (breakdown_figure, caching_cost_figure, gradient_error_figure,
+                                    largest_batch_figure, memory_figure, report_figures, throughput_figure)
+from gcbench.report.headline import headline
+from gcbench.report.tables import every_point, summary
+from gcbench.sweep.records import Record
+from gcbench.sweep.store import ResultsStore
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+MIXED = FIXTURES / "mixed.jsonl"
+MiB = 2**20
+BUDGET = 64 * MiB
+FIGURES = ("memory", "largest-batch", "breakdown", "throughput", "caching-cost", "gradient-error", "prediction")
+TABLES = ("summary", "points", "runs")
+
+
+def records(path: Path) -> dict[str, Record]:
+    """The fixture's records by point id, read without the report code (the expected values)."""
+    return {r.point.id: r for r in ResultsStore(path).load(repair=False)}
+
+
+def mixed_data(budget: int | None = BUDGET) -> ReportData:
+    return ReportData.of(load_runs([MIXED]), budget)
+
+
+def empty_file(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+def lines_by_label(figure) -> dict[str, np.ndarray]:
+    return {line.get_label(): line.get_xydata() for line in figure.axes[0].get_lines()}
+
+
+@pytest.fixture(scope="module")
+def mixed_report(tmp_path_factory: pytest.TempPathFactory) -> ReportFiles:
+    return write_report([MIXED], tmp_path_factory.mktemp("report"), memory_budget=BUDGET)
+
+
+# Files ------------------------------------------------------------------------------------------------
+
+def test_every_promised_file_is_written_and_linked(mixed_report: ReportFiles) -> None:
+    out = mixed_report.report.parent
+    expected = {f"figures/{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
+    expected |= {f"tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md", "tex")}
+    written = {str(path.relative_to(out)) for path in (*mixed_report.figures, *mixed_report.tables)}
+    assert written == expected
+    assert all(path.stat().st_size > 0 for path in mixed_report.all)
+    text = mixed_report.report.read_text()
+    for relative in expected:
+        assert f"]({relative})" in text, relative
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in text.split("![", 1)[1]  # embedded, not only linked
+    with open(out / "figures" / "memory.png", "rb") as f:
+        width, _ = struct.unpack(">II", f.read(24)[16:24])
+    assert width == 800  # README width
+    assert (out / "tables" / "points.tex").read_text().count("\\toprule") >= 1
+    assert "| series" in (out / "tables" / "summary.md").read_text()
+
+
+def test_report_md_starts_with_a_headline_from_the_data(mixed_report: ReportFiles) -> None:
+    first = mixed_report.report.read_text().splitlines()
+    assert first[0] == "# gcbench report: quick"
+    bullets = [line for line in first[1:6] if line.startswith("- ")]
+    assert len(bullets) == 3
+    assert bullets[0] == ("- full ran out of memory at batch 64 (budget 64.00 MiB); "
+                          "its largest batch was 32 at 47.64 MiB.")
+
+
+# Figures ---------------------------------------------------------------------------------------------
+
+def test_memory_figure_has_one_line_per_series_through_its_ok_points() -> None:
+    expected = records(MIXED)
+    figure = memory_figure(mixed_data())
+    lines = lines_by_label(figure)
+    assert set(lines) == {"full", "cache (chunk 8)", "accumulate (chunk 8)", "budget 64.00 MiB"}  # checkpoint: no ok
+    full = [(b, expected[f"full batch={b} chunks=-"].memory.peak_bytes / MiB) for b in (8, 16, 32)]
+    np.testing.assert_allclose(lines["full"], full)
+    cache = [(b, expected[f"cache batch={b} chunks=8"].memory.peak_bytes / MiB) for b in (8, 16, 32, 64, 128)]
+    np.testing.assert_allclose(lines["cache (chunk 8)"], cache)
+    np.testing.assert_allclose(lines["accumulate (chunk 8)"], [(8, expected["accumulate batch=8 chunks=8"]
+                                                                   .memory.peak_bytes / MiB)])
+    assert lines["budget 64.00 MiB"][:, 1].tolist() == [64, 64]
+    ax = figure.axes[0]
+    assert ax.get_ylabel() == "peak memory (MiB)" and ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16", "32", "64", "128"]
+    # Out of memory: full at 64 at the peak it reached; checkpoint at 16 (peak unknown) on the top edge.
+    marks = [collection.get_offsets().tolist() for collection in ax.collections]
+    assert [[64, expected["full batch=64 chunks=-"].memory.peak_bytes / MiB]] in marks
+    assert [[16, 1.0]] in marks
+    assert "peak unknown" in [text.get_text() for text in ax.texts]
+
+
+def test_a_series_keeps_its_colour_and_a_run_its_line_style_in_every_figure(tmp_path: Path) -> None:
+    for folder in ("cpu", "gpu"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(MIXED, tmp_path / folder / "results.jsonl")
+    data = ReportData.of(load_runs([tmp_path / "cpu", tmp_path / "gpu"]), BUDGET)
+    assert data.look.runs == ("quick (cpu)", "quick (gpu)")
+    styles: dict[str, set] = {}
+    for figure in (memory_figure(data), throughput_figure(data), gradient_error_figure(data),
+                   caching_cost_figure(data)):
+        for line in figure.axes[0].get_lines():
+            series, _, run = line.get_label().partition(" [")
+            if run:
+                styles.setdefault(series, set()).add((line.get_color(), run, line.get_linestyle()))
+        legend = [text.get_text() for text in figure.legends[0].get_texts()]
+        assert "run: quick (cpu)" in legend and "run: quick (gpu)" in legend
+    assert set(styles) >= {"full", "cache (chunk 8)", "accumulate (chunk 8)"}
+    for series, seen in styles.items():
+        assert len({colour for colour, _, _ in seen}) == 1, series  # one colour per series
+        assert {(run, style) for _, run, style in seen} == {("quick (cpu)]", "-"), ("quick (gpu)]", "--")}
+
+
+def test_throughput_error_bars_span_the_step_time_quartiles() -> None:
+    expected = records(MIXED)["full batch=16 chunks=-"].time
+    figure = throughput_figure(mixed_data())
+    (bars,) = [c for c in figure.axes[0].containers if c.get_label() == "full"]
+    segment = bars.lines[2][0].get_segments()[1]  # batch 16
+    np.testing.assert_allclose(segment[:, 1], [16 / expected.q3_s, 16 / expected.q1_s])
+
+
+def test_breakdown_defaults_to_the_largest_batch_full_ran_and_stacks_the_categories() -> None:
+    data = mixed_data()
+    assert data.breakdown_batch(None) == 32
+    figure = breakdown_figure(data, 8)
+    ax = figure.axes[0]
+    assert "batch 8" in ax.get_title("left")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["full", "cache (chunk 8)", "accumulate (chunk 8)"]
+    breakdown = records(MIXED)["full batch=8 chunks=-"].memory.breakdown
+    full_bar = [patch.get_width() for patch in ax.patches if patch.get_y() < 0]  # the first bar, centred on 0
+    assert sum(full_bar) == pytest.approx(sum(breakdown.values()) / MiB)
+    with pytest.raises(UsageError, match="breakdown batch 100: no point ran ok"):
+        data.breakdown_batch(100)
+
+
+def test_largest_batch_figure_marks_series_that_never_fit() -> None:
+    ax = largest_batch_figure(mixed_data()).axes[0]
+    texts = [t.get_text().strip() for t in ax.texts]
+    assert texts == ["32", "128 (the largest tried)", "8", "none fit"]
+    assert ax.get_title("left") == "Largest batch within the 64.00 MiB budget"
+
+
+def test_gradient_error_draws_exact_zeros_at_a_floor_and_says_so() -> None:
+    figure = gradient_error_figure(mixed_data())
+    lines = lines_by_label(figure)
+    floor_label = next(label for label in lines if label.startswith("exactly 0"))
+    floor = lines[floor_label][0, 1]
+    assert 0 < floor < 8e-8
+    assert lines["cache (chunk 8)"][0].tolist() == [8, floor]  # its error at batch 8 is exactly 0
+    assert lines["cache (chunk 8)"][1, 1] == records(MIXED)["cache batch=16 chunks=8"].equivalence.max_rel_err
+    assert figure.axes[0].get_yscale() == "log"
+
+
+def test_caching_cost_is_step_time_over_full_where_both_ran() -> None:
+    expected = records(MIXED)
+    lines = lines_by_label(caching_cost_figure(mixed_data()))
+    time = {point: record.time.median_s for point, record in expected.items() if record.time}
+    ratio = [(b, time[f"cache batch={b} chunks=8"] / time[f"full batch={b} chunks=-"]) for b in (8, 16, 32)]
+    np.testing.assert_allclose(lines["cache (chunk 8)"], ratio)
+    assert lines["as fast as full"][:, 1].tolist() == [1, 1]
+
+
+def test_prediction_figure_only_when_predictions_exist() -> None:
+    assert "prediction" in report_figures(mixed_data())
+    plain = [replace(r, prediction=None) for r in records(MIXED).values()]
+    assert "prediction" not in report_figures(ReportData.of([Run("quick", MIXED, tuple(plain))]))
+
+
+# Tables ----------------------------------------------------------------------------------------------
+
+def test_summary_per_series() -> None:
+    frame = summary(mixed_data()).frame.set_index("series")
+    assert list(frame.columns) == ["largest batch within 64.00 MiB", "peak memory there (MiB)", "examples/s there",
+                                   "max grad rel err", "ok", "oom", "error", "timeout", "skipped"]
+    expected = records(MIXED)
+    full = frame.loc["full"]
+    assert full["largest batch within 64.00 MiB"] == 32
+    assert full["peak memory there (MiB)"] == pytest.approx(expected["full batch=32 chunks=-"].memory.peak_bytes / MiB)
+    assert full["examples/s there"] == pytest.approx(expected["full batch=32 chunks=-"].time.examples_per_s)
+    assert full[["ok", "oom", "error", "timeout", "skipped"]].tolist() == [3, 1, 0, 0, 1]
+    cache_errors = [expected[f"cache batch={b} chunks=8"].equivalence.max_rel_err for b in (8, 16, 32, 64, 128)]
+    assert frame.loc["cache (chunk 8)", "max grad rel err"] == max(cache_errors)
+    assert frame.loc["accumulate (chunk 8)", ["ok", "timeout"]].tolist() == [1, 1]
+    checkpoint = frame.loc["checkpoint"]  # never ran ok
+    assert np.isnan(checkpoint["largest batch within 64.00 MiB"])
+    assert checkpoint[["ok", "oom", "error"]].tolist() == [0, 1, 1]
+
+
+def test_every_point_with_predictions_and_reasons() -> None:
+    table = every_point(mixed_data())
+    frame = table.frame
+    assert list(frame.columns) == ["series", "batch", "chunks", "status", "reason", "peak memory (MiB)",
+                                   "step time (ms)", "step time IQR (ms)", "examples/s", "grad rel err",
+                                   "predicted peak (MiB)", "prediction error (%)"]
+    assert len(frame) == 14
+    row = frame[(frame["series"] == "cache (chunk 8)") & (frame["batch"] == 64)].iloc[0]
+    assert row["prediction error (%)"] == pytest.approx(20, abs=1e-6)
+    time = records(MIXED)["cache batch=64 chunks=8"].time
+    assert row["step time (ms)"] == pytest.approx(time.median_s * 1e3)
+    assert row["step time IQR (ms)"] == pytest.approx((time.q3_s - time.q1_s) * 1e3)
+    statuses = dict(zip(frame["series"] + " " + frame["batch"].astype(str), frame["status"]))
+    assert statuses["full 128"] == "skipped" and statuses["accumulate (chunk 8) 16"] == "timeout"
+    text = table.text()
+    assert text.loc[frame["status"] == "timeout", "reason"].item() == "no result after 300 s"
+    assert text.loc[frame["status"] == "error", "peak memory (MiB)"].item() == "-"
+    assert "| reason" in table.markdown() and "\\begin{longtable}" not in table.latex()
+
+
+def test_summary_table_for_the_terminal() -> None:
+    table = summary_table(load_runs([MIXED]), BUDGET)
+    assert table.row_count == 4
+    assert [column.header for column in table.columns][:2] == ["series", "largest batch within 64.00 MiB"]
+
+
+# Odd results -----------------------------------------------------------------------------------------
+
+def test_repeated_points_are_merged_into_medians(tmp_path: Path) -> None:
+    files = write_report([FIXTURES / "repeats.jsonl"], tmp_path)
+    frame = every_point(ReportData.of(load_runs([FIXTURES / "repeats.jsonl"]))).frame.set_index("series")
+    full = frame.loc["full"]
+    assert full["runs"] == 3 and full["status"] == "ok"  # two ok runs, one out of memory
+    assert full["step time (ms)"] == pytest.approx((0.017485240000041813 + 0.0195) / 2 * 1e3)
+    assert full["reason"] == "2 of 3 runs ok, others 1 oom"
+    assert frame.loc["cache (chunk 8)", "runs"] == 2
+    assert "2 points were recorded more than once" in files.report.read_text()
+
+
+def test_one_batch_size(tmp_path: Path) -> None:
+    files = write_report([FIXTURES / "one-batch.jsonl"], tmp_path)
+    data = ReportData.of(load_runs([FIXTURES / "one-batch.jsonl"]))
+    ax = memory_figure(data).axes[0]
+    assert {label: xy[:, 0].tolist() for label, xy in lines_by_label(memory_figure(data)).items()} == {
+        "full": [32], "cache (chunk 8)": [32], "cache (chunk 16/8)": [32], "accumulate (chunk 8)": [32]}
+    low, high = ax.get_xlim()
+    assert low < 32 < high
+    assert len(files.figures) == 12  # all but the prediction figure
+
+
+def test_several_ranks_use_the_largest_rank_peak(tmp_path: Path) -> None:
+    data = ReportData.of(load_runs([FIXTURES / "ranks.jsonl"]))
+    assert lines_by_label(memory_figure(data))["full"].tolist() == [[16, 40]]
+    assert every_point(data).frame["world size"].tolist() == [2, 2]
+    assert "world size" in summary(data).frame.columns
+    assert headline(data)[0] == "full's largest batch was 16 at 40.00 MiB (the largest of 2 ranks), the largest tried."
+
+
+def test_nothing_ran_ok_and_no_full_or_cache(tmp_path: Path) -> None:
+    broken = tuple(r for r in records(MIXED).values() if r.point.strategy == "checkpoint")
+    run = Run("broken", MIXED, broken)
+    assert headline(ReportData.of([run])) == [
+        "no `full` points: nothing to compare the other strategies against.",
+        "no caching points: nothing to say about the memory caching saves.",
+        "step time: no batch where both a caching strategy and full ran ok, nothing to compare.",
+    ]
+    files = write_report([run], tmp_path)
+    assert {path.stem for path in files.figures} == {"memory", "largest-batch"}  # out of memory marks; no bars
+    no_full = tuple(r for r in records(MIXED).values() if r.point.strategy != "full")
+    lines = headline(ReportData.of([Run("no full", MIXED, no_full)]))
+    assert lines[1] == "cache (chunk 8) ran batch 128 in 23.26 MiB; full fit no batch it ran, nothing to compare."
+
+
+def test_compare_the_same_file_twice(tmp_path: Path) -> None:
+    files = write_report([MIXED, MIXED], tmp_path, memory_budget=BUDGET)
+    text = files.report.read_text()
+    assert text.startswith("# gcbench report: quick #1 vs quick #2")
+    assert "- quick #2: full ran out of memory at batch 64" in text
+    assert "line style and marker the run" in text
+    frame = summary(ReportData.of(load_runs([MIXED, MIXED]), BUDGET)).frame
+    assert frame["run"].tolist() == ["quick #1"] * 4 + ["quick #2"] * 4
+    runs = load_runs([MIXED, MIXED], labels=["before", "after"])
+    assert [run.label for run in runs] == ["before", "after"]
+
+
+def test_a_sweep_folder_is_a_source(tmp_path: Path) -> None:
+    shutil.copy(MIXED, tmp_path / "results.jsonl")
+    (run,) = load_runs([tmp_path])
+    assert (run.label, run.source, len(run.records)) == ("quick", tmp_path / "results.jsonl", 14)
+
+
+def test_a_torn_last_line_is_dropped_and_the_file_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    content = MIXED.read_bytes() + b'{"experiment": "qui'
+    path.write_bytes(content)
+    with pytest.warns(UserWarning, match="torn last line"):
+        (run,) = load_runs([path])
+    assert len(run.records) == 14 and path.read_bytes() == content
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d / "missing.jsonl", "no such results file or sweep folder"),
+    (lambda d: d, "no results.jsonl in this folder"),
+    (lambda d: empty_file(d / "empty.jsonl"), "no results records in it"),
+    (lambda d: FIXTURES / "garbage.jsonl", "not a gcbench results record"),
+    (lambda d: FIXTURES / "old-schema.jsonl", "results schema version 0; this gcbench reads version 1"),
+])
+def test_unusable_sources_are_refused_in_one_line_naming_the_file(tmp_path: Path, make, message: str) -> None:
+    source = make(tmp_path)
+    with pytest.raises(UsageError, match=message) as error:
+        write_report([source], tmp_path / "out")
+    assert str(source) in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_must_match_the_sources() -> None:
+    with pytest.raises(UsageError, match="no results given"):
+        load_runs([])
+    with pytest.raises(UsageError, match="1 labels for 2 results sources"):
+        load_runs([MIXED, MIXED], labels=["one"])
+    with pytest.raises(UsageError, match="labels must differ"):
+        load_runs([MIXED, MIXED], labels=["same", "same"])
