@@ -16,7 +16,8 @@ OUT="${OUT:-/tmp/gpu-check}"
 WORK="${WORK:-/tmp/gpu-check-work}"
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-G=(python3 -m gcbench)
+PY="${PYTHON:-python3}"   # the H200 image has torch in its python3; here: PYTHON=.venv/bin/python
+G=("$PY" -m gcbench)
 
 if [[ "$DEVICE" == cpu ]]; then  # the same steps at a size two CPU cores finish in a few minutes
   SIZE=(--set model.hidden=64 --set model.layers=2 --set model.heads=4 --set model.vocab=8192
@@ -32,7 +33,7 @@ fi
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
     torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
 } 2>&1 | tee "$OUT/environment.txt"
 
