@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,real,peers]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -20,7 +20,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from gcbench.cache.batching import Batch, batch_size, chunk_bounds, slice_batch
 from gcbench.cache.engine import GetRep, GradCache, as_chunk_sizes, as_encoder_list, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
+
+if TYPE_CHECKING:
+    from gcbench.sweep.config import Experiment
 
 EncodeStep = tuple[int, slice]  # (encoder index, rows of its batch)
 
@@ -117,6 +120,10 @@ class Strategy(ABC):
 
     def release(self) -> None:
         """Undo what the strategy changed on the model (the estimator reuses one model for many points)."""
+
+    @classmethod
+    def check_experiment(cls, experiment: Experiment) -> None:
+        """Raise UsageError, before any work, for an experiment this strategy cannot run (built-ins: none)."""
 
 
 class Full(Strategy):

@@ -114,10 +114,11 @@ class GradCache:
         plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.reuse_last_graph)
         reps, kept, rng_states = self._encode_without_graph(plan)
         rng_after = RngState.capture(plan.devices)
-        loss = self._cache_gradients(reps, loss_kwargs)
+        # Detached at once: the loss's graph reaches the representations, which step 3 frees.
+        loss = self._cache_gradients(reps, loss_kwargs).detach()
         self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
-        return loss.detach()
+        return loss
 
     # Step 1 ------------------------------------------------------------------------------------
     def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], Tensor | None, dict[ChunkId, RngState]]:

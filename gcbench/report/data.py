@@ -14,7 +14,7 @@ import pandas as pd
 from gcbench.errors import UsageError
 from gcbench.report.load import Run
 from gcbench.report.style import REFERENCE, Look
-from gcbench.strategies import STRATEGIES, Cache
+from gcbench.strategies import STRATEGIES
 from gcbench.sweep.table import records_frame
 
 
@@ -99,7 +99,7 @@ class ReportData:
 
 def is_caching(strategy: str) -> bool:
     cls = STRATEGIES.get(strategy)
-    return cls is not None and issubclass(cls, Cache)
+    return cls is not None and cls.uses_chunks and cls.exact  # cache, cache-rerun, and a peer's cached loss
 
 
 def status_counts(statuses: pd.Series) -> str:

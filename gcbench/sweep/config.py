@@ -345,6 +345,11 @@ def _check_fit(experiment: Experiment) -> None:
     sweep = experiment.sweep
     if experiment.workload.name == "clip" and experiment.workload.model.kind == "mlp":
         raise UsageError("model.kind: clip's text tower needs a text model, not mlp")
+    tower = TEXT_TOWERS.get(experiment.workload.model.kind)
+    if tower is not None:
+        tower.check(experiment.workload)
+    for name in sweep.strategies:
+        STRATEGIES[name].check_experiment(experiment)
     if sweep.nproc > 1:
         for batch in sweep.batch_sizes:
             if batch % sweep.nproc:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from gcbench.peers import installed_versions
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -50,6 +52,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "hostname": platform.node(),
         "load_average_1m": _load_average(),  # other work on the machine distorts times: judge them by it
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **installed_versions(),  # the optional extras' packages, where installed
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

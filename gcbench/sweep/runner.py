@@ -13,6 +13,7 @@ import multiprocessing
 import re
 import signal
 import tempfile
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -144,7 +145,9 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         # The optimizer's first step imports torch._dynamo (and sympy): a second per point if not preloaded.
-        context.set_forkserver_preload(["gcbench.sweep.worker", "torch._dynamo", "torch.profiler"])
+        # The extras' packages take seconds to import: preload those the experiment's checks imported already.
+        extras = [name for name in ("transformers", "sentence_transformers") if name in sys.modules]
+        context.set_forkserver_preload(["gcbench.sweep.worker", "torch._dynamo", "torch.profiler", *extras])
         return context
     return multiprocessing.get_context("spawn")
 

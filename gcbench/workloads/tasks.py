@@ -44,6 +44,9 @@ class TextTower:
     build: Callable[[ModelConfig, int], nn.Module]
     tokens: Callable[[ModelConfig, int, int, torch.Generator], dict[str, Tensor]]
 
+    def check(self, workload: WorkloadConfig) -> None:
+        """Raise UsageError, before any work, if ``workload`` cannot use this tower (built-in towers: never)."""
+
 
 def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:
     """Token ids with a CLS first and a random real length per row (padding masked)."""
