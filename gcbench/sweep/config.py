@@ -71,12 +71,16 @@ class Experiment:
     source: str = ""
 
     def points(self) -> list[Point]:
-        """The grid, strategy by strategy, each chunk setting by growing batch (so OOM can skip ahead)."""
+        """The grid by growing batch (so a series that ran out of memory skips ahead); within a batch, the
+        strategies that compete at the same chunk setting one after the other, so that a slow drift of the
+        machine's speed over a long sweep does not fall between them."""
+        chunked = [name for name in self.sweep.strategies if STRATEGIES[name].uses_chunks]
+        whole = [name for name in self.sweep.strategies if name not in chunked]
         grid = []
-        for strategy in self.sweep.strategies:
-            uses_chunks = STRATEGIES[strategy].uses_chunks
-            for chunks in self.sweep.chunk_sizes if uses_chunks else (None,):
-                grid.extend(Point(strategy, batch, chunks) for batch in self.sweep.batch_sizes)
+        for batch in self.sweep.batch_sizes:
+            grid.extend(Point(strategy, batch, None) for strategy in whole)
+            for chunks in self.sweep.chunk_sizes if chunked else ():
+                grid.extend(Point(strategy, batch, chunks) for strategy in chunked)
         return grid
 
     def step_config(self, point: Point) -> StepConfig:
