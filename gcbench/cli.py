@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gcbench.device import PRECISIONS, resolve_device
-from gcbench.errors import UsageError
+from gcbench.errors import EstimateError, UsageError
 
 if TYPE_CHECKING:
     from gcbench.sweep.config import Experiment
@@ -252,4 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as error:
         click.echo(f"gcbench: error: {error}", err=True)
         code = 2
+    except EstimateError as error:  # the model itself cannot run under fake tensors: no estimate at all
+        click.echo(f"gcbench estimate: error: {error}", err=True)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

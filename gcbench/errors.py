@@ -1,5 +1,9 @@
-"""Errors the command line turns into a one-line message and exit status 2."""
+"""Errors the command line turns into a one-line message: usage errors exit 2, a failed estimate 1."""
 
 
 class UsageError(ValueError):
     """Bad input from a user (a flag, a config key, a file): message names what is wrong."""
+
+
+class EstimateError(RuntimeError):
+    """The step cannot run under fake tensors (an op whose output depends on tensor values)."""

@@ -174,3 +174,17 @@ def test_two_rank_prediction_includes_gathered_reps_and_ddp(tmp_path):
         assert r.status == "ok" and r.prediction["world_size"] == 2
         measured = r.distributed["peak_max_bytes"]
         assert abs(r.prediction["peak_bytes"] - measured) <= 0.05 * measured, r.point.id
+
+
+def test_estimate_cli_names_a_data_dependent_op_in_rows_and_advice(monkeypatch, capsys):
+    from gcbench.cli import main
+
+    monkeypatch.setitem(TEXT_TOWERS, "data-dependent", TextTower(DataDependent, random_tokens))
+    with pytest.raises(SystemExit) as exit_:
+        main(["estimate", "quick", "--set", "model.kind=data-dependent", "--strategies", "full,cache",
+              "--batch-sizes", "8", "--chunk-sizes", "4", "--target", "cpu", "--format", "json"])
+    assert exit_.value.code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert all("depends on tensor values" in row["error"] for row in plan["predictions"])
+    assert plan["chunk_advice"] and all(a["chunk_sizes"] is None and "depends on tensor values" in a["reason"]
+                                        for a in plan["chunk_advice"])

@@ -18,6 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from gcbench.device import param_dtype
+from gcbench.errors import EstimateError
 from gcbench.distributed.objective import ddp_bucket_bytes, gathers
 from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
@@ -25,10 +26,6 @@ from gcbench.estimate.target import Target, target
 from gcbench.measure.memory import track_step
 from gcbench.training import OptimizerConfig, StepConfig, make_optimizer, step_on
 from gcbench.workloads import WorkloadConfig, build_workload
-
-
-class EstimateError(RuntimeError):
-    """The step cannot run under fake tensors (an op whose output depends on tensor values)."""
 
 
 @dataclass(frozen=True)

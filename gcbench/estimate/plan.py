@@ -58,8 +58,9 @@ def estimate_experiment(experiment: Experiment, target: str, device_memories: Se
                           experiment.optimizer)
     rows = tuple(predict_row(estimator, experiment, point) for point in experiment.points())
     chunked = [s for s in experiment.sweep.strategies if s.startswith("cache")]
-    advice = tuple(recommend_chunks(estimator, experiment, chunked[0], advice_batch or max(experiment.sweep.batch_sizes),
-                                    memory) for memory in device_memories) if chunked else ()
+    batch = advice_batch or max(experiment.sweep.batch_sizes)
+    advice = tuple(safe_advice(estimator, experiment, chunked[0], batch, memory)
+                   for memory in device_memories) if chunked else ()
     return EstimatePlan(experiment.name, target, experiment.sweep.nproc, tuple(device_memories), rows, advice)
 
 
@@ -68,6 +69,15 @@ def predict_row(estimator: Estimator, experiment: Experiment, point: Point) -> E
         return EstimateRow(point, estimator.predict(experiment.step_config(point), experiment.sweep.nproc))
     except EstimateError as error:
         return EstimateRow(point, None, str(error))
+
+
+def safe_advice(estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int,
+                device_memory: int) -> ChunkAdvice:
+    """:func:`recommend_chunks`, or no advice with the reason when a chunk setting cannot be predicted."""
+    try:
+        return recommend_chunks(estimator, experiment, strategy, batch_size, device_memory)
+    except EstimateError as error:
+        return ChunkAdvice(strategy, batch_size, device_memory, None, None, (), str(error))
 
 
 def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[int, ...]]:
