@@ -17,11 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:
-    """The commit gcbench runs from, with ``-dirty`` when the work tree has changes."""
+    """The commit gcbench runs from, with ``-dirty`` when tracked code or config has changes.
+
+    ``reports/`` does not count: regenerating a committed report rewrites it while the sweep runs."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)reports"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
