@@ -84,6 +84,8 @@ def test_report_md_starts_with_a_headline_from_the_data(mixed_report: ReportFile
     assert len(bullets) == 3
     assert bullets[0] == ("- full ran out of memory at batch 64 (budget 64.00 MiB); "
                           "its largest batch was 32 at 47.64 MiB.")
+    assert bullets[1] == ("- cache (chunk 8) ran batch 128 in 23.26 MiB; at batch 32, the largest where both fit, "
+                          "it needed 2.1× less than full (23.14 MiB against 47.64 MiB).")
 
 
 # Figures ---------------------------------------------------------------------------------------------
@@ -328,3 +330,12 @@ def test_labels_must_match_the_sources() -> None:
         load_runs([MIXED, MIXED], labels=["one"])
     with pytest.raises(UsageError, match="labels must differ"):
         load_runs([MIXED, MIXED], labels=["same", "same"])
+
+
+def test_rendering_twice_gives_identical_files(tmp_path: Path) -> None:
+    """Regenerating a committed report must not rewrite files whose content did not change."""
+    first = write_report([MIXED], tmp_path / "a", memory_budget=BUDGET)
+    second = write_report([MIXED], tmp_path / "b", memory_budget=BUDGET)
+    svgs = [p for p in first.figures if p.suffix == ".svg"]
+    assert svgs and all(p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes() for p in svgs)
+    assert first.report.read_text() == second.report.read_text()

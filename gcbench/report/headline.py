@@ -61,7 +61,8 @@ def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None) 
         versus = "about as much as"
     else:
         versus = f"{ratio:.1f}× less than" if ratio > 1 else f"{1 / ratio:.1f}× more than"
-    return said + f" ({versus} {REFERENCE} at batch {at['batch_size']}, the largest {where})."
+    return said + f"; at batch {at['batch_size']}, the largest {where}, it needed {versus} {REFERENCE} " \
+                  f"({format_bytes(at['peak'])} against {format_bytes(at['peak_full'])})."
 
 
 def _cost_line(ratios: pd.DataFrame) -> str:

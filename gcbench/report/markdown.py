@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+
 from gcbench.report.data import ReportData
 from gcbench.report.figures import DPI, report_figures
 from gcbench.report.headline import headline
@@ -65,7 +67,8 @@ def write_report(sources: Sequence[Path] | Sequence[Run], out_dir: Path, *, memo
     for name, figure in figures.items():
         for extension in FIGURE_FORMATS:
             path = out_dir / "figures" / f"{name}.{extension}"
-            figure.savefig(path, dpi=DPI, metadata={"Date": None} if extension == "svg" else None)
+            with matplotlib.rc_context({"svg.hashsalt": "gcbench"}):  # SVG ids that do not change between runs
+                figure.savefig(path, dpi=DPI, metadata={"Date": None} if extension == "svg" else None)
             figure_paths.append(path)
     table_paths = [path for table in tables.values() for path in table.write(out_dir / "tables")]
     report = out_dir / REPORT_FILE
