@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gcbench.measure.timing import Timing, time_calls
-from gcbench.sweep.config import load_experiment
+from gcbench.sweep.config import Experiment, load_experiment
 from gcbench.sweep.environment import environment, git_commit
 from gcbench.sweep.records import Point
 from gcbench.training import build_step
@@ -27,8 +27,7 @@ STRATEGIES = ("cache", "cache-rerun", "st-cached")
 SETTINGS = ((64, 8), (64, 64), (256, 16), (512, 32))  # (batch, chunk): many chunks to one chunk per input
 
 
-def measure(batch: int, chunk: int, rounds: int) -> dict[str, Timing]:
-    experiment = load_experiment("peers-minilm")
+def measure(experiment: Experiment, batch: int, chunk: int, rounds: int) -> dict[str, Timing]:
     device = torch.device("cpu")
     steps = {name: build_step(experiment.step_config(Point(name, batch, (chunk,))), device) for name in STRATEGIES}
 
@@ -50,10 +49,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True, help="Markdown table; a .json beside it")
     args = parser.parse_args()
+    experiment = load_experiment("peers-minilm")
     rows, lines = [], ["| batch | chunk | " + " | ".join(f"{s} median s (IQR)" for s in STRATEGIES)
                        + " | cache / st-cached | cache / cache-rerun |", "|---" * (len(STRATEGIES) + 4) + "|"]
     for batch, chunk in SETTINGS:
-        timings = measure(batch, chunk, args.rounds)
+        timings = measure(experiment, batch, chunk, args.rounds)
         median = {name: t.median_s for name, t in timings.items()}
         rows.append({"batch": batch, "chunk": chunk,
                      **{name: list(t.samples_s) for name, t in timings.items()}})

@@ -18,8 +18,8 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from gcbench.device import param_dtype
-from gcbench.errors import EstimateError
 from gcbench.distributed.objective import ddp_bucket_bytes, gathers
+from gcbench.errors import EstimateError
 from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
 from gcbench.estimate.target import Target, target

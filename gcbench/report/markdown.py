@@ -64,12 +64,12 @@ def write_report(sources: Sequence[Path] | Sequence[Run], out_dir: Path, *, memo
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     (out_dir / "tables").mkdir(parents=True, exist_ok=True)
     figure_paths = []
-    for name, figure in figures.items():
-        for extension in FIGURE_FORMATS:
-            path = out_dir / "figures" / f"{name}.{extension}"
-            with matplotlib.rc_context({"svg.hashsalt": "gcbench"}):  # SVG ids that do not change between runs
+    with matplotlib.rc_context({"svg.hashsalt": "gcbench"}):  # SVG ids that do not change between runs
+        for name, figure in figures.items():
+            for extension in FIGURE_FORMATS:
+                path = out_dir / "figures" / f"{name}.{extension}"
                 figure.savefig(path, dpi=DPI, metadata={"Date": None} if extension == "svg" else None)
-            figure_paths.append(path)
+                figure_paths.append(path)
     table_paths = [path for table in tables.values() for path in table.write(out_dir / "tables")]
     report = out_dir / REPORT_FILE
     titles = {name: figure.axes[0].get_title("left") for name, figure in figures.items()}
