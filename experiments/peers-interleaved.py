@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from gcbench.measure.timing import Timing, time_calls
-from gcbench.sweep.config import Experiment, load_experiment
-from gcbench.sweep.environment import environment, git_commit
-from gcbench.sweep.records import Point
+from gcbench.experiment import Experiment, load_experiment
+from gcbench.results.environment import environment, git_commit
+from gcbench.results import Point
 from gcbench.training import build_step
+from gcbench.typed import dump
 
 STRATEGIES = ("cache", "cache-rerun", "st-cached")
 SETTINGS = ((64, 8), (64, 64), (256, 16), (512, 32))  # (batch, chunk): many chunks to one chunk per input
@@ -61,7 +62,7 @@ def main() -> None:
         lines.append(f"| {batch} | {chunk} | {cells} | {median['cache'] / median['st-cached']:.3f} | "
                      f"{median['cache'] / median['cache-rerun']:.3f} |")
         print(lines[-1], flush=True)
-    env = {**environment(torch.device("cpu")), "git_commit": git_commit()}
+    env = dump(environment(torch.device("cpu"), git_commit()))
     header = (f"Interleaved forward+backward times, {args.rounds} rounds after one warmup, peers-minilm's model "
               f"and data, torch {env['torch']}, {env['cpu_cores']} cores ({env['cpu']}), commit {env['git_commit']}.")
     args.out.write_text(header + "\n\n" + "\n".join(lines) + "\n")

@@ -1,13 +1,18 @@
-"""gcbench: gradient caching (GradCache) for contrastive training, and how to measure what it costs."""
+"""gcbench: gradient caching (GradCache) for contrastive training, and how to measure what it costs.
 
-from gcbench.cache import GradCache
-from gcbench.strategies import STRATEGIES, Objective, Strategy, make_strategy
-from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
+The layers, lowest first: the technique (``cache``, ``losses``, ``workloads``, ``strategies``,
+``training``, ``distributed``), measurement (``measure``), results (``results``), experiments
+(``experiment``), the commands' engines (``estimate``, ``verify``, ``sweep``, ``report``) and the
+command line (``cli``). A module imports only from its own layer or lower ones (tests/test_layers.py).
+"""
+
 from gcbench import peers
+from gcbench.cache import GradCache, Objective
+from gcbench.strategies import STRATEGIES, Strategy, StrategyTraits, StrategyUse, make_strategy, resolve_strategy
+from gcbench.version import __version__
+from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
 
 peers.register()  # optional model kinds and strategies by name; their extras are imported only when chosen
 
-__version__ = "0.1.0"
-
-__all__ = ["GradCache", "ModelConfig", "Objective", "STRATEGIES", "Strategy", "WorkloadConfig", "__version__",
-           "build_workload", "make_strategy"]
+__all__ = ["STRATEGIES", "GradCache", "ModelConfig", "Objective", "Strategy", "StrategyTraits", "StrategyUse",
+           "WorkloadConfig", "__version__", "build_workload", "make_strategy", "resolve_strategy"]

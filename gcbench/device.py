@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from gcbench.errors import UsageError
 
-PRECISIONS = ("float64", "float32", "bf16", "fp16")
+Precision = Literal["float64", "float32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise UsageError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision: unknown value {precision!r}; choose from {', '.join(PRECISIONS)}")
     return precision
 
 

@@ -12,6 +12,10 @@ Every strategy accumulates gradients for one batch into ``.grad`` and returns th
 The harness swaps them freely: they differ only in :meth:`Strategy.forward_backward`. Each also
 names the order in which it encodes its inputs (:meth:`Strategy.encode_order`), so that a reference
 with the full-batch loss can draw the same dropout masks (see :mod:`gcbench.measure.equivalence`).
+
+What a strategy *is* (exact or not, chunked, caching representations, the reference) is stated by its
+class as :class:`StrategyTraits`; the sweep, the estimate and the report ask for those, never for a
+name, so a strategy added later (an extra, a user's class) is treated by what it declares.
 """
 
 from __future__ import annotations
@@ -20,46 +24,42 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.batching import Batch, batch_size, chunk_bounds, slice_batch
-from gcbench.cache.engine import GetRep, GradCache, as_chunk_sizes, as_encoder_list, encode, unwrap_ddp
+from gcbench.cache.engine import GradCache, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
-
-if TYPE_CHECKING:
-    from gcbench.sweep.config import Experiment
+from gcbench.cache.objective import Objective
+from gcbench.errors import UsageError
+from gcbench.typed import Bool, typed
+from gcbench.workloads.config import WorkloadConfig
 
 EncodeStep = tuple[int, slice]  # (encoder index, rows of its batch)
 
 
-@dataclass
-class Objective:
-    """What is trained: one encoder per input (possibly the same one twice) and the loss over their reps."""
+@typed
+class StrategyTraits:
+    """What a strategy is, as the harness needs to know it (recorded with every result)."""
 
-    encoders: list[nn.Module]
-    loss_fn: Callable[..., Tensor]
-    get_rep: GetRep | None = None
+    exact: Bool  # its gradients equal the full batch's (up to rounding)
+    uses_chunks: Bool  # chunk sizes change what it does
+    caches_representations: Bool  # GradCache-like: representations first, their gradients cached, then re-encoding
+    reference: Bool  # the full-batch baseline the others are compared with
+    global_negatives: Bool  # on W ranks its loss sees the global batch (DDP gathers the representations)
 
-    def __post_init__(self) -> None:
-        self.encoders = as_encoder_list(self.encoders)
 
-    def modules(self) -> list[nn.Module]:
-        """Distinct modules holding parameters: each encoder once, then the loss if it is a module."""
-        unique: dict[int, nn.Module] = {id(e): e for e in self.encoders}
-        if isinstance(self.loss_fn, nn.Module):
-            unique.setdefault(id(self.loss_fn), self.loss_fn)
-        return list(unique.values())
+@dataclass(frozen=True)
+class StrategyUse:
+    """How an experiment would run a strategy, for :meth:`Strategy.check_use` to refuse before any work."""
 
-    def parameters(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for module in self.modules():
-            for p in module.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+    workload: WorkloadConfig
+    chunk_settings: tuple[tuple[int, ...], ...] = ()
+    nproc: int = 1
+    equivalence: bool = True
 
 
 def backward_in_order(
@@ -87,11 +87,24 @@ def whole_batches(sizes: Sequence[int]) -> list[EncodeStep]:
 
 
 class Strategy(ABC):
-    """One way to compute the gradients of a contrastive loss over a batch."""
+    """One way to compute the gradients of a contrastive loss over a batch.
+
+    A subclass states its name and its traits as class attributes; ``global_negatives`` defaults to
+    ``exact`` (an exact strategy on W ranks must see the global batch's negatives to stay exact).
+    """
 
     name: ClassVar[str]
-    exact: ClassVar[bool]  # gradients equal full-batch ones (up to rounding)
-    uses_chunks: ClassVar[bool]  # chunk sizes change what it does
+    exact: ClassVar[bool]
+    uses_chunks: ClassVar[bool]
+    caches_representations: ClassVar[bool] = False
+    reference: ClassVar[bool] = False
+    global_negatives: ClassVar[bool | None] = None
+
+    @classmethod
+    def traits(cls) -> StrategyTraits:
+        global_negatives = cls.exact if cls.global_negatives is None else cls.global_negatives
+        return StrategyTraits(cls.exact, cls.uses_chunks, cls.caches_representations, cls.reference,
+                              global_negatives)
 
     def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
@@ -122,14 +135,15 @@ class Strategy(ABC):
         """Undo what the strategy changed on the model (the estimator reuses one model for many points)."""
 
     @classmethod
-    def check_experiment(cls, experiment: Experiment) -> None:
-        """Raise UsageError, before any work, for an experiment this strategy cannot run (built-ins: none)."""
+    def check_use(cls, use: StrategyUse) -> None:
+        """Raise UsageError, before any work, for a use this strategy cannot run (built-ins: none)."""
 
 
 class Full(Strategy):
     name = "full"
     exact = True
     uses_chunks = False
+    reference = True
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         sizes = self.check_batches(batches)
@@ -143,6 +157,7 @@ class Checkpoint(Full):
     """Full batch, every encoder layer recomputed in backward instead of storing its activations."""
 
     name = "checkpoint"
+    reference = False
 
     def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
@@ -176,6 +191,7 @@ class Cache(Strategy):
     name = "cache"
     exact = True
     uses_chunks = True
+    caches_representations = True
     reuse_last_graph: ClassVar[bool] = True
 
     def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
@@ -259,10 +275,15 @@ def _device_of(objective: Objective) -> torch.device:
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, Cache, CacheRerun, Accumulate, Checkpoint)}
 
 
+def resolve_strategy(name: str) -> type[Strategy]:
+    """The strategy class a name stands for; a UsageError listing the known names otherwise."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+
+
 def make_strategy(name: str, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
                   scaler: torch.amp.GradScaler | None = None) -> Strategy:
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+    cls = resolve_strategy(name)
     return cls(objective, chunk_sizes if cls.uses_chunks else None, scaler)

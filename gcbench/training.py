@@ -8,25 +8,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from gcbench.cache.batching import Batch
+from gcbench.cache.objective import Objective
 from gcbench.device import autocast, grad_scaler, param_dtype
 from gcbench.errors import UsageError
-from gcbench.strategies import Objective, Strategy, make_strategy
+from gcbench.strategies import Strategy, make_strategy
+from gcbench.typed import Bool, Float, key, typed
 from gcbench.workloads import Workload, WorkloadConfig, build_workload
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OptimizerName = Literal["adamw", "adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 
-@dataclass(frozen=True)
+@typed
 class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    foreach: bool | None = None  # None: torch's default (foreach on CUDA, a for-loop on CPU)
+    """The optimizer a step ends with (``[optimizer]`` in an experiment): its state is part of the memory."""
+
+    name: OptimizerName = key("adamw, adam or sgd (with momentum 0.9)", default="adamw")
+    lr: Float = key("learning rate", default=1e-4, ge=0.0)
+    weight_decay: Float = key("weight decay (adamw)", default=0.01, ge=0.0)
+    foreach: Bool | None = key("torch's multi-tensor implementation (none: torch's default, foreach on CUDA)",
+                               default=None)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:

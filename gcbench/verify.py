@@ -1,4 +1,9 @@
-"""``gcbench verify``: are the gradients really the full-batch ones? A check to run in CI."""
+"""``gcbench verify``: are the gradients really the full-batch ones? A check to run in CI.
+
+One process: each strategy's one step against the mask-consistent full-batch reference
+(:func:`gcbench.measure.equivalence.check_strategy`). W ranks: the W-rank gradients after DDP's
+all-reduce against one process over the global batch (:mod:`gcbench.measure.ranks`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import torch
 from gcbench.device import check_precision
 from gcbench.errors import UsageError
 from gcbench.measure.equivalence import GradComparison, check_strategy
-from gcbench.strategies import STRATEGIES
+from gcbench.measure.ranks import check_distributed
+from gcbench.strategies import resolve_strategy
+from gcbench.training import StepConfig
 from gcbench.workloads import WORKLOADS, ModelConfig, WorkloadConfig
 
 # Half precision: the reference itself rounds at bf16/fp16 (autocast sums the chunks' weight
@@ -47,13 +54,13 @@ def verify(
     precision: str = "float32",
     device: torch.device | str = "cpu",
     batch_size: int = 12,
-    chunk_sizes: Sequence[int] = (5,),
+    chunk_sizes: Sequence[Sequence[int]] = ((5,),),
     tolerance: float | None = None,
     seed: int = 0,
     dropout: float = 0.1,
 ) -> list[VerifyResult]:
-    """One comparison per workload and strategy; a chunk size per encoder, or one for all."""
-    chunks = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes)
+    """One comparison per workload, strategy and chunk setting (one size, or one per input)."""
+    settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
     tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
@@ -61,24 +68,80 @@ def verify(
     for name in workloads:
         config = workload_config(name, dropout)
         for strategy in strategies:
-            comparison = check_strategy(config, strategy, batch_size, chunks, precision=precision, device=device,
-                                        seed=seed)
-            results.append(VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol))
+            for chunks in _settings_for(strategy, settings):
+                comparison = check_strategy(config, strategy, batch_size, chunks, precision=precision, device=device,
+                                            seed=seed)
+                results.append(VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol))
     return results
 
 
+def verify_distributed(
+    nproc: int,
+    workloads: Sequence[str] = tuple(WORKLOADS),
+    strategies: Sequence[str] = ("cache",),
+    *,
+    precision: str = "float32",
+    device: torch.device | str = "cpu",
+    batch_size: int = 12,
+    chunk_sizes: Sequence[Sequence[int]] = ((5,),),
+    tolerance: float | None = None,
+    seed: int = 0,
+    dropout: float = 0.0,
+    backend: str = "auto",
+    timeout: float = 600.0,
+) -> list[VerifyResult]:
+    """``gcbench verify --nproc N``: one comparison per workload, strategy and chunk setting, all in one launch.
+
+    ``batch_size`` is the global batch (each rank gets ``batch_size / nproc``); chunk sizes apply to
+    each rank's rows. ``dropout`` must be 0 (see :mod:`gcbench.measure.ranks`).
+    """
+    settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
+    if batch_size % nproc:
+        raise UsageError(f"--batch-size {batch_size} must split evenly over --nproc {nproc} ranks")
+    if dropout != 0.0:
+        raise UsageError(f"--dropout: the distributed check runs with dropout 0 (ranks draw masks from their own "
+                         f"random streams, which one process cannot replay); got {dropout}")
+    cases = [(name, strategy, chunks) for name in workloads for strategy in strategies
+             for chunks in _settings_for(strategy, settings)]
+    steps = [StepConfig(workload_config(name, 0.0), strategy, batch_size, chunks, precision, seed=seed)
+             for name, strategy, chunks in cases]
+    comparisons = check_distributed(steps, nproc, device=device, backend=backend, timeout=timeout)
+    tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
+    return [VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol)
+            for (name, strategy, chunks), comparison in zip(cases, comparisons)]
+
+
+def _settings_for(strategy: str, settings: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Every chunk setting for a strategy that uses chunks; the first only (it is ignored) for one that does not."""
+    return settings if resolve_strategy(strategy).uses_chunks else settings[:1]
+
+
 def check_arguments(workloads: Sequence[str], strategies: Sequence[str], precision: str, batch_size: int,
-                    chunk_sizes: Sequence[int]) -> tuple[int, ...]:
-    """UsageError naming the flag for a bad value; the chunk sizes, one per input."""
+                    chunk_sizes: Sequence[Sequence[int]], tolerance: float | None = None) -> list[tuple[int, ...]]:
+    """UsageError naming the flag for a bad value; the chunk settings, each with one size per input."""
     check_precision(precision)
     for name in workloads:
         if name not in WORKLOADS:
             raise UsageError(f"--workload: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    if not strategies:
+        raise UsageError("--strategies: name at least one strategy")
     for name in strategies:
-        if name not in STRATEGIES:
-            raise UsageError(f"--strategy: unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        try:
+            resolve_strategy(name)
+        except UsageError as error:
+            raise UsageError(f"--strategies: {error}") from None
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not chunk_sizes or len(chunk_sizes) > 2 or any(c < 1 for c in chunk_sizes):
-        raise UsageError(f"--chunk-size: one size, or one per input (2), each >= 1; got {list(chunk_sizes)}")
-    return tuple(chunk_sizes) * (2 // len(chunk_sizes))
+    if tolerance is not None and not tolerance > 0:
+        raise UsageError(f"--tolerance must be > 0, got {tolerance}")
+    if chunk_sizes and all(isinstance(size, int) for size in chunk_sizes):
+        chunk_sizes = [chunk_sizes]  # type: ignore[list-item]  # one setting given flat: (5,) or (16, 8)
+    settings = []
+    for setting in chunk_sizes:
+        sizes = tuple(setting)
+        if not sizes or len(sizes) > 2 or any(c < 1 for c in sizes):
+            raise UsageError(f"--chunk-sizes: one size, or one per input (2), each >= 1; got {'/'.join(map(str, sizes))}")
+        settings.append(sizes * (2 // len(sizes)))
+    if not settings:
+        raise UsageError("--chunk-sizes: give at least one chunk setting, e.g. 5 or 8/4")
+    return settings

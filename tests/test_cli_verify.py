@@ -18,7 +18,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_float64_passes_on_every_workload(capsys):
-    code, out, _ = run(capsys, "verify", "--dtype", "float64", "--device", "cpu")
+    code, out, _ = run(capsys, "verify", "--precision", "float64", "--device", "cpu")
     assert code == 0
     for workload in ("dpr", "clip", "simclr"):
         assert workload in out
@@ -26,7 +26,7 @@ def test_float64_passes_on_every_workload(capsys):
 
 
 def test_accumulate_fails_the_check(capsys):
-    code, out, _ = run(capsys, "verify", "--dtype", "float64", "--strategy", "accumulate", "--device", "cpu")
+    code, out, _ = run(capsys, "verify", "--precision", "float64", "--strategies", "accumulate", "--device", "cpu")
     assert code == 1
     assert out.count("FAIL") == 3
 
@@ -34,11 +34,11 @@ def test_accumulate_fails_the_check(capsys):
 @pytest.mark.parametrize("args, names", [
     (["--batch-size", "x"], "--batch-size"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--strategy", "nope"], "--strategy"),
+    (["--strategies", "nope"], "--strategies"),
     (["--workload", "nope"], "--workload"),
-    (["--chunk-size", "2,a"], "--chunk-size"),
-    (["--chunk-size", "0"], "--chunk-size"),
-    (["--dtype", "int8"], "--dtype"),
+    (["--chunk-sizes", "2/a"], "--chunk-sizes"),
+    (["--chunk-sizes", "0"], "--chunk-sizes"),
+    (["--precision", "int8"], "--precision"),
     (["--device", "cuda:7"], "--device"),
     (["--dropout", "1.5"], "--dropout"),
     (["--nonsense"], "--nonsense"),

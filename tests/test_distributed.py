@@ -21,14 +21,16 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from gcbench.distributed import (GatherLoss, RankError, RankInfo, all_gather_with_grad, check_distributed,
-                                 distribute_step, gathers, launch, resolve_backend, shard, verify_distributed)
-from gcbench.distributed.sweep import measure_point_distributed
-from gcbench.distributed.verify import distributed_gradients, reference_gradients, worst
+from gcbench.distributed import (GatherLoss, RankError, RankInfo, all_gather_with_grad, distribute_step, gathers,
+                                 launch, resolve_backend, shard)
+from gcbench.measure.ranks import check_distributed
+from gcbench.sweep.point import OnRanks
+from gcbench.verify import verify_distributed
+from gcbench.measure.ranks import distributed_gradients, reference_gradients, worst
 from gcbench.errors import UsageError
 from gcbench.measure.equivalence import GradComparison, compare
-from gcbench.sweep.config import build_experiment
-from gcbench.sweep.records import Point, Record
+from gcbench.experiment import build_experiment
+from gcbench.results import DistributedResult, Point, Record
 from gcbench.training import StepConfig, build_step
 from gcbench.verify import workload_config
 from gcbench.workloads import build_workload
@@ -260,25 +262,25 @@ def tiny_experiment(**sweep: object):
 
 def test_measure_point_distributed_makes_one_record():
     experiment = tiny_experiment()
-    record = measure_point_distributed(experiment, Point("cache", 8, (2,)), {"git_commit": "x"})
+    record = OnRanks(experiment, "x").measure(Point("cache", 8, (2,)))
     assert record.status == "ok", record.reason
     d = record.distributed
-    assert d["world_size"] == 2 and d["backend"] == "gloo" and d["local_batch_size"] == 4
-    assert d["negatives"] == "global" and len(d["rank_peak_bytes"]) == 2 and min(d["rank_peak_bytes"]) > 0
-    assert record.memory.peak_bytes == d["rank_peak_bytes"][0] and d["peak_max_bytes"] >= d["peak_mean_bytes"]
+    assert d.world_size == 2 and d.backend == "gloo" and d.local_batch_size == 4
+    assert d.negatives == "global" and len(d.rank_peak_bytes) == 2 and min(d.rank_peak_bytes) > 0
+    assert record.memory.peak_bytes == d.rank_peak_bytes[0] and d.peak_max_bytes >= d.peak_mean_bytes
     assert "DDP gradient buckets" in record.memory.method
     assert len(record.time.samples_s) == 3 and record.time.examples_per_s == pytest.approx(8 / record.time.median_s)
     assert record.equivalence.max_rel_err <= 1e-5 and "dropout off" in record.equivalence.reference
-    assert record.env["git_commit"] == "x"
+    assert record.env.git_commit == "x"
     assert Record.from_dict(json.loads(record.to_json())).distributed == d
     assert_no_rank_left()
 
 
 def test_measure_point_distributed_reports_a_failing_rank():
     experiment = tiny_experiment(equivalence=False)
-    record = measure_point_distributed(experiment, Point("cache", 8, (2, 2, 2)))
+    record = OnRanks(experiment).measure(Point("cache", 8, (2, 2, 2)))
     assert record.status == "error" and "chunk_sizes: got 3 sizes for 2 encoders" in record.reason
-    assert record.reason.startswith("RankError: rank ") and record.distributed == {"world_size": 2, "backend": "gloo"}
-    budget = measure_point_distributed(replace(experiment, sweep=replace(experiment.sweep, memory_budget=1000)),
-                                       Point("cache", 8, (2,)))
+    assert record.reason.startswith("RankError: rank ") and record.distributed == DistributedResult(2, "gloo")
+    budget = OnRanks(replace(experiment, sweep=replace(experiment.sweep, memory_budget=1000))).measure(
+        Point("cache", 8, (2,)))
     assert budget.status == "oom" and "over the memory budget" in budget.reason

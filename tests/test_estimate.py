@@ -13,8 +13,9 @@ from gcbench.cli import main
 from gcbench.estimate import EstimateError, Estimator
 from gcbench.estimate.plan import chunk_candidates, recommend_chunks
 from gcbench.measure.memory import measure_step_memory
-from gcbench.sweep import load_experiment, run_sweep
-from gcbench.sweep.records import Point
+from gcbench.experiment import load_experiment
+from gcbench.sweep import run_sweep
+from gcbench.results import Point
 from gcbench.training import build_step
 from gcbench.workloads import TEXT_TOWERS, ModelConfig, TextTower, WorkloadConfig
 from gcbench.workloads.tasks import random_tokens
@@ -144,7 +145,7 @@ def test_estimate_cli_formats(capsys):
 
 
 @pytest.mark.parametrize("args, flag", [(["--device-memory", "lots"], "--device-memory"),
-                                        (["--batch", "0"], "--batch"), (["--target", "tpu"], "--target"),
+                                        (["--batch-size", "0"], "--batch-size"), (["--target", "tpu"], "--target"),
                                         (["--batch-sizes", "x"], "--batch-sizes")])
 def test_estimate_bad_input_exits_2(capsys, args, flag):
     code, _, err = run_cli(capsys, "estimate", "quick", *args)
@@ -158,7 +159,7 @@ def test_sweep_predict_records_and_skips(quick, tmp_path):
         "sweep.equivalence": (False, "--set"), "sweep.repeats": (1, "--repeats")})
     records = {r.point.batch_size: r for r in run_sweep(experiment, tmp_path).records}
     assert records[16].status == "ok"
-    assert abs(records[16].prediction["peak_bytes"] - records[16].memory.peak_bytes) <= 0.05 * records[16].memory.peak_bytes
+    assert abs(records[16].prediction.peak_bytes - records[16].memory.peak_bytes) <= 0.05 * records[16].memory.peak_bytes
     assert records[512].status == "skipped" and records[512].reason.startswith("skipped (predicted)")
 
 
@@ -171,9 +172,9 @@ def test_two_rank_prediction_includes_gathered_reps_and_ddp(tmp_path):
     records = run_sweep(experiment, tmp_path).records
     assert len(records) == 4
     for r in records:
-        assert r.status == "ok" and r.prediction["world_size"] == 2
-        measured = r.distributed["peak_max_bytes"]
-        assert abs(r.prediction["peak_bytes"] - measured) <= 0.05 * measured, r.point.id
+        assert r.status == "ok" and r.prediction.world_size == 2
+        measured = r.distributed.peak_max_bytes
+        assert abs(r.prediction.peak_bytes - measured) <= 0.05 * measured, r.point.id
 
 
 def test_estimate_cli_names_a_data_dependent_op_in_rows_and_advice(monkeypatch, capsys):

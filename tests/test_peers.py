@@ -19,13 +19,14 @@ from gcbench.measure.equivalence import check_strategy, compare, gradients
 from gcbench.peers.models import TOWERS
 from gcbench.peers.strategies import SentenceTransformersCached
 from gcbench.strategies import STRATEGIES, make_strategy
-from gcbench.sweep.config import build_experiment, load_experiment
+from gcbench.experiment import build_experiment, load_experiment
+from gcbench.experiment.experiment import SHIPPED_DIR
 from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
-from gcbench.workloads.tasks import TextTower
+from gcbench.workloads import TextTower
 
 gcbench.peers.register()  # idempotent; gcbench's own import does it once the lead wires it in
 
-EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "peers-minilm.toml"
+EXPERIMENT = SHIPPED_DIR / "peers-minilm.toml"
 REAL = "needs the real extra: pip install 'gcbench[real]'"
 PEERS = "needs the peers extra: pip install 'gcbench[peers]'"
 
@@ -81,7 +82,7 @@ def test_peer_strategy_without_sentence_transformers_names_the_pip_line(monkeypa
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)
     experiment = build_experiment({"workload": {"name": "dpr"}, "sweep": {"strategies": ["cache"]}}, "test", {})
     with pytest.raises(UsageError, match=r"pip install 'gcbench\[peers\]'"):
-        STRATEGIES["st-cached"].check_experiment(experiment)
+        STRATEGIES["st-cached"].check_use(experiment.strategy_use())
     objective = build_workload(WorkloadConfig(model=ModelConfig(hidden=16, heads=2, layers=1))).objective
     with pytest.raises(UsageError, match=r"pip install 'gcbench\[peers\]'"):
         make_strategy("st-full", objective)
@@ -224,15 +225,15 @@ def test_peer_checks_reject_what_it_cannot_run(peers):
         return build_experiment(raw, "test", {})
 
     with pytest.raises(UsageError, match="dpr"):
-        SentenceTransformersCached.check_experiment(experiment(workload={"name": "simclr"}))
+        SentenceTransformersCached.check_use(experiment(workload={"name": "simclr"}).strategy_use())
     with pytest.raises(UsageError, match="one mini_batch_size"):
-        SentenceTransformersCached.check_experiment(experiment(sweep={"chunk_sizes": [[8, 4]]}))
+        SentenceTransformersCached.check_use(experiment(sweep={"chunk_sizes": [[8, 4]]}).strategy_use())
     with pytest.raises(UsageError, match="hard_negatives = 0"):
-        SentenceTransformersCached.check_experiment(experiment(workload={"hard_negatives": 1}, model={"dropout": 0.0}))
-    SentenceTransformersCached.check_experiment(experiment(workload={"hard_negatives": 1},
-                                                           sweep={"equivalence": False}))
+        SentenceTransformersCached.check_use(experiment(workload={"hard_negatives": 1}, model={"dropout": 0.0}).strategy_use())
+    SentenceTransformersCached.check_use(experiment(workload={"hard_negatives": 1},
+                                                    sweep={"equivalence": False}).strategy_use())
     with pytest.raises(UsageError, match="model.dropout = 0"):  # padded rows: the peer trims them per mini-batch
-        SentenceTransformersCached.check_experiment(experiment(model={"kind": "transformer"}))
+        SentenceTransformersCached.check_use(experiment(model={"kind": "transformer"}).strategy_use())
 
 
 @pytest.mark.parametrize("name", ["st-full", "st-cached"])
@@ -258,4 +259,4 @@ def test_shipped_experiment_validates(real, peers):
     assert set(experiment.sweep.strategies) == {"full", "cache", "st-full", "st-cached"}
     TOWERS["minilm"].check(experiment.workload)
     for name in ("st-full", "st-cached"):
-        STRATEGIES[name].check_experiment(experiment)
+        STRATEGIES[name].check_use(experiment.strategy_use())

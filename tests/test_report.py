@@ -22,8 +22,8 @@ from gcbench.report.figures import (breakdown_figure, caching_cost_figure, gradi
                                     largest_batch_figure, memory_figure, report_figures, throughput_figure)
 from gcbench.report.headline import headline
 from gcbench.report.tables import every_point, summary
-from gcbench.sweep.records import Record
-from gcbench.sweep.store import ResultsStore
+from gcbench.results import Record
+from gcbench.results import ResultsStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 MIXED = FIXTURES / "mixed.jsonl"
@@ -313,7 +313,7 @@ def test_a_torn_last_line_is_dropped_and_the_file_left_alone(tmp_path: Path) -> 
     (lambda d: d, "no results.jsonl in this folder"),
     (lambda d: empty_file(d / "empty.jsonl"), "no results records in it"),
     (lambda d: FIXTURES / "garbage.jsonl", "not a gcbench results record"),
-    (lambda d: FIXTURES / "old-schema.jsonl", "results schema version 0; this gcbench reads version 1"),
+    (lambda d: FIXTURES / "old-schema.jsonl", "results schema version 0; this gcbench reads version 2"),
 ])
 def test_unusable_sources_are_refused_in_one_line_naming_the_file(tmp_path: Path, make, message: str) -> None:
     source = make(tmp_path)

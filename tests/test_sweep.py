@@ -14,8 +14,10 @@ import torch
 
 from gcbench.cli import main
 from gcbench.measure.memory import measure_step_memory, track_step
-from gcbench.sweep import ResultsStore, load_experiment, run_sweep
-from gcbench.sweep.records import Point
+from gcbench.experiment import load_experiment
+from gcbench.results import ResultsStore
+from gcbench.sweep import run_sweep
+from gcbench.results import Point
 from gcbench.sweep.runner import run_point_process
 
 MICRO = """
@@ -71,7 +73,7 @@ def test_micro_sweep_end_to_end(micro, tmp_path):
         assert abs(r.memory.tracked_peak_bytes - r.memory.peak_bytes) <= 0.01 * r.memory.peak_bytes
         assert len(r.time.samples_s) == 2 and r.time.q1_s <= r.time.median_s <= r.time.q3_s
         assert r.time.examples_per_s == pytest.approx(r.point.batch_size / r.time.median_s)
-        assert r.env["torch"] == torch.__version__ and r.env["device"] == "cpu" and r.schema == 1
+        assert r.env.torch == torch.__version__ and r.env.device == "cpu" and r.schema == 2
     by_id = {r.point.id: r for r in records}
     assert by_id["full batch=4 chunks=-"].equivalence.reference == "self"
     assert by_id["cache batch=16 chunks=4"].equivalence.max_rel_err < 1e-5
@@ -124,14 +126,14 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(micro, tmp_path):
 
 def test_a_crashing_point_is_an_error_record(micro, tmp_path):
     experiment = load_experiment(str(micro))
-    record = run_point_process(experiment, Point("cache", 4, (2, 2, 2)), {}, tmp_path)
+    record = run_point_process(experiment, Point("cache", 4, (2, 2, 2)), None, tmp_path)
     assert record.status == "error" and "chunk_sizes: got 3 sizes for 2 encoders" in record.reason
 
 
 def test_a_slow_point_is_a_timeout(micro, tmp_path):
     experiment = load_experiment(str(micro), {"sweep.timeout": (1.0, "--timeout"),
                                               "model.layers": (6, "--set"), "model.hidden": (256, "--set")})
-    record = run_point_process(experiment, Point("full", 256), {}, tmp_path)
+    record = run_point_process(experiment, Point("full", 256), None, tmp_path)
     assert record.status == "timeout" and "timeout" in record.reason
 
 
@@ -240,8 +242,8 @@ def test_sweep_on_two_ranks_records_per_rank_memory(micro, tmp_path):
     assert [r.status for r in records] == ["ok", "ok"], [r.reason for r in records]
     for r in records:
         d = r.distributed
-        assert d["world_size"] == 2 and d["backend"] == "gloo" and len(d["rank_peak_bytes"]) == 2
-        assert d["peak_max_bytes"] >= d["peak_mean_bytes"] > 0 and d["local_batch_size"] == 4
+        assert d.world_size == 2 and d.backend == "gloo" and len(d.rank_peak_bytes) == 2
+        assert d.peak_max_bytes >= d.peak_mean_bytes > 0 and d.local_batch_size == 4
         assert r.time.examples_per_s == pytest.approx(8 / r.time.median_s)
     cache = next(r for r in records if r.point.strategy == "cache")
     assert cache.equivalence.max_rel_err < 1e-5

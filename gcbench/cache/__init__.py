@@ -1,9 +1,10 @@
-"""The technique: GradCache and the pieces every strategy shares (batches, RNG replay, the loss)."""
+"""The technique: GradCache and the pieces every strategy shares (batches, RNG replay, the loss, the objective)."""
 
 from gcbench.cache.batching import Batch, batch_size, call_encoder, chunk_bounds, slice_batch
 from gcbench.cache.engine import GradCache, encode
 from gcbench.cache.loss import contrastive_loss
+from gcbench.cache.objective import Objective
 from gcbench.cache.rng import RngState
 
-__all__ = ["Batch", "GradCache", "RngState", "batch_size", "call_encoder", "chunk_bounds", "contrastive_loss",
-           "encode", "slice_batch"]
+__all__ = ["Batch", "GradCache", "Objective", "RngState", "batch_size", "call_encoder", "chunk_bounds",
+           "contrastive_loss", "encode", "slice_batch"]

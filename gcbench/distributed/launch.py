@@ -47,7 +47,7 @@ T = TypeVar("T")
 BACKENDS = ("auto", "gloo", "nccl")
 _GRACE_S = 0.2  # after a rank fails: wait this long for the others, SIGTERM, again, SIGKILL
 # What ranks import; a superset of the sweep runner's preload, should both share one server.
-_PRELOAD = ["gcbench.distributed.sweep", "torch._dynamo", "torch.profiler"]
+_PRELOAD = ["gcbench", "torch._dynamo", "torch.profiler"]
 
 
 @dataclass(frozen=True)

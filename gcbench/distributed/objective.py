@@ -22,18 +22,19 @@ from torch.utils._pytree import tree_map_only
 
 from gcbench.cache.batching import Batch, batch_size, slice_batch
 from gcbench.distributed.gather import GatherLoss
-from gcbench.strategies import STRATEGIES, Objective, make_strategy
+from gcbench.cache.objective import Objective
+from gcbench.strategies import make_strategy, resolve_strategy
 from gcbench.training import TrainingStep
 
 
 def gathers(strategy: str) -> bool:
-    """Whether ``strategy``'s loss sees the global batch on W ranks.
+    """Whether ``strategy``'s loss sees the global batch on W ranks (its ``global_negatives`` trait).
 
     The exact strategies gather: on one process they equal the full-batch gradient, so on W they
     must see the global batch's negatives. ``accumulate`` keeps per-rank negatives, as DDP
     accumulation does in practice: that is the baseline it is here to be.
     """
-    return strategy in STRATEGIES and STRATEGIES[strategy].exact
+    return resolve_strategy(strategy).traits().global_negatives
 
 
 def distribute(objective: Objective, group: ProcessGroup | None = None, *, gather: bool = True,

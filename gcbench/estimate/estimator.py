@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
@@ -24,23 +24,9 @@ from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
 from gcbench.estimate.target import Target, target
 from gcbench.measure.memory import track_step
+from gcbench.results.records import Prediction
 from gcbench.training import OptimizerConfig, StepConfig, make_optimizer, step_on
 from gcbench.workloads import WorkloadConfig, build_workload
-
-
-@dataclass(frozen=True)
-class Prediction:
-    target: str
-    peak_bytes: int
-    baseline_bytes: int
-    forward_backward_peak_bytes: int
-    optimizer_peak_bytes: int
-    breakdown: dict[str, int]
-    seconds: float
-    world_size: int = 1  # > 1: one rank's peak (DDP buckets and gathered representations included)
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class Estimator:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gcbench.estimate.estimator import EstimateError, Estimator, Prediction
-from gcbench.sweep.config import Experiment, format_bytes
-from gcbench.sweep.records import Point
+from gcbench.estimate.estimator import EstimateError, Estimator
+from gcbench.experiment import Experiment
+from gcbench.results.records import Point, Prediction
+from gcbench.results.units import format_bytes
+from gcbench.strategies import resolve_strategy
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,17 @@ def estimate_experiment(experiment: Experiment, target: str, device_memories: Se
     estimator = Estimator(experiment.workload, experiment.sweep.precision, target, experiment.sweep.seed,
                           experiment.optimizer)
     rows = tuple(predict_row(estimator, experiment, point) for point in experiment.points())
-    chunked = [s for s in experiment.sweep.strategies if s.startswith("cache")]
+    chunked = [s for s in experiment.sweep.strategies if advisable(s)]
     batch = advice_batch or max(experiment.sweep.batch_sizes)
     advice = tuple(safe_advice(estimator, experiment, chunked[0], batch, memory)
                    for memory in device_memories) if chunked else ()
     return EstimatePlan(experiment.name, target, experiment.sweep.nproc, tuple(device_memories), rows, advice)
+
+
+def advisable(strategy: str) -> bool:
+    """Chunk advice is for exact strategies whose memory is one chunk's: those that cache representations."""
+    traits = resolve_strategy(strategy).traits()
+    return traits.exact and traits.caches_representations and traits.uses_chunks
 
 
 def predict_row(estimator: Estimator, experiment: Experiment, point: Point) -> EstimateRow:

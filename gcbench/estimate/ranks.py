@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gcbench.distributed.gather import GatherLoss
-from gcbench.strategies import Objective
+from gcbench.cache.objective import Objective
 
 DDP_GRADIENT_COPIES = 2
 

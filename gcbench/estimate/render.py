@@ -10,7 +10,7 @@ import pandas as pd
 from rich.table import Table
 
 from gcbench.estimate.plan import EstimatePlan, EstimateRow
-from gcbench.sweep.config import byte_unit, format_bytes
+from gcbench.results.units import byte_unit, format_bytes
 
 
 def plan_frame(plan: EstimatePlan) -> pd.DataFrame:

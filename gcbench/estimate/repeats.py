@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from gcbench.cache.engine import GetRep
-from gcbench.strategies import Objective, set_checkpointing
+from gcbench.cache.objective import Objective
+from gcbench.strategies import set_checkpointing
 
 REAL_CALLS = 2
 

@@ -12,6 +12,7 @@ starts from. Both give the peak above the baseline (``step_peak_bytes``) and the
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -113,3 +114,28 @@ def track_step(step: TrainingStep, block_size: int = 1, count_cpu_rng_states: bo
         tracker.set_phase("optimizer")
         step.optimizer_step()
     return baseline, tracker.result()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator a plain RuntimeError."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def limit_cuda_memory(device: torch.device, budget: int | None) -> None:
+    """Enforce a budget on the caching allocator (the CUDA context comes on top of it)."""
+    if device.type != "cuda" or budget is None:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a failed or finished measurement held; lift the budget for the equivalence check."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

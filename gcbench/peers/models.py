@@ -31,8 +31,8 @@ from torch._guards import detect_fake_mode
 
 from gcbench.errors import UsageError
 from gcbench.peers.extras import REAL, require
-from gcbench.workloads.models import ModelConfig
-from gcbench.workloads.tasks import CLS_ID, FIRST_WORD_ID, TEXT_TOWERS, TextTower, WorkloadConfig
+from gcbench.workloads.config import TEXT_TOWERS, ModelConfig, TextTower, WorkloadConfig
+from gcbench.workloads.tasks import CLS_ID, FIRST_WORD_ID
 
 SEP_ID = 102  # BERT's uncased vocabulary, which all three kinds use
 BERT_VOCAB = 30522

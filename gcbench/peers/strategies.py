@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,9 @@ from gcbench.cache.engine import encode
 from gcbench.errors import UsageError
 from gcbench.peers.extras import PEERS, require
 from gcbench.peers.models import TOWERS
-from gcbench.strategies import STRATEGIES, Cache, EncodeStep, Objective, Strategy, whole_batches
-from gcbench.workloads.losses import InBatchSoftmax
-
-if TYPE_CHECKING:
-    from gcbench.sweep.config import Experiment
+from gcbench.cache.objective import Objective
+from gcbench.losses import InBatchSoftmax
+from gcbench.strategies import STRATEGIES, Cache, EncodeStep, Strategy, StrategyUse, whole_batches
 
 ST_MODULES = ("sentence_transformers",)
 ROUTE = "gcbench_input"  # which of the objective's encoders a column goes through
@@ -89,18 +87,18 @@ class PeerStrategy(Strategy):
         """The peer's loss on ``model`` with gcbench's similarity (``scale``, ``similarity_fct``)."""
 
     @classmethod
-    def check_experiment(cls, experiment: Experiment) -> None:
+    def check_use(cls, use: StrategyUse) -> None:
         """UsageError, before any work, for what the peer cannot run or gcbench cannot check."""
         require(f"strategy {cls.name!r}", PEERS, ST_MODULES)
-        workload, sweep = experiment.workload, experiment.sweep
+        workload = use.workload
         if workload.name != "dpr":
             raise UsageError(f"sweep.strategies: {cls.name} is sentence-transformers' ranking loss, dpr's in-batch "
                              f"softmax; workload {workload.name!r} has another loss")
         if workload.model.kind == "mlp":
             raise UsageError(f"sweep.strategies: {cls.name} feeds token ids; model.kind 'mlp' has none")
-        if sweep.nproc > 1:
+        if use.nproc > 1:
             raise UsageError(f"sweep.strategies: {cls.name} runs in one process here; set sweep.nproc = 1")
-        if sweep.equivalence and workload.hard_negatives:
+        if use.equivalence and workload.hard_negatives:
             raise UsageError(f"sweep.equivalence: {cls.name} embeds hard negatives column by column, an order "
                              "gcbench's reference cannot follow; set workload.hard_negatives = 0 or "
                              "sweep.equivalence = false (its gradients are checked in tests/test_peers.py)")
@@ -135,6 +133,7 @@ class SentenceTransformersCached(PeerStrategy):
 
     name = "st-cached"
     uses_chunks = True
+    caches_representations = True
 
     def make_loss(self, model: nn.Module, **similarity: Any) -> nn.Module:
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
@@ -146,14 +145,14 @@ class SentenceTransformersCached(PeerStrategy):
         return CachedMultipleNegativesRankingLoss(model, mini_batch_size=self.chunk_sizes[0], **similarity)
 
     @classmethod
-    def check_experiment(cls, experiment: Experiment) -> None:
-        super().check_experiment(experiment)
-        workload, sweep = experiment.workload, experiment.sweep
-        for setting in sweep.chunk_sizes:
+    def check_use(cls, use: StrategyUse) -> None:
+        super().check_use(use)
+        workload = use.workload
+        for setting in use.chunk_settings:
             if len(set(setting)) > 1:
                 raise UsageError(f"sweep.chunk_sizes: {cls.name} has one mini_batch_size for every input, "
                                  f"not {'/'.join(map(str, setting))}")
-        if sweep.equivalence and workload.model.dropout > 0 and workload.model.kind not in TOWERS:
+        if use.equivalence and workload.model.dropout > 0 and workload.model.kind not in TOWERS:
             raise UsageError(f"sweep.equivalence: {cls.name} trims trailing padding per mini-batch, so on padded "
                              f"rows (model.kind {workload.model.kind!r}) its dropout masks are not those of gcbench's "
                              f"reference; set model.dropout = 0, sweep.equivalence = false, or a kind whose rows "

@@ -13,9 +13,9 @@ import pandas as pd
 
 from gcbench.errors import UsageError
 from gcbench.report.load import Run
-from gcbench.report.style import REFERENCE, Look
-from gcbench.strategies import STRATEGIES
-from gcbench.sweep.table import records_frame
+from gcbench.report.style import Look
+from gcbench.results.table import records_frame
+from gcbench.strategies import Full
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,12 @@ class ReportData:
 
     @classmethod
     def of(cls, runs: Sequence[Run], budget: int | None = None) -> ReportData:
-        look = Look.of((r.point for run in runs for r in run.records), [run.label for run in runs])
+        references = {r.point.strategy for run in runs for r in run.records if r.traits and r.traits.reference}
+        look = Look.of((r.point for run in runs for r in run.records), [run.label for run in runs], references)
         frames = [records_frame(run.records).assign(run=run.label) for run in runs]
         points = _merge_repeats(pd.concat(frames, ignore_index=True))
+        for trait in ("is_reference", "is_caches_representations", "is_exact", "is_uses_chunks"):
+            points[trait] = points[trait].eq(True)  # a strategy whose traits are unknown has none of them
         # Distributed points must fit on every rank: their peak is the largest rank's.
         points["peak"] = points["rank_peak_max_bytes"].fillna(points["peak_bytes"])
         # Examples/s at the quartiles of step time (the faster quartile gives the higher rate).
@@ -61,13 +64,18 @@ class ReportData:
         return fits.loc[fits.groupby(["run", "series"], sort=False)["batch_size"].idxmax()]
 
     def reference(self, run: str) -> pd.DataFrame:
-        """The points of a run's ``full`` strategy, which the others are measured against."""
-        return self.points[(self.points["run"] == run) & (self.points["strategy"] == REFERENCE)]
+        """The points of a run's reference strategy (``full``), which the others are measured against."""
+        return self.points[(self.points["run"] == run) & self.points["is_reference"]]
+
+    def reference_name(self) -> str:
+        """The reference strategy's name, as the records call it."""
+        names = self.points.loc[self.points["is_reference"], "strategy"]
+        return str(names.iloc[0]) if not names.empty else Full.name  # the built-in reference
 
     def caching(self, run: str) -> pd.DataFrame:
-        """The points of a run's gradient-caching strategies (GradCache and its variants)."""
+        """The points of a run's exact gradient-caching strategies (GradCache, its variants, a peer's cached loss)."""
         rows = self.points[self.points["run"] == run]
-        return rows[rows["strategy"].map(is_caching)]
+        return rows[rows["is_caches_representations"] & rows["is_exact"] & rows["is_uses_chunks"]]
 
     def caching_cost(self) -> pd.DataFrame:
         """Caching points with a full point at the same batch (both ok), with ``time_ratio`` = their
@@ -92,14 +100,9 @@ class ReportData:
                 raise UsageError(f"breakdown batch {requested}: no point ran ok at that batch "
                                  f"(batches that did: {ran})")
             return requested
-        full = ok[ok["strategy"] == REFERENCE]
+        full = ok[ok["is_reference"]]
         chosen = full if not full.empty else ok
         return None if chosen.empty else int(chosen["batch_size"].max())
-
-
-def is_caching(strategy: str) -> bool:
-    cls = STRATEGIES.get(strategy)
-    return cls is not None and cls.uses_chunks and cls.exact  # cache, cache-rerun, and a peer's cached loss
 
 
 def status_counts(statuses: pd.Series) -> str:

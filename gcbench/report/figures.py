@@ -22,7 +22,7 @@ from matplotlib.ticker import LogFormatter, NullLocator
 from gcbench.measure.tracker import CATEGORIES
 from gcbench.report.data import ReportData
 from gcbench.report.style import CATEGORY_COLOURS, FAILED_COLOUR, MemoryUnit
-from gcbench.sweep.config import format_bytes
+from gcbench.results.units import format_bytes
 
 WIDTH_IN, DPI = 6.4, 125  # 800 px
 GUIDE = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}  # reference lines: budget, y = 1, y = x

@@ -6,42 +6,43 @@ from __future__ import annotations
 import pandas as pd
 
 from gcbench.report.data import ReportData, status_counts
-from gcbench.report.style import REFERENCE
-from gcbench.sweep.config import format_bytes
+from gcbench.results.units import format_bytes
 
 
 def headline(data: ReportData) -> list[str]:
     """Three lines per run, each prefixed by the run's label when runs are compared."""
     lines = []
     ratios = data.caching_cost()
+    reference = data.reference_name()
     for run in data.look.runs:
         prefix = f"{run}: " if data.look.several_runs else ""
         full, caching = data.reference(run), data.caching(run)
-        lines += [prefix + _full_line(full, data.budget), prefix + _memory_line(caching, full, data.budget),
-                  prefix + _cost_line(ratios[ratios["run"] == run])]
+        lines += [prefix + _full_line(full, data.budget, reference),
+                  prefix + _memory_line(caching, full, data.budget, reference),
+                  prefix + _cost_line(ratios[ratios["run"] == run], reference)]
     return lines
 
 
-def _full_line(full: pd.DataFrame, budget: int | None) -> str:
+def _full_line(full: pd.DataFrame, budget: int | None, reference: str) -> str:
     if full.empty:
-        return f"no `{REFERENCE}` points: nothing to compare the other strategies against."
+        return f"no `{reference}` points: nothing to compare the other strategies against."
     within = f" (budget {format_bytes(budget)})" if budget is not None else ""
     fits, over = full[full["fits"]], full[full["over"]]
     largest = None if fits.empty else fits.loc[fits["batch_size"].idxmax()]
     ran = "" if largest is None else f"its largest batch was {largest['batch_size']} at {_peak(largest)}"
     if not over.empty:
         first = over.loc[over["batch_size"].idxmin()]
-        failed = (f"{REFERENCE} ran out of memory at batch {first['batch_size']}{within}" if first["status"] == "oom"
-                  else f"{REFERENCE} went over the {format_bytes(budget)} budget at batch {first['batch_size']} "
+        failed = (f"{reference} ran out of memory at batch {first['batch_size']}{within}" if first["status"] == "oom"
+                  else f"{reference} went over the {format_bytes(budget)} budget at batch {first['batch_size']} "
                        f"({_peak(first)})")
         return f"{failed}; " + (ran or "no batch fit") + "."
     if largest is not None:
-        return f"{REFERENCE}'s largest batch was {largest['batch_size']} at {_peak(largest)}{within}" \
+        return f"{reference}'s largest batch was {largest['batch_size']} at {_peak(largest)}{within}" \
                f"{', the largest tried' if largest['batch_size'] == full['batch_size'].max() else ''}."
-    return f"{REFERENCE} ran ok at no batch ({status_counts(full['status'])})."
+    return f"{reference} ran ok at no batch ({status_counts(full['status'])})."
 
 
-def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None) -> str:
+def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None, reference: str) -> str:
     if caching.empty:
         return "no caching points: nothing to say about the memory caching saves."
     fits = caching[caching["fits"]]
@@ -53,7 +54,7 @@ def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None) 
     said = f"{best['series']} ran batch {best['batch_size']} in {_peak(best)}"
     both = fits[fits["series"] == best["series"]].merge(full[full["fits"]], on="batch_size", suffixes=("", "_full"))
     if both.empty:
-        return said + f"; {REFERENCE} fit no batch it ran, nothing to compare."
+        return said + f"; {reference} fit no batch it ran, nothing to compare."
     at = both.loc[both["batch_size"].idxmax()]
     ratio = at["peak_full"] / at["peak"]
     where = "both ran" if budget is None else "where both fit"
@@ -61,19 +62,19 @@ def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None) 
         versus = "about as much as"
     else:
         versus = f"{ratio:.1f}× less than" if ratio > 1 else f"{1 / ratio:.1f}× more than"
-    return said + f"; at batch {at['batch_size']}, the largest {where}, it needed {versus} {REFERENCE} " \
+    return said + f"; at batch {at['batch_size']}, the largest {where}, it needed {versus} {reference} " \
                   f"({format_bytes(at['peak'])} against {format_bytes(at['peak_full'])})."
 
 
-def _cost_line(ratios: pd.DataFrame) -> str:
+def _cost_line(ratios: pd.DataFrame, reference: str) -> str:
     if ratios.empty:
-        return f"step time: no batch where both a caching strategy and {REFERENCE} ran ok, nothing to compare."
+        return f"step time: no batch where both a caching strategy and {reference} ran ok, nothing to compare."
     top = ratios[ratios["batch_size"] == ratios["batch_size"].max()]
     cheapest = top.loc[top["time_ratio"].idxmin()]
     change = cheapest["time_ratio"] - 1
     verb = "cost" if change >= 0 else "saved"
     which = f"{cheapest['series']}, the cheapest setting there" if len(top) > 1 else cheapest["series"]
-    return f"caching {verb} {abs(change):.0%} step time against {REFERENCE} at batch {cheapest['batch_size']} " \
+    return f"caching {verb} {abs(change):.0%} step time against {reference} at batch {cheapest['batch_size']} " \
            f"({which})."
 
 

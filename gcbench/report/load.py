@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gcbench.errors import UsageError
-from gcbench.sweep.records import Record
-from gcbench.sweep.runner import RESULTS_FILE
-from gcbench.sweep.store import ResultsStore
+from gcbench.results.records import RESULTS_FILE, Record
+from gcbench.results.store import ResultsStore, current
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Run:
     @property
     def device_name(self) -> str | None:
         """The device most points ran on (skipped points record none)."""
-        names = Counter(r.env["device_name"] for r in self.records if r.env.get("device_name"))
+        names = Counter(r.env.device_name for r in self.records if r.env.device_name)
         return names.most_common(1)[0][0] if names else None
 
     @property
@@ -56,7 +55,7 @@ def results_path(source: Path) -> Path:
 
 def read_records(path: Path) -> tuple[Record, ...]:
     try:
-        records = ResultsStore(path).load(repair=False)
+        records = current(ResultsStore(path).load(repair=False))
     except OSError as error:
         raise UsageError(f"{path}: cannot read it ({error.strerror or error})") from None
     if not records:

@@ -11,12 +11,12 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.lines import Line2D
 
-from gcbench.sweep.config import byte_unit
-from gcbench.sweep.records import Point
+from gcbench.results.records import Point
+from gcbench.results.units import byte_unit
 
-REFERENCE = "full"
 REFERENCE_COLOUR = "#222222"
-# Shades of one hue per strategy (one shade per chunk setting); red is kept for failure notes.
+# Shades of one hue per strategy (one shade per chunk setting); red is kept for failure notes. Strategies
+# not named here get a spare family: a preference of presentation, never a test of what a strategy is.
 FAMILIES = {"cache": "Blues", "cache-rerun": "Purples", "accumulate": "Oranges", "checkpoint": "Greens"}
 SPARE_FAMILIES = ("YlOrBr", "PuRd", "BuGn", "Greys")
 SHADES = (0.9, 0.55)  # darkest (smallest chunks) to lightest (largest), as colormap positions
@@ -37,8 +37,10 @@ class Look:
     runs: tuple[str, ...]
 
     @classmethod
-    def of(cls, points: Iterable[Point], runs: Sequence[str]) -> Look:
-        """Strategies in order of first appearance (the experiment's order), chunk settings ascending."""
+    def of(cls, points: Iterable[Point], runs: Sequence[str], references: Iterable[str] = ()) -> Look:
+        """Strategies in order of first appearance (the experiment's order), chunk settings ascending; the
+        reference strategies (``full``) in black."""
+        references = set(references)
         by_strategy: dict[str, set[tuple[int, ...]]] = {}
         for p in points:
             by_strategy.setdefault(p.strategy, set()).add(p.chunk_sizes or ())
@@ -46,7 +48,7 @@ class Look:
         colours: dict[str, str] = {}
         for strategy, chunk_settings in by_strategy.items():
             ordered = sorted(chunk_settings)
-            if strategy == REFERENCE and ordered == [()]:
+            if strategy in references and ordered == [()]:
                 colours[strategy] = REFERENCE_COLOUR
                 continue
             family = colormaps[FAMILIES.get(strategy) or next(spare)]

@@ -13,8 +13,8 @@ from rich.table import Table
 from gcbench.report.data import ReportData
 from gcbench.report.load import Run
 from gcbench.report.style import MemoryUnit
-from gcbench.sweep.config import format_bytes
-from gcbench.sweep.records import STATUSES
+from gcbench.results.units import format_bytes
+from gcbench.results.records import STATUSES
 
 TABLE_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX"}  # extension -> name
 
@@ -110,8 +110,8 @@ def sources(data: ReportData) -> ReportTable:
     """Where each run's numbers come from: the file, the machine, the code."""
     rows = []
     for run in data.runs:
-        torch = dict.fromkeys(r.env["torch"] for r in run.records if r.env.get("torch"))
-        commits = dict.fromkeys(r.env["git_commit"][:10] for r in run.records if r.env.get("git_commit"))
+        torch = dict.fromkeys(r.env.torch for r in run.records if r.env.torch)
+        commits = dict.fromkeys(r.env.git_commit[:10] for r in run.records if r.env.git_commit)
         finished = sorted(r.finished_at for r in run.records if r.finished_at)
         rows.append({"run": run.label, "results": str(run.source), "experiment": run.experiment,
                      "device": run.device_name, "torch": ", ".join(torch), "git commit": ", ".join(commits),

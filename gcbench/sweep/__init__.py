@@ -1,9 +1,7 @@
-"""The sweep: experiment config -> points -> one process each -> results records."""
+"""The sweep: an experiment's points, each measured in a process of its own, each record stored as it ends."""
 
-from gcbench.sweep.config import Experiment, SweepConfig, load_experiment
-from gcbench.sweep.records import Point, Record
-from gcbench.sweep.runner import SweepOutcome, run_sweep
-from gcbench.sweep.store import ResultsStore
+from gcbench.sweep.point import InProcess, OnRanks, PointMeasurer, measurer
+from gcbench.sweep.runner import SweepEvents, SweepOutcome, run_point_process, run_sweep
 
-__all__ = ["Experiment", "Point", "Record", "ResultsStore", "SweepConfig", "SweepOutcome", "load_experiment",
+__all__ = ["InProcess", "OnRanks", "PointMeasurer", "SweepEvents", "SweepOutcome", "measurer", "run_point_process",
            "run_sweep"]

@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gcbench.sweep.config import format_bytes
-from gcbench.sweep.records import Point, Record
+from gcbench.results.units import format_bytes
+from gcbench.results.records import Point, Record
 from gcbench.sweep.runner import SweepEvents
 
 STATUS_STYLE = {"ok": "green", "oom": "red", "error": "bold red", "timeout": "yellow", "skipped": "dim"}

@@ -16,17 +16,20 @@ import tempfile
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from gcbench.errors import UsageError
-from gcbench.sweep.config import Experiment, format_bytes
-from gcbench.sweep.environment import git_commit
-from gcbench.sweep.records import Point, Record
-from gcbench.sweep.store import ResultsStore
+from gcbench.device import resolve_device
+from gcbench.errors import EstimateError, UsageError
+from gcbench.estimate import Estimator
+from gcbench.experiment import Experiment
+from gcbench.results.environment import git_commit
+from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record
+from gcbench.results.store import ResultsStore
+from gcbench.results.table import records_frame
+from gcbench.results.units import format_bytes
+from gcbench.sweep.point import bare_record, now
+from gcbench.typed import dump
 
-RESULTS_FILE = "results.jsonl"
 PREDICTED_SKIP_MARGIN = 1.25  # with --predict, a point predicted over budget x this is not run
 
 
@@ -52,18 +55,35 @@ class SweepEvents:
     on_record: Callable[[Record], None] = lambda record: None
 
 
-def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False,
-              events: SweepEvents | None = None) -> SweepOutcome:
+def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False, retry_failed: bool = False,
+              events: SweepEvents | None = None, on_ready: Callable[[], None] | None = None) -> SweepOutcome:
+    """Measure every point not yet in ``out_dir``'s results; ``fresh``: discard them first; ``retry_failed``:
+    measure again the points that ended in error or timeout (their old records stay in the file, superseded).
+
+    Everything is checked before anything is written: the device, the predictor (``sweep.predict``; an
+    EstimateError when the model cannot run under fake tensors), earlier results of another experiment
+    (UsageError), and whether ``out_dir`` can be made (UsageError naming it).
+    """
     events = events or SweepEvents()
+    resolve_device(experiment.sweep.device)
+    predict = _predictor(experiment) if experiment.sweep.predict else None
     store = ResultsStore(out_dir / RESULTS_FILE)
-    done = _load_previous(store, experiment, fresh)
+    done = {} if fresh else _load_previous(store, experiment)
+    if retry_failed:
+        done = {key: record for key, record in done.items() if record.status not in FAILED}
+    logs = out_dir / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out: cannot write results to {out_dir} ({error.strerror or error})") from None
+    if fresh:
+        store.reset()
+    if on_ready is not None:
+        on_ready()
     outcome = SweepOutcome(out_dir, list(done.values()), resumed=len(done))
     points = experiment.points()
     events.on_start(len(points), sum(p.id in done for p in points))
-    env_extra = {"git_commit": git_commit()}
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    predict = _predictor(experiment) if experiment.sweep.predict else None
+    commit = git_commit()
     try:
         for point in points:
             if point.id in done:
@@ -72,10 +92,9 @@ def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False,
             prediction = predict(point) if predict else None
             reason = _skip_reason(experiment, point, done, prediction)
             if reason is not None:
-                record = Record(experiment.name, experiment.fingerprint, point, "skipped", reason=reason,
-                                env=env_extra, finished_at=_now())
+                record = bare_record(experiment, point, "skipped", reason, commit)
             else:
-                record = run_point_process(experiment, point, env_extra, logs)
+                record = run_point_process(experiment, point, commit, logs)
                 outcome.ran += 1
             record.prediction = prediction
             store.append(record)
@@ -88,11 +107,8 @@ def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False,
     return outcome
 
 
-def _load_previous(store: ResultsStore, experiment: Experiment, fresh: bool) -> dict[str, Record]:
-    """The finished points of this experiment in the store, by point id."""
-    if fresh:
-        store.reset()
-        return {}
+def _load_previous(store: ResultsStore, experiment: Experiment) -> dict[str, Record]:
+    """The finished points of this experiment in the store, by point id (the latest record of each)."""
     records = store.load()
     others = {r.fingerprint for r in records} - {experiment.fingerprint}
     if others:
@@ -102,7 +118,7 @@ def _load_previous(store: ResultsStore, experiment: Experiment, fresh: bool) -> 
 
 
 def _skip_reason(experiment: Experiment, point: Point, done: dict[str, Record],
-                 prediction: dict[str, Any] | None) -> str | None:
+                 prediction: Prediction | None) -> str | None:
     """Why ``point`` is not worth running: a smaller batch of its series ran out of memory, or the
     prediction is far over the budget."""
     for record in done.values():
@@ -111,34 +127,30 @@ def _skip_reason(experiment: Experiment, point: Point, done: dict[str, Record],
                 and p.batch_size < point.batch_size):
             return f"{p.series} ran out of memory at batch {p.batch_size}"
     budget = experiment.sweep.memory_budget
-    peak = (prediction or {}).get("peak_bytes")
+    peak = prediction.peak_bytes if prediction else None
     if budget is not None and peak is not None and peak > budget * PREDICTED_SKIP_MARGIN:
         return f"skipped (predicted): predicted peak {format_bytes(peak)} is far over the budget {format_bytes(budget)}"
     return None
 
 
-def _predictor(experiment: Experiment) -> Callable[[Point], dict[str, Any]]:
+def _predictor(experiment: Experiment) -> Callable[[Point], Prediction]:
     """Predictions for the sweep's device, from one fake model built here (nothing is allocated)."""
-    from gcbench.device import resolve_device
-    from gcbench.estimate import EstimateError, Estimator
-
     device = resolve_device(experiment.sweep.device)
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--predict: no memory model for {device.type} devices (cpu and cuda have one)")
-    estimator = Estimator(experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed,
-                          experiment.optimizer)
+    try:
+        estimator = Estimator(experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed,
+                              experiment.optimizer)
+    except EstimateError as error:
+        raise EstimateError(f"--predict: {error}") from None
 
-    def predict(point: Point) -> dict[str, Any]:
+    def predict(point: Point) -> Prediction:
         try:
-            return estimator.predict(experiment.step_config(point), experiment.sweep.nproc).as_dict()
+            return estimator.predict(experiment.step_config(point), experiment.sweep.nproc)
         except EstimateError as error:
-            return {"error": str(error)}
+            return Prediction(error=str(error))
 
     return predict
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -152,14 +164,14 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def run_point_process(experiment: Experiment, point: Point, env_extra: dict[str, object], logs: Path) -> Record:
+def run_point_process(experiment: Experiment, point: Point, git: str | None, logs: Path) -> Record:
     """Measure ``point`` in a child process; a timeout, crash or kill becomes a record too."""
     from gcbench.sweep.worker import child_main
 
     log_path = logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", point.id) + ".log")
     with tempfile.TemporaryDirectory(prefix="gcbench-point-") as scratch:
         result_path = Path(scratch) / "record.json"
-        process = _context().Process(target=child_main, args=(experiment.to_dict(), _point_dict(point), env_extra,
+        process = _context().Process(target=child_main, args=(experiment.to_dict(), dump(point), git,
                                                                str(result_path), str(log_path)))
         process.start()
         timed_out = False
@@ -176,13 +188,7 @@ def run_point_process(experiment: Experiment, point: Point, env_extra: dict[str,
         status, reason = "timeout", f"exceeded the {experiment.sweep.timeout:g} s point timeout"
     else:
         status, reason = "error", _exit_reason(process.exitcode, log_path)
-    return Record(experiment.name, experiment.fingerprint, point, status, reason=reason, env=dict(env_extra),
-                  finished_at=_now())
-
-
-def _point_dict(point: Point) -> dict[str, object]:
-    return {"strategy": point.strategy, "batch_size": point.batch_size,
-            "chunk_sizes": list(point.chunk_sizes) if point.chunk_sizes else None}
+    return bare_record(experiment, point, status, reason, git)
 
 
 def _exit_reason(exitcode: int | None, log_path: Path) -> str:
@@ -198,7 +204,5 @@ def _exit_reason(exitcode: int | None, log_path: Path) -> str:
 
 
 def write_csv(records: list[Record], path: Path) -> None:
-    from gcbench.sweep.table import records_frame
-
     path.parent.mkdir(parents=True, exist_ok=True)
     records_frame(records).to_csv(path, index=False)

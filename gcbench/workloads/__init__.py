@@ -1,8 +1,8 @@
-"""Built-in workloads (dpr, clip, simclr) and the models and losses they are made of."""
+"""Built-in workloads (dpr, clip, simclr), the configs that describe them and the models they are made of."""
 
-from gcbench.workloads.losses import InBatchSoftmax, NTXent, SymmetricInfoNCE
-from gcbench.workloads.models import MLPEncoder, ModelConfig, TransformerEncoder
-from gcbench.workloads.tasks import TEXT_TOWERS, WORKLOADS, TextTower, Workload, WorkloadConfig, build_workload
+from gcbench.workloads.config import FEATURE_KIND, TEXT_TOWERS, WORKLOADS, ModelConfig, TextTower, WorkloadConfig
+from gcbench.workloads.models import MLPEncoder, TransformerEncoder
+from gcbench.workloads.tasks import Workload, build_workload
 
-__all__ = ["InBatchSoftmax", "MLPEncoder", "ModelConfig", "NTXent", "SymmetricInfoNCE", "TEXT_TOWERS", "TextTower",
-           "TransformerEncoder", "WORKLOADS", "Workload", "WorkloadConfig", "build_workload"]
+__all__ = ["FEATURE_KIND", "MLPEncoder", "ModelConfig", "TEXT_TOWERS", "TextTower", "TransformerEncoder", "WORKLOADS",
+           "Workload", "WorkloadConfig", "build_workload"]

@@ -8,32 +8,12 @@ checkpointing through their ``gradient_checkpointing`` attribute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of an encoder. ``kind``: ``transformer`` or ``mlp`` (more kinds come from extras)."""
-
-    kind: str = "transformer"
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    ffn: int = 0  # 0: 4 * hidden
-    vocab: int = 30522
-    dropout: float = 0.1
-    pooling: str = "cls"
-    features: int = 256  # input width of mlp towers
-    attention: str = "sdpa"  # sdpa: fused kernels; eager: softmax(QK^T)V spelt out, as 2021's BERT did
-
-    @property
-    def ffn_size(self) -> int:
-        return self.ffn or 4 * self.hidden
+from gcbench.workloads.config import ModelConfig
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, p: float) -> Tensor:

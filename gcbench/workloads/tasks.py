@@ -13,39 +13,18 @@ A workload's batch size counts examples (queries, pairs); an input may have more
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from gcbench.cache.batching import Batch
-from gcbench.strategies import Objective
-from gcbench.workloads.losses import InBatchSoftmax, NTXent, SymmetricInfoNCE
-from gcbench.workloads.models import MLPEncoder, ModelConfig, TransformerEncoder
+from gcbench.cache.objective import Objective
+from gcbench.losses import InBatchSoftmax, NTXent, SymmetricInfoNCE
+from gcbench.workloads.config import FEATURE_KIND, TEXT_TOWERS, WORKLOADS, ModelConfig, TextTower, WorkloadConfig
+from gcbench.workloads.models import MLPEncoder, TransformerEncoder
 
 CLS_ID, FIRST_WORD_ID = 101, 1000
-
-
-@dataclass(frozen=True)
-class WorkloadConfig:
-    name: str = "dpr"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    query_length: int = 32  # tokens per query (dpr) / caption (clip) / view (simclr on text)
-    passage_length: int = 128
-    hard_negatives: int = 1
-    tied: bool = False  # dpr: one encoder for queries and passages
-    temperature: float | None = None  # None: the workload's usual value
-
-
-@dataclass(frozen=True)
-class TextTower:
-    """How a kind of text encoder is built and fed: random token ids, or a real tokenizer."""
-
-    build: Callable[[ModelConfig, int], nn.Module]
-    tokens: Callable[[ModelConfig, int, int, torch.Generator], dict[str, Tensor]]
-
-    def check(self, workload: WorkloadConfig) -> None:
-        """Raise UsageError, before any work, if ``workload`` cannot use this tower (built-in towers: never)."""
 
 
 def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -57,10 +36,7 @@ def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-TEXT_TOWERS: dict[str, TextTower] = {
-    "transformer": TextTower(lambda config, length: TransformerEncoder(config, length), random_tokens),
-}
-FEATURE_KIND = "mlp"
+TEXT_TOWERS["transformer"] = TextTower(lambda config, length: TransformerEncoder(config, length), random_tokens)
 
 
 @dataclass
@@ -167,11 +143,7 @@ def build_simclr(config: WorkloadConfig) -> Workload:
     return Workload(config, Objective([encoder, encoder], loss), make, (1, 1))
 
 
-WORKLOADS: dict[str, Callable[[WorkloadConfig], Workload]] = {
-    "dpr": build_dpr,
-    "clip": build_clip,
-    "simclr": build_simclr,
-}
+WORKLOADS.update(dpr=build_dpr, clip=build_clip, simclr=build_simclr)
 
 
 def build_workload(config: WorkloadConfig, *, seed: int = 0, device: torch.device | str = "cpu",

@@ -8,8 +8,9 @@ from typing import Any
 import pandas as pd
 
 from gcbench.measure.tracker import CATEGORIES
-from gcbench.sweep.records import Point, Record
+from gcbench.results.records import Point, Record
 
+TRAITS = ("exact", "uses_chunks", "caches_representations", "reference", "global_negatives")
 MEMORY_COLUMNS = ("peak_bytes", "baseline_bytes", "step_peak_bytes", "forward_backward_peak_bytes",
                   "optimizer_peak_bytes", "reserved_bytes", "tracked_peak_bytes")
 
@@ -17,8 +18,7 @@ MEMORY_COLUMNS = ("peak_bytes", "baseline_bytes", "step_peak_bytes", "forward_ba
 def record_row(record: Record) -> dict[str, Any]:
     p, memory, time, eq = record.point, record.memory, record.time, record.equivalence
     breakdown = (memory.breakdown if memory else None) or {}
-    prediction = record.prediction or {}
-    distributed = record.distributed or {}
+    prediction, distributed, traits = record.prediction, record.distributed, record.traits
     return {
         "experiment": record.experiment,
         "point": p.id,
@@ -31,7 +31,7 @@ def record_row(record: Record) -> dict[str, Any]:
         **{column: getattr(memory, column, None) if memory else None for column in MEMORY_COLUMNS},
         **{f"memory_{category}": breakdown.get(category) for category in CATEGORIES},
         "memory_method": memory.method if memory else None,
-        "predicted_peak_bytes": prediction.get("peak_bytes"),
+        "predicted_peak_bytes": prediction.peak_bytes if prediction else None,
         "time_median_s": time.median_s if time else None,
         "time_q1_s": time.q1_s if time else None,
         "time_q3_s": time.q3_s if time else None,
@@ -43,13 +43,14 @@ def record_row(record: Record) -> dict[str, Any]:
         "grad_cosine": eq.cosine if eq else None,
         "loss_diff": eq.loss_diff if eq else None,
         "grad_note": eq.note if eq else None,
-        "world_size": distributed.get("world_size", 1),
-        "rank_peak_max_bytes": distributed.get("peak_max_bytes"),
-        "rank_peak_mean_bytes": distributed.get("peak_mean_bytes"),
-        "device": record.env.get("device"),
-        "device_name": record.env.get("device_name"),
-        "torch": record.env.get("torch"),
-        "git_commit": record.env.get("git_commit"),
+        "world_size": distributed.world_size if distributed else 1,
+        "rank_peak_max_bytes": distributed.peak_max_bytes if distributed else None,
+        "rank_peak_mean_bytes": distributed.peak_mean_bytes if distributed else None,
+        **{f"is_{name}": getattr(traits, name) if traits else None for name in TRAITS},
+        "device": record.env.device,
+        "device_name": record.env.device_name,
+        "torch": record.env.torch,
+        "git_commit": record.env.git_commit,
         "finished_at": record.finished_at,
         "wall_s": record.wall_s,
     }

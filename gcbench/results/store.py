@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from gcbench.errors import UsageError
-from gcbench.sweep.records import Record
+from gcbench.results.records import FAILED, Record
 
 
 class ResultsStore:
@@ -59,3 +59,14 @@ class ResultsStore:
     def reset(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_bytes(b"")
+
+
+def current(records: list[Record]) -> list[Record]:
+    """Records without those a retry replaced: a failed (error, timeout) record of a point that has a later one.
+
+    ``--retry-failed`` appends a point's new record and leaves the failed one in the file (the store is
+    append-only); readers take the newer one. Other repeated records of a point (a results file
+    concatenated from several sweeps) all stay, for the report to merge.
+    """
+    last = {r.point.id: i for i, r in enumerate(records)}
+    return [r for i, r in enumerate(records) if not (r.status in FAILED and last[r.point.id] > i)]

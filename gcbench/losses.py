@@ -1,6 +1,7 @@
-"""Contrastive losses over in-batch negatives; each is a module so a learnable temperature trains too.
+"""The built-in contrastive losses over in-batch negatives (public: ``from gcbench.losses import ...``).
 
-They derive their targets from shapes alone, so they work unchanged on a micro-batch (the
+Each is a module, so a learnable temperature (and SigLIP's bias) trains with the encoders. They derive
+their targets from shapes alone, so they work unchanged on a micro-batch (the
 ``accumulate`` strategy) and on representations gathered from several processes.
 """
 
@@ -61,3 +62,25 @@ class NTXent(nn.Module):
         scores = scores.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=scores.device), float("-inf"))
         targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(scores.device)
         return F.cross_entropy(scores, targets)
+
+
+class SigmoidLoss(nn.Module):
+    """SigLIP: every text-image pair is its own binary decision (matching or not), no softmax over the batch.
+
+    ``-sum_ij log sigmoid(z_ij * (t * <x_i, y_j> + b)) / N`` with ``z_ij`` 1 on the diagonal and -1 off it,
+    a learnable temperature ``t = exp(logit_scale)`` (10 at the start) and a learnable bias (-10), as in
+    Zhai et al. (2023).
+    """
+
+    def __init__(self, temperature: float = 0.1, bias: float = -10.0) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
+
+    def forward(self, texts: Tensor, images: Tensor) -> Tensor:
+        if texts.shape[0] != images.shape[0]:
+            raise ValueError(f"SigmoidLoss: {texts.shape[0]} texts against {images.shape[0]} images; pairs needed")
+        texts, images = F.normalize(texts, dim=-1), F.normalize(images, dim=-1)
+        logits = self.logit_scale.exp() * texts @ images.T + self.logit_bias
+        signs = 2 * torch.eye(texts.shape[0], dtype=logits.dtype, device=logits.device) - 1
+        return -F.logsigmoid(signs * logits).sum() / texts.shape[0]

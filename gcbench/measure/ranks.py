@@ -25,12 +25,9 @@ from torch import Tensor
 from gcbench.device import grad_scaler
 from gcbench.distributed.launch import RankInfo, launch
 from gcbench.distributed.objective import distribute_step, gathers
-from gcbench.errors import UsageError
 from gcbench.measure.equivalence import COMPARISON_LOSS_SCALE, GradComparison, compare, gradients
-from gcbench.strategies import STRATEGIES, make_strategy
+from gcbench.strategies import Full, make_strategy, resolve_strategy
 from gcbench.training import StepConfig, TrainingStep, build_step
-from gcbench.verify import DEFAULT_TOLERANCE, VerifyResult, check_arguments, workload_config
-from gcbench.workloads import WORKLOADS
 
 REFERENCE = "single-process full over the global batch, dropout off"
 
@@ -65,9 +62,9 @@ def distributed_gradients(config: StepConfig, device: torch.device) -> tuple[lis
     return grads, loss
 
 
-def reference_gradients(config: StepConfig, device: torch.device, strategy: str = "full") -> tuple[list[Tensor], float]:
+def reference_gradients(config: StepConfig, device: torch.device, strategy: str = Full.name) -> tuple[list[Tensor], float]:
     """``strategy`` in this process alone over ``config``'s global batch (no collective: OOM here is local)."""
-    uses_chunks = STRATEGIES[strategy].uses_chunks
+    uses_chunks = resolve_strategy(strategy).uses_chunks
     return step_gradients(checked_step(replace(config, strategy=strategy,
                                                chunk_sizes=config.chunk_sizes if uses_chunks else None), device))
 
@@ -90,7 +87,7 @@ def _check_cases(info: RankInfo, cases: list[StepConfig], reference: str | None)
 
 
 def check_distributed(cases: Sequence[StepConfig], nproc: int, *, device: torch.device | str = "cpu",
-                      backend: str = "auto", timeout: float = 600.0, reference: str | None = "full",
+                      backend: str = "auto", timeout: float = 600.0, reference: str | None = Full.name,
                       ) -> list[GradComparison]:
     """Each case (its ``batch_size`` is the global batch) on ``nproc`` ranks in one launch, against one process.
 
@@ -100,38 +97,3 @@ def check_distributed(cases: Sequence[StepConfig], nproc: int, *, device: torch.
     """
     per_rank = launch(_check_cases, nproc, (list(cases), reference), device=device, backend=backend, timeout=timeout)
     return [worst(column) for column in zip(*per_rank)]
-
-
-def verify_distributed(
-    nproc: int,
-    workloads: Sequence[str] = tuple(WORKLOADS),
-    strategies: Sequence[str] = ("cache",),
-    *,
-    precision: str = "float32",
-    device: torch.device | str = "cpu",
-    batch_size: int = 12,
-    chunk_sizes: Sequence[int] = (5,),
-    tolerance: float | None = None,
-    seed: int = 0,
-    dropout: float = 0.0,
-    backend: str = "auto",
-    timeout: float = 600.0,
-) -> list[VerifyResult]:
-    """``gcbench verify --nproc N``: one comparison per workload and strategy, all in one launch.
-
-    ``batch_size`` is the global batch (each rank gets ``batch_size / nproc``); chunk sizes apply to
-    each rank's rows. ``dropout`` must be 0 (see the module docstring).
-    """
-    chunks = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes)
-    if batch_size % nproc:
-        raise UsageError(f"--batch-size {batch_size} must split evenly over --nproc {nproc} ranks")
-    if dropout != 0.0:
-        raise UsageError(f"--dropout: the distributed check runs with dropout 0 (ranks draw masks from their own "
-                         f"random streams, which one process cannot replay); got {dropout}")
-    pairs = [(name, strategy) for name in workloads for strategy in strategies]
-    cases = [StepConfig(workload_config(name, 0.0), strategy, batch_size, chunks, precision, seed=seed)
-             for name, strategy in pairs]
-    comparisons = check_distributed(cases, nproc, device=device, backend=backend, timeout=timeout)
-    tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
-    return [VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol)
-            for (name, strategy), comparison in zip(pairs, comparisons)]

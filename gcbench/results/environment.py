@@ -12,20 +12,25 @@ from typing import Any
 import torch
 
 from gcbench.peers import installed_versions
+from gcbench.results.records import Environment
+from gcbench.version import __version__
 
-REPO = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository root, when gcbench runs from a checkout
 
 
 def git_commit() -> str | None:
-    """The commit gcbench runs from, with ``-dirty`` when tracked code or config has changes.
+    """The commit gcbench runs from, with ``-dirty`` when tracked code or config has changes; None when
+    gcbench is not running from a git checkout of itself (an installed wheel).
 
     ``reports/`` does not count: regenerating a committed report rewrites it while the sweep runs."""
+    if not (CHECKOUT / ".git").exists() or not (CHECKOUT / "pyproject.toml").is_file():
+        return None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)reports"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                                ":(exclude)reports"], cwd=CHECKOUT,
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -41,29 +46,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    from gcbench import __version__
-
+def environment(device: torch.device, git: str | None = None) -> Environment:
+    """What a record measured on ``device`` says of where it was measured; ``git``: the sweep's commit."""
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "gcbench": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "cpu": cpu_model(),
+        "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "hostname": platform.node(),
-        "load_average_1m": _load_average(),  # other work on the machine distorts times: judge them by it
+        "load_average_1m": _load_average(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **installed_versions(),  # the optional extras' packages, where installed
+        "git_commit": git,
+        "packages": installed_versions() or None,  # the optional extras' packages, where installed
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, device_memory_bytes=props.total_memory,
                     cuda=torch.version.cuda, driver=_nvidia_driver())
     else:
-        info.update(device_name=info["cpu"], device_memory_bytes=_host_memory())
-    return info
+        info.update(device_name=cpu, device_memory_bytes=_host_memory())
+    return Environment(**info)
 
 
 def _load_average() -> float | None:
@@ -83,7 +89,7 @@ def _host_memory() -> int | None:
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=20, check=False)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None

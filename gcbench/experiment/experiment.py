@@ -1,0 +1,182 @@
+"""An experiment: a workload, an optimizer and the grid of points a sweep measures, from a TOML file.
+
+```toml
+name = "quick"
+description = "..."
+[workload]   # WorkloadConfig
+[model]      # ModelConfig
+[optimizer]  # OptimizerConfig
+[sweep]      # SweepConfig
+```
+
+Every key is listed, with its type, default and flag, in ``docs/experiments.md`` (made from
+:mod:`gcbench.experiment.schema`). Everything is checked before any work starts: an unknown key or
+name, or an impossible value, is a :class:`~gcbench.errors.UsageError` naming the key and the file or
+flag that set it. Experiments shipped with gcbench live in this package (``gcbench/experiment/shipped``)
+and are found by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gcbench.errors import UsageError
+from gcbench.experiment.schema import SECTIONS, SUBSECTIONS, TOP_LEVEL, SweepConfig
+from gcbench.results.records import Point
+from gcbench.strategies import StrategyUse, resolve_strategy
+from gcbench.training import OptimizerConfig, StepConfig
+from gcbench.typed import Str, dump, load, typed
+from gcbench.workloads import FEATURE_KIND, TEXT_TOWERS, WorkloadConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "timeout", "predict")  # the grid, not the numbers
+
+
+@typed
+class Experiment:
+    name: Str
+    workload: WorkloadConfig
+    optimizer: OptimizerConfig
+    sweep: SweepConfig
+    description: Str = ""
+    source: Str = ""
+
+    def points(self) -> list[Point]:
+        """The grid by growing batch (so a series that ran out of memory skips ahead); within a batch, the
+        strategies that compete at the same chunk setting one after the other, so that a slow drift of the
+        machine's speed over a long sweep does not fall between them."""
+        chunked = [name for name in self.sweep.strategies if resolve_strategy(name).uses_chunks]
+        whole = [name for name in self.sweep.strategies if name not in chunked]
+        grid = []
+        for batch in self.sweep.batch_sizes:
+            grid.extend(Point(strategy, batch, None) for strategy in whole)
+            for chunks in self.sweep.chunk_sizes if chunked else ():
+                grid.extend(Point(strategy, batch, chunks) for strategy in chunked)
+        return grid
+
+    def step_config(self, point: Point) -> StepConfig:
+        return StepConfig(self.workload, point.strategy, point.batch_size, point.chunk_sizes, self.sweep.precision,
+                          self.optimizer, self.sweep.seed)
+
+    def strategy_use(self) -> StrategyUse:
+        return StrategyUse(self.workload, self.sweep.chunk_sizes, self.sweep.nproc, self.sweep.equivalence)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a point's numbers depend on, apart from the grid: extending the grid resumes, changing this
+        starts a different experiment."""
+        measured = {k: v for k, v in asdict(self.sweep).items() if k not in FINGERPRINT_EXCLUDES}
+        payload = {"workload": asdict(self.workload), "optimizer": asdict(self.optimizer), "sweep": measured}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = dump(self)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
+        experiment: Experiment = load(cls, data, "experiment")
+        return experiment
+
+
+def shipped() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
+
+
+def find_experiment(name_or_path: str) -> Path:
+    """A path to a TOML file, or the name of an experiment shipped with gcbench."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise UsageError(f"EXPERIMENT: no such file {name_or_path!r}")
+        return path
+    candidate = SHIPPED_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    raise UsageError(f"EXPERIMENT: no experiment named {name_or_path!r}; shipped: {', '.join(shipped())}")
+
+
+def load_experiment(name_or_path: str, overrides: Mapping[str, tuple[Any, str]] | None = None) -> Experiment:
+    """Read, override and check an experiment. ``overrides``: ``section.key`` -> (value, flag that set it)."""
+    path = find_experiment(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not valid TOML ({error})") from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read it ({error.strerror or error})") from None
+    return build_experiment(raw, str(path), overrides or {})
+
+
+def section_keys(section: str) -> list[str]:
+    return [name for name in SECTIONS[section].__pydantic_fields__ if (section, name) not in SUBSECTIONS]
+
+
+def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str, tuple[Any, str]]) -> Experiment:
+    entries: dict[str, dict[str, tuple[Any, str]]] = {section: {} for section in SECTIONS}
+    top: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in TOP_LEVEL:
+            if not isinstance(value, str):
+                raise UsageError(f"{source}: {name}: expected a string, got {value!r}")
+            top[name] = value
+        elif name in SECTIONS:
+            if not isinstance(value, dict):
+                raise UsageError(f"{source}: [{name}] must be a table")
+            known = section_keys(name)
+            for sub, sub_value in value.items():
+                if sub not in known:
+                    raise UsageError(f"{source}: unknown key {name}.{sub}; known: {', '.join(known)}")
+                entries[name][sub] = (sub_value, f"{source}: {name}.{sub}")
+        else:
+            raise UsageError(f"{source}: unknown key {name!r}; known: {', '.join([*TOP_LEVEL, *SECTIONS])}")
+    for dotted, (value, label) in overrides.items():
+        section, _, name = dotted.partition(".")
+        if section not in SECTIONS or name not in section_keys(section):
+            raise UsageError(f"{label}: unknown key {dotted!r}")
+        entries[section][name] = (value, label)
+    built: dict[str, Any] = {}
+    for section in ("model", "workload", "optimizer", "sweep"):
+        values = {name: value for name, (value, _) in entries[section].items()}
+        if section == "workload":
+            values["model"] = built["model"]
+        labels = {name: label for name, (_, label) in entries[section].items()}
+
+        def label(location: tuple[str | int, ...], section: str = section, labels: dict[str, str] = labels) -> str:
+            if not location:
+                return source
+            return labels.get(str(location[0]), f"{source}: {section}.{location[0]}")
+
+        built[section] = load(SECTIONS[section], values, label)
+    experiment = Experiment(top.get("name", Path(source).stem), built["workload"], built["optimizer"],
+                            built["sweep"], top.get("description", ""), source)
+    check_fit(experiment)
+    return experiment
+
+
+def check_fit(experiment: Experiment) -> None:
+    """Cross-section checks: what each key allows alone but not together, and what each strategy refuses."""
+    workload, sweep = experiment.workload, experiment.sweep
+    if workload.name == "clip" and workload.model.kind == FEATURE_KIND:
+        raise UsageError("model.kind: clip's text tower needs a text model, not mlp")
+    tower = TEXT_TOWERS.get(workload.model.kind)
+    if tower is not None:
+        tower.check(workload)
+    use = experiment.strategy_use()
+    for name in sweep.strategies:
+        resolve_strategy(name).check_use(use)
+    if sweep.nproc > 1:
+        for batch in sweep.batch_sizes:
+            if batch % sweep.nproc:
+                raise UsageError(f"sweep.batch_sizes: {batch} does not split evenly over nproc={sweep.nproc} ranks")

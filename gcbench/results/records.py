@@ -1,0 +1,166 @@
+"""The results format: one JSON record per sweep point, one line each in ``results.jsonl``.
+
+A record carries the point, its status, what was measured, the capabilities of its strategy, the
+schema version and the environment it was measured in, so a results file can be read (and reported)
+without the experiment or the strategy code that made it. Records are typed both ways: reading one
+with a field this version does not know, or a value of the wrong type, is refused with a message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from gcbench.errors import UsageError
+from gcbench.strategies import StrategyTraits
+from gcbench.typed import Float, Int, Str, dump, load, typed
+
+SCHEMA_VERSION = 2
+RESULTS_FILE = "results.jsonl"
+Status = Literal["ok", "oom", "error", "timeout", "skipped"]
+STATUSES: tuple[Status, ...] = ("ok", "oom", "error", "timeout", "skipped")
+FAILED: tuple[Status, ...] = ("error", "timeout")  # what ``--retry-failed`` runs again; oom is a result
+
+
+@typed
+class Point:
+    """One cell of the grid: a strategy at a batch size (and chunk sizes, if the strategy uses them)."""
+
+    strategy: Str
+    batch_size: Int
+    chunk_sizes: tuple[Int, ...] | None = None
+
+    @property
+    def chunk_label(self) -> str:
+        return "/".join(map(str, self.chunk_sizes)) if self.chunk_sizes else "-"
+
+    @property
+    def id(self) -> str:
+        return f"{self.strategy} batch={self.batch_size} chunks={self.chunk_label}"
+
+    @property
+    def series(self) -> str:
+        """The line a point belongs to in a plot: strategy, and chunk sizes where they matter."""
+        return self.strategy if not self.chunk_sizes else f"{self.strategy} (chunk {self.chunk_label})"
+
+
+@typed
+class MemoryResult:
+    """Bytes. ``peak`` = ``baseline`` (what the step starts from) + ``step_peak`` (the step's own)."""
+
+    method: Str
+    peak_bytes: Int | None  # absolute; for an out-of-memory point, the peak it reached
+    baseline_bytes: Int | None = None
+    step_peak_bytes: Int | None = None
+    forward_backward_peak_bytes: Int | None = None
+    optimizer_peak_bytes: Int | None = None
+    reserved_bytes: Int | None = None
+    breakdown: dict[str, Int] | None = None  # at the dispatch tracker's peak, absolute
+    tracked_peak_bytes: Int | None = None
+
+
+@typed
+class TimeResult:
+    median_s: Float
+    q1_s: Float
+    q3_s: Float
+    samples_s: tuple[Float, ...]
+    examples_per_s: Float
+
+    @property
+    def iqr_s(self) -> float:
+        return self.q3_s - self.q1_s
+
+
+@typed
+class EquivalenceResult:
+    reference: Str
+    max_abs_err: Float | None = None
+    max_rel_err: Float | None = None
+    cosine: Float | None = None
+    loss_diff: Float | None = None
+    note: Str | None = None  # why there are no numbers (n/a)
+
+
+@typed
+class Prediction:
+    """A peak predicted without allocating (``gcbench estimate``, ``sweep --predict``), or why there is none."""
+
+    target: Str | None = None
+    peak_bytes: Int | None = None
+    baseline_bytes: Int | None = None
+    forward_backward_peak_bytes: Int | None = None
+    optimizer_peak_bytes: Int | None = None
+    breakdown: dict[str, Int] | None = None
+    seconds: Float | None = None
+    world_size: Int = 1  # > 1: one rank's peak (DDP buckets and gathered representations included)
+    error: Str | None = None
+
+
+@typed
+class DistributedResult:
+    """A point measured on several ranks: every rank's peak, and how the batch was shared."""
+
+    world_size: Int
+    backend: Str
+    local_batch_size: Int | None = None
+    negatives: Literal["global", "per rank"] | None = None
+    peak_max_bytes: Int | None = None
+    peak_mean_bytes: Float | None = None
+    rank_peak_bytes: tuple[Int, ...] = ()
+    rank_median_s: tuple[Float, ...] = ()
+    threads_per_rank: Int | None = None
+
+
+@typed
+class Environment:
+    """Where a record was measured: versions, device, CPU, load, git commit (None outside a checkout)."""
+
+    gcbench: Str | None = None
+    torch: Str | None = None
+    python: Str | None = None
+    device: Str | None = None
+    device_name: Str | None = None
+    device_memory_bytes: Int | None = None
+    cpu: Str | None = None
+    cpu_cores: Int | None = None
+    torch_threads: Int | None = None
+    hostname: Str | None = None
+    load_average_1m: Float | None = None  # other work on the machine distorts times: judge them by it
+    time: Str | None = None
+    cuda: Str | None = None
+    driver: Str | None = None
+    git_commit: Str | None = None
+    packages: dict[str, Str] | None = None  # the optional extras' distributions, where installed
+
+
+@typed(frozen=False)
+class Record:
+    experiment: Str
+    fingerprint: Str
+    point: Point
+    status: Status
+    traits: StrategyTraits | None = None  # None: the strategy could not even be resolved
+    reason: Str | None = None
+    memory: MemoryResult | None = None
+    time: TimeResult | None = None
+    equivalence: EquivalenceResult | None = None
+    prediction: Prediction | None = None
+    distributed: DistributedResult | None = None
+    env: Environment = Environment()
+    finished_at: Str = ""
+    wall_s: Float | None = None
+    schema: Int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dump(self), sort_keys=True, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Record:
+        """A typed record; UsageError for another schema version, an unknown field or a wrong type."""
+        if not isinstance(data, dict):
+            raise UsageError(f"not a record (a JSON object), got {type(data).__name__}")
+        schema = data.get("schema")
+        if schema != SCHEMA_VERSION:
+            raise UsageError(f"results schema version {schema!r}; this gcbench reads version {SCHEMA_VERSION}")
+        return load(cls, data)

@@ -1,0 +1,249 @@
+"""One sweep point measured into a Record: in this process, or on W ranks.
+
+:class:`PointMeasurer` holds what every point shares (the record's frame, the memory budget, the
+status of a failure, the finishing touches); :class:`InProcess` measures the step here and
+:class:`OnRanks` on ``sweep.nproc`` ranks, each rank running the same
+:func:`~gcbench.measure.step.measure_step`. :func:`measurer` picks one for an experiment.
+
+On W ranks each rank builds the point's step for the global batch and keeps its shard; a timed
+repeat starts behind a barrier and lasts as long as its slowest rank. Rank 0's memory is the record's
+``memory``; ``distributed`` adds every rank's peak. On CPU the baseline also counts DDP's gradient
+buckets, allocated when DDP wraps the model and so outside the profiler's window (on CUDA
+``memory_allocated`` sees them); gloo's and NCCL's own buffers are not torch allocations and are not
+counted. The W-rank equivalence check runs with dropout off against one process running ``full`` over
+the global batch (see :mod:`gcbench.measure.ranks`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+
+import torch
+import torch.distributed as dist
+
+from gcbench.device import resolve_device
+from gcbench.distributed.launch import RankError, RankInfo, launch, resolve_backend
+from gcbench.distributed.objective import ddp_bucket_bytes, distribute_step, gathers
+from gcbench.errors import UsageError, first_line
+from gcbench.experiment import Experiment
+from gcbench.measure.equivalence import REFERENCE, GradComparison, check_strategy, compare
+from gcbench.measure.memory import MemoryMeasurement, is_out_of_memory, limit_cuda_memory, release_memory
+from gcbench.measure.ranks import REFERENCE as RANKS_REFERENCE
+from gcbench.measure.ranks import distributed_gradients, reference_gradients, worst
+from gcbench.measure.step import StepMeasurement, UntrackedBaseline, measure_step
+from gcbench.measure.timing import Timing
+from gcbench.measure.tracker import TrackedPeak
+from gcbench.results.environment import environment
+from gcbench.results.records import (DistributedResult, Environment, EquivalenceResult, MemoryResult, Point,
+                                     Record, Status, TimeResult)
+from gcbench.results.units import format_bytes
+from gcbench.strategies import StrategyTraits, resolve_strategy
+from gcbench.training import build_step
+
+LAUNCH_SHARE = 0.9  # of the point's timeout, for the ranks; the rest is for writing the record
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def bare_record(experiment: Experiment, point: Point, status: Status, reason: str | None,
+                git_commit: str | None) -> Record:
+    """A record of a point that measured nothing: skipped, or ended by a crash, a kill or a timeout."""
+    try:
+        traits: StrategyTraits | None = resolve_strategy(point.strategy).traits()
+    except UsageError:
+        traits = None
+    return Record(experiment.name, experiment.fingerprint, point, status, traits=traits, reason=reason,
+                  env=Environment(git_commit=git_commit), finished_at=now())
+
+
+def memory_result(measured: MemoryMeasurement, tracked: TrackedPeak) -> MemoryResult:
+    """A record's memory: the allocator-level peak, and the tracker's breakdown of another run of the step."""
+    return MemoryResult(
+        method=measured.method,
+        peak_bytes=measured.peak_bytes,
+        baseline_bytes=measured.baseline_bytes,
+        step_peak_bytes=measured.step_peak_bytes,
+        forward_backward_peak_bytes=measured.baseline_bytes + measured.phase_peak_bytes["forward_backward"],
+        optimizer_peak_bytes=measured.baseline_bytes + measured.phase_peak_bytes["optimizer"],
+        reserved_bytes=measured.reserved_bytes,
+        breakdown=tracked.breakdown,
+        tracked_peak_bytes=tracked.total,
+    )
+
+
+def time_result(timing: Timing, examples: int) -> TimeResult:
+    q1, q3 = timing.quartiles_s
+    return TimeResult(timing.median_s, q1, q3, timing.samples_s, examples / timing.median_s)
+
+
+def equivalence_result(comparison: GradComparison | str, reference: str) -> EquivalenceResult:
+    """A comparison's numbers, or why there are none (a note)."""
+    if isinstance(comparison, str):
+        return EquivalenceResult(reference, note=comparison)
+    c = comparison
+    return EquivalenceResult(reference, c.max_abs_err, c.max_rel_err, c.cosine, c.loss_diff)
+
+
+class PointMeasurer(ABC):
+    """Measures the points of one experiment; what is shared by one process and W ranks."""
+
+    def __init__(self, experiment: Experiment, git_commit: str | None = None) -> None:
+        self.experiment = experiment
+        self.git_commit = git_commit
+
+    def measure(self, point: Point) -> Record:
+        started = time.perf_counter()
+        sweep = self.experiment.sweep
+        if sweep.threads:
+            torch.set_num_threads(sweep.threads)
+        device = resolve_device(sweep.device)
+        record = Record(self.experiment.name, self.experiment.fingerprint, point, "ok",
+                        traits=resolve_strategy(point.strategy).traits(), env=environment(device, self.git_commit))
+        self.run(point, device, record)
+        budget = sweep.memory_budget
+        if record.status == "ok" and record.memory is not None and budget is not None:
+            peak = max(record.memory.peak_bytes or 0, (record.distributed.peak_max_bytes or 0)
+                       if record.distributed else 0)
+            if peak > budget:
+                rank = "" if record.distributed is None else \
+                    f" of rank {record.distributed.rank_peak_bytes.index(peak)}"
+                record.status = "oom"
+                record.reason = f"peak {format_bytes(peak)}{rank} is over the memory budget {format_bytes(budget)}"
+                record.equivalence = None
+        record.finished_at = now()
+        record.wall_s = time.perf_counter() - started
+        return record
+
+    @abstractmethod
+    def run(self, point: Point, device: torch.device, record: Record) -> None:
+        """Fill ``record`` (memory, time, equivalence; or a failed status with its reason)."""
+
+
+class InProcess(PointMeasurer):
+    """The point's step in this process (the sweep runs it in a child process of its own)."""
+
+    def run(self, point: Point, device: torch.device, record: Record) -> None:
+        sweep = self.experiment.sweep
+        limit_cuda_memory(device, sweep.memory_budget)
+        try:
+            step = build_step(self.experiment.step_config(point), device)
+            measured = measure_step(step, sweep.warmup, sweep.repeats)
+            del step
+        except Exception as error:  # noqa: BLE001 - running out of memory is a result
+            if not is_out_of_memory(error):
+                raise
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            record.status, record.reason = "oom", first_line(error)
+            record.memory = MemoryResult("cuda max_memory_allocated" if peak else "n/a", peak)
+            release_memory(device)
+            return
+        record.memory = memory_result(measured.memory, measured.tracked)
+        record.time = time_result(measured.timing, point.batch_size)
+        release_memory(device)
+        within = sweep.memory_budget is None or (record.memory.peak_bytes or 0) <= sweep.memory_budget
+        if sweep.equivalence and within:
+            record.equivalence = self._equivalence(point, device)
+
+    def _equivalence(self, point: Point, device: torch.device) -> EquivalenceResult:
+        if resolve_strategy(point.strategy).reference:
+            return EquivalenceResult("self", note=f"{point.strategy} is the reference")
+        experiment = self.experiment
+        try:
+            result = check_strategy(experiment.workload, point.strategy, point.batch_size, point.chunk_sizes,
+                                    precision=experiment.sweep.precision, device=device, seed=experiment.sweep.seed)
+        except Exception as error:  # noqa: BLE001
+            if not is_out_of_memory(error):
+                raise
+            release_memory(device)
+            return EquivalenceResult(REFERENCE, note=f"n/a: the full-batch reference does not fit ({first_line(error)})")
+        return equivalence_result(result, REFERENCE)
+
+
+@dataclass(frozen=True)
+class RankMeasurement:
+    """What one rank sends back."""
+
+    measured: StepMeasurement
+    threads: int
+    equivalence: GradComparison | str | None  # a comparison, why there is none (n/a), or not asked for
+
+
+class OnRanks(PointMeasurer):
+    """The point on ``sweep.nproc`` ranks (its batch size is the global batch).
+
+    A rank that fails ends the point: ``oom`` when it ran out of memory, ``error`` with that rank's
+    message otherwise, ``timeout`` when the ranks hang past the point's timeout.
+    """
+
+    def run(self, point: Point, device: torch.device, record: Record) -> None:
+        sweep = self.experiment.sweep
+        backend = resolve_backend(sweep.backend, device)
+        record.distributed = DistributedResult(sweep.nproc, backend)
+        try:
+            ranks = launch(_measure_rank, sweep.nproc, (self.experiment, point), device=device, backend=backend,
+                           timeout=sweep.timeout * LAUNCH_SHARE, threads=sweep.threads)
+        except RankError as error:
+            record.status = "oom" if error.exception is not None and is_out_of_memory(error.exception) else "error"
+            record.reason = first_line(error)
+            return
+        except TimeoutError as error:
+            record.status, record.reason = "timeout", str(error)
+            return
+        peaks = [r.measured.memory.peak_bytes for r in ranks]
+        # A repeat ends when its slowest rank does.
+        timing = Timing(tuple(max(samples) for samples in zip(*(r.measured.timing.samples_s for r in ranks))))
+        record.memory = memory_result(ranks[0].measured.memory, ranks[0].measured.tracked)
+        record.time = time_result(timing, point.batch_size)
+        record.distributed = replace(
+            record.distributed, local_batch_size=point.batch_size // len(ranks),
+            negatives="global" if gathers(point.strategy) else "per rank", peak_max_bytes=max(peaks),
+            peak_mean_bytes=statistics.mean(peaks), rank_peak_bytes=tuple(peaks),
+            rank_median_s=tuple(r.measured.timing.median_s for r in ranks), threads_per_rank=ranks[0].threads)
+        results = [r.equivalence for r in ranks]
+        if all(r is not None for r in results):
+            notes = [r for r in results if isinstance(r, str)]
+            comparisons = [r for r in results if isinstance(r, GradComparison)]
+            record.equivalence = equivalence_result(notes[0] if notes else worst(comparisons), RANKS_REFERENCE)
+
+
+def _measure_rank(info: RankInfo, experiment: Experiment, point: Point) -> RankMeasurement:
+    sweep = experiment.sweep
+    limit_cuda_memory(info.device, sweep.memory_budget)
+    step = distribute_step(build_step(experiment.step_config(point), info.device))
+    buckets = UntrackedBaseline("DDP gradient buckets", ddp_bucket_bytes(step.strategy.objective.encoders))
+    measured = measure_step(step, sweep.warmup, sweep.repeats, untracked=buckets,
+                            before_each=lambda: _barrier(info))
+    del step
+    release_memory(info.device)
+    equivalence = _rank_equivalence(experiment, point, info.device) if sweep.equivalence else None
+    return RankMeasurement(measured, torch.get_num_threads(), equivalence)
+
+
+def _barrier(info: RankInfo) -> None:
+    """Every rank starts the timed step together (NCCL wants to be told the device)."""
+    dist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def _rank_equivalence(experiment: Experiment, point: Point, device: torch.device) -> GradComparison | str:
+    model = replace(experiment.workload.model, dropout=0.0)
+    config = replace(experiment.step_config(point), workload=replace(experiment.workload, model=model))
+    grads, loss = distributed_gradients(config, device)
+    try:
+        ref_grads, ref_loss = reference_gradients(config, device)
+    except Exception as error:  # noqa: BLE001
+        if not is_out_of_memory(error):
+            raise
+        release_memory(device)
+        return f"n/a: the single-process reference over the global batch does not fit ({first_line(error)})"
+    return compare(grads, ref_grads, loss, ref_loss)
+
+
+def measurer(experiment: Experiment, git_commit: str | None = None) -> PointMeasurer:
+    """The measurer for the experiment's ranks: this process, or ``sweep.nproc`` of them."""
+    return (OnRanks if experiment.sweep.nproc > 1 else InProcess)(experiment, git_commit)
