@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,,$(subst <,,$(subst >,,$(TORCH))))
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast lint docs setup clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[test,real,peers]"
+	$(BIN)/python -m pip install --quiet -e ".[test,real,peers,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -28,5 +28,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gcbench tests experiments
+	$(BIN)/ruff format --check gcbench tests experiments
+	$(BIN)/mypy
+
+docs: $(STAMP)
+	$(BIN)/python -c 'from pathlib import Path; from gcbench.experiment.schema import with_key_table as t; \
+	p = Path("docs/experiments.md"); p.write_text(t(p.read_text()))'
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

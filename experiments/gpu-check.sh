@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run of the paper's setting (one device call of at most ~8 minutes):
-#   environment, gcbench verify in float32 / fp16+GradScaler / bf16, the dpr-bert-base sweep under an
-#   11 GiB budget with predictions beside the measurements, then `full` without a budget, and a report.
+#   environment, the cuda-marked tests, gcbench verify in float32 / fp16+GradScaler / bf16, the
+#   dpr-bert-base sweep under an 11 GiB budget with predictions beside the measurements, then `full`
+#   without a budget, and a report.
 # Logs and a tarball of the results and report land in $OUT (the device tool brings back at most 8
 # files there); the sweeps work in $WORK.
 #
@@ -37,8 +38,12 @@ fi
     torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
 } 2>&1 | tee "$OUT/environment.txt"
 
-for dtype in float32 fp16 bf16; do
-  "${G[@]}" verify --device "$DEVICE" --dtype "$dtype" --strategy cache,checkpoint,accumulate || true
+# The paths only a GPU runs (peaks from the CUDA allocator, the enforced budget, dropout from the GPU's
+# generator, the CUDA estimate against a measured peak); skipped with the reason on CPU.
+"$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.txt" || true
+
+for precision in float32 fp16 bf16; do
+  "${G[@]}" verify --device "$DEVICE" --precision "$precision" --strategies cache,checkpoint,accumulate || true
 done 2>&1 | tee "$OUT/verify.txt"
 
 # The paper's card: 11 GiB enforced with set_per_process_memory_fraction; predictions recorded beside.
@@ -50,7 +55,7 @@ done 2>&1 | tee "$OUT/verify.txt"
 "${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full --batch-sizes "$FREE_BATCHES" --memory-budget none \
   --predict --repeats 3 --warmup 1 --timeout 120 --out "$WORK/no-budget" --fresh --quiet 2>&1 | tee -a "$OUT/sweeps.txt"
 
-"${G[@]}" report "$WORK/budget-11GiB" "$WORK/no-budget" --out "$WORK/report" --budget 11GiB 2>&1 | tail -5
+"${G[@]}" report "$WORK/budget-11GiB" "$WORK/no-budget" --out "$WORK/report" --memory-budget 11GiB 2>&1 | tail -5
 tar -czf "$OUT/results.tar.gz" -C "$WORK" report budget-11GiB/results.jsonl budget-11GiB/logs \
   no-budget/results.jsonl no-budget/logs
 echo "done: $OUT"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from gcbench.measure.timing import Timing, time_calls
 from gcbench.experiment import Experiment, load_experiment
-from gcbench.results.environment import environment, git_commit
+from gcbench.measure.timing import Timing, time_calls
 from gcbench.results import Point
+from gcbench.results.environment import environment, git_commit
 from gcbench.training import build_step
 from gcbench.typed import dump
 
@@ -51,20 +51,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Markdown table; a .json beside it")
     args = parser.parse_args()
     experiment = load_experiment("peers-minilm")
-    rows, lines = [], ["| batch | chunk | " + " | ".join(f"{s} median s (IQR)" for s in STRATEGIES)
-                       + " | cache / st-cached | cache / cache-rerun |", "|---" * (len(STRATEGIES) + 4) + "|"]
+    rows, lines = (
+        [],
+        [
+            "| batch | chunk | "
+            + " | ".join(f"{s} median s (IQR)" for s in STRATEGIES)
+            + " | cache / st-cached | cache / cache-rerun |",
+            "|---" * (len(STRATEGIES) + 4) + "|",
+        ],
+    )
     for batch, chunk in SETTINGS:
         timings = measure(experiment, batch, chunk, args.rounds)
         median = {name: t.median_s for name, t in timings.items()}
-        rows.append({"batch": batch, "chunk": chunk,
-                     **{name: list(t.samples_s) for name, t in timings.items()}})
+        rows.append({"batch": batch, "chunk": chunk, **{name: list(t.samples_s) for name, t in timings.items()}})
         cells = " | ".join(f"{t.median_s:.3f} ({t.iqr_s:.3f})" for t in timings.values())
-        lines.append(f"| {batch} | {chunk} | {cells} | {median['cache'] / median['st-cached']:.3f} | "
-                     f"{median['cache'] / median['cache-rerun']:.3f} |")
+        lines.append(
+            f"| {batch} | {chunk} | {cells} | {median['cache'] / median['st-cached']:.3f} | "
+            f"{median['cache'] / median['cache-rerun']:.3f} |"
+        )
         print(lines[-1], flush=True)
     env = dump(environment(torch.device("cpu"), git_commit()))
-    header = (f"Interleaved forward+backward times, {args.rounds} rounds after one warmup, peers-minilm's model "
-              f"and data, torch {env['torch']}, {env['cpu_cores']} cores ({env['cpu']}), commit {env['git_commit']}.")
+    header = (
+        f"Interleaved forward+backward times, {args.rounds} rounds after one warmup, peers-minilm's model "
+        f"and data, torch {env['torch']}, {env['cpu_cores']} cores ({env['cpu']}), commit {env['git_commit']}."
+    )
     args.out.write_text(header + "\n\n" + "\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "rounds": args.rounds, "rows": rows}, indent=1))
 

@@ -14,5 +14,17 @@ from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
 
 peers.register()  # optional model kinds and strategies by name; their extras are imported only when chosen
 
-__all__ = ["STRATEGIES", "GradCache", "ModelConfig", "Objective", "Strategy", "StrategyTraits", "StrategyUse",
-           "WorkloadConfig", "__version__", "build_workload", "make_strategy", "resolve_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "GradCache",
+    "ModelConfig",
+    "Objective",
+    "Strategy",
+    "StrategyTraits",
+    "StrategyUse",
+    "WorkloadConfig",
+    "__version__",
+    "build_workload",
+    "make_strategy",
+    "resolve_strategy",
+]

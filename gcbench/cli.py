@@ -8,6 +8,7 @@ have one home, shared by every command that takes them.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,8 +26,13 @@ from gcbench.results.units import parse_bytes
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 # Spellings of earlier versions, refused with the one that replaced them.
-RENAMED = {"--dtype": "--precision", "--strategy": "--strategies", "--chunk-size": "--chunk-sizes",
-           "--budget": "--memory-budget", "--batch": "--batch-size"}
+RENAMED = {
+    "--dtype": "--precision",
+    "--strategy": "--strategies",
+    "--chunk-size": "--chunk-sizes",
+    "--budget": "--memory-budget",
+    "--batch": "--batch-size",
+}
 _command: list[str] = []  # the subcommand being run, for error lines
 
 
@@ -63,53 +69,106 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command()
 @click.option("--workload", default="dpr,clip,simclr", show_default=True, help="Workloads, comma-separated.")
-@click.option("--strategies", default="cache", show_default=True,
-              help="Strategies to check against the full-batch reference, comma-separated.")
+@click.option(
+    "--strategies",
+    default="cache",
+    show_default=True,
+    help="Strategies to check against the full-batch reference, comma-separated.",
+)
 @click.option("--precision", default="float32", show_default=True, help=help_of("sweep.precision"))
 @click.option("--device", default="auto", show_default=True, help=help_of("sweep.device"))
 @click.option("--batch-size", type=int, default=12, show_default=True, help="Examples per batch (global with --nproc).")
-@click.option("--chunk-sizes", default="5", show_default=True, metavar="5|8/4",
-              help=f"{help_of('sweep.chunk_sizes')}; each setting is checked.")
-@click.option("--tolerance", type=float, default=None,
-              help="Max relative gradient error [default: 1e-10 float64, 1e-5 float32, 3e-2 bf16, 3e-3 fp16].")
+@click.option(
+    "--chunk-sizes",
+    default="5",
+    show_default=True,
+    metavar="5|8/4",
+    help=f"{help_of('sweep.chunk_sizes')}; each setting is checked.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    help="Max relative gradient error [default: 1e-10 float64, 1e-5 float32, 3e-2 bf16, 3e-3 fp16].",
+)
 @click.option("--dropout", type=float, default=None, help="Dropout of the test models [default: 0.1; 0 with --nproc].")
 @click.option("--seed", type=int, default=0, show_default=True, help=help_of("sweep.seed"))
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Ranks: >1 checks N-rank gradients (DDP, gathered loss) against one process over the global batch.")
-@click.option("--backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
-              help=help_of("sweep.backend"))
-def verify(workload: str, strategies: str, precision: str, device: str, batch_size: int, chunk_sizes: str,
-           tolerance: float | None, dropout: float | None, seed: int, nproc: int, backend: str) -> int:
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Ranks: >1 checks N-rank gradients (DDP, gathered loss) against one process over the global batch.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "gloo", "nccl"]),
+    default="auto",
+    show_default=True,
+    help=help_of("sweep.backend"),
+)
+def verify(
+    workload: str,
+    strategies: str,
+    precision: str,
+    device: str,
+    batch_size: int,
+    chunk_sizes: str,
+    tolerance: float | None,
+    dropout: float | None,
+    seed: int,
+    nproc: int,
+    backend: str,
+) -> int:
     """Check that a strategy's gradients equal full-batch ones; exit 1 if any check fails."""
     from gcbench.device import resolve_device
     from gcbench.verify import verify as run_verify
-    from gcbench.verify import verify_distributed
 
     workloads, names = name_list("--workload", workload), name_list("--strategies", strategies)
     settings = from_text("sweep.chunk_sizes", "--chunk-sizes", chunk_sizes)
-    options: dict[str, Any] = dict(precision=precision, device=resolve_device(device), batch_size=batch_size,
-                                   chunk_sizes=settings, tolerance=tolerance, seed=seed)
-    if nproc > 1:
-        from gcbench.distributed import RankError
+    options: dict[str, Any] = {
+        "precision": precision,
+        "device": resolve_device(device),
+        "batch_size": batch_size,
+        "chunk_sizes": settings,
+        "tolerance": tolerance,
+        "seed": seed,
+    }
+    from gcbench.distributed import RankError
 
-        try:
-            results = verify_distributed(nproc, workloads, names, **options, dropout=dropout or 0.0, backend=backend)
-        except (RankError, TimeoutError) as error:
-            console.print(f"[red]distributed check failed[/red]: {error}", highlight=False)
-            return 1
-    else:
-        results = run_verify(workloads, names, **options, dropout=0.1 if dropout is None else dropout)
+    try:
+        results = run_verify(workloads, names, **options, dropout=dropout, nproc=nproc, backend=backend)
+    except (RankError, TimeoutError) as error:
+        console.print(f"[red]distributed check failed[/red]: {error}", highlight=False)
+        return 1
     ranks = f", {nproc} ranks vs 1 process" if nproc > 1 else ""
     table = Table(title=f"gradient equivalence vs full batch ({precision}{ranks}, tolerance {results[0].tolerance:g})")
-    for column in ("workload", "strategy", "batch", "chunks", "max abs err", "max rel err", "cosine",
-                   "loss diff", "result"):
+    for column in (
+        "workload",
+        "strategy",
+        "batch",
+        "chunks",
+        "max abs err",
+        "max rel err",
+        "cosine",
+        "loss diff",
+        "result",
+    ):
         table.add_column(column, justify="left" if column in ("workload", "strategy") else "right")
     for r in results:
         c = r.comparison
         verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
-        table.add_row(r.workload, r.strategy, str(r.batch_size), "/".join(map(str, r.chunk_sizes)),
-                      f"{c.max_abs_err:.2e}", f"{c.max_rel_err:.2e}", f"{c.cosine:.12f}", f"{c.loss_diff:.2e}",
-                      verdict)
+        table.add_row(
+            r.workload,
+            r.strategy,
+            str(r.batch_size),
+            "/".join(map(str, r.chunk_sizes)),
+            f"{c.max_abs_err:.2e}",
+            f"{c.max_rel_err:.2e}",
+            f"{c.cosine:.12f}",
+            f"{c.loss_diff:.2e}",
+            verdict,
+        )
     console.print(table)
     failed = sum(not r.passed for r in results)
     if failed:
@@ -129,10 +188,17 @@ def _flag_option(entry: Key) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 def experiment_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The experiment argument, a flag per experiment key that has one, and ``--set`` for any key."""
-    options = [click.argument("experiment", default="quick"),
-               *(_flag_option(entry) for entry in flag_keys().values()),
-               click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-                            help="Override any experiment key, e.g. --set model.hidden=256.")]
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.argument("experiment", default="quick"),
+        *(_flag_option(entry) for entry in flag_keys().values()),
+        click.option(
+            "--set",
+            "settings",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override any experiment key, e.g. --set model.hidden=256.",
+        ),
+    ]
     for option in reversed(options):
         command = option(command)
     return command
@@ -163,14 +229,25 @@ def load_with_overrides(experiment: str, settings: Sequence[str], flags: dict[st
 
 @cli.command()
 @experiment_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Results folder [default: reports/EXPERIMENT].")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Results folder [default: reports/EXPERIMENT]."
+)
 @click.option("--fresh", is_flag=True, help="Discard earlier results in the folder instead of resuming.")
-@click.option("--retry-failed", is_flag=True,
-              help="Measure again the points that ended in error or timeout; keep every other result.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Measure again the points that ended in error or timeout; keep every other result.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar: one line per point (for CI logs).")
-def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: bool, retry_failed: bool, quiet: bool,
-          **flags: Any) -> int:
+def sweep(
+    experiment: str,
+    settings: tuple[str, ...],
+    out: Path | None,
+    fresh: bool,
+    retry_failed: bool,
+    quiet: bool,
+    **flags: Any,
+) -> int:
     """Measure strategies across batch and chunk sizes, one process per point; resumes."""
     from gcbench.sweep.display import make_progress, progress_events, quiet_events, summary_tables
     from gcbench.sweep.runner import run_sweep
@@ -180,13 +257,16 @@ def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: b
     chosen = load_with_overrides(experiment, settings, flags)
     out_dir = out or Path("reports") / chosen.name
     title = f"sweep [bold]{chosen.name}[/] ({len(chosen.points())} points) -> {out_dir}"
-    if quiet:
-        outcome = run_sweep(chosen, out_dir, fresh=fresh, retry_failed=retry_failed, events=quiet_events(console),
-                            on_ready=lambda: console.print(title, highlight=False))
-    else:
-        with make_progress(console) as progress:
-            outcome = run_sweep(chosen, out_dir, fresh=fresh, retry_failed=retry_failed,
-                                events=progress_events(progress), on_ready=lambda: console.print(title, highlight=False))
+    display = contextlib.nullcontext(None) if quiet else make_progress(console)
+    with display as progress:
+        outcome = run_sweep(
+            chosen,
+            out_dir,
+            fresh=fresh,
+            retry_failed=retry_failed,
+            events=quiet_events(console) if progress is None else progress_events(progress),
+            on_ready=lambda: console.print(title, highlight=False),
+        )
     for table in summary_tables(outcome.records):
         console.print(table)
     if outcome.records:
@@ -194,8 +274,10 @@ def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: b
 
         files = write_report([outcome.results_path], out_dir, memory_budget=chosen.sweep.memory_budget)
         console.print(f"report: {files.report}", highlight=False)
-    console.print(f"{outcome.ran} points measured, {outcome.resumed} kept from an earlier run; "
-                  f"results: {outcome.results_path}", highlight=False)
+    console.print(
+        f"{outcome.ran} points measured, {outcome.resumed} kept from an earlier run; results: {outcome.results_path}",
+        highlight=False,
+    )
     if outcome.interrupted:
         console.print("[yellow]interrupted[/]: finished points are kept; run the same command again to resume")
         return 130
@@ -204,14 +286,31 @@ def sweep(experiment: str, settings: tuple[str, ...], out: Path | None, fresh: b
 
 @cli.command()
 @experiment_options
-@click.option("--device-memory", "device_memory", default="11GiB,24GiB,80GiB", show_default=True,
-              help="Device memory sizes to fit, comma-separated.")
-@click.option("--target", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="The device the prediction is for (modelled on CPU fake tensors).")
+@click.option(
+    "--device-memory",
+    "device_memory",
+    default="11GiB,24GiB,80GiB",
+    show_default=True,
+    help="Device memory sizes to fit, comma-separated.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["cuda", "cpu"]),
+    default="cuda",
+    show_default=True,
+    help="The device the prediction is for (modelled on CPU fake tensors).",
+)
 @click.option("--batch-size", "advice_batch", type=int, help="Batch for the chunk-size advice [default: the largest].")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def estimate(experiment: str, settings: tuple[str, ...], device_memory: str, target: str, advice_batch: int | None,
-             fmt: str, **flags: Any) -> int:
+def estimate(
+    experiment: str,
+    settings: tuple[str, ...],
+    device_memory: str,
+    target: str,
+    advice_batch: int | None,
+    fmt: str,
+    **flags: Any,
+) -> int:
     """Predict peak memory per strategy and batch without allocating it; advise a chunk size."""
     from gcbench.estimate.plan import estimate_experiment
     from gcbench.estimate.render import render
@@ -231,15 +330,25 @@ def estimate(experiment: str, settings: tuple[str, ...], device_memory: str, tar
 
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder [default: the folder of a single RESULTS, else reports/comparison].")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report folder [default: the folder of a single RESULTS, else reports/comparison].",
+)
 @click.option("--show", is_flag=True, help="Also print the summary table here.")
 @click.option("--memory-budget", help="Memory budget to draw and judge fits against, e.g. 11GiB.")
-@click.option("--batch-size", "breakdown_batch", type=int,
-              help="Batch of the memory breakdown [default: the largest full ran].")
+@click.option(
+    "--batch-size", "breakdown_batch", type=int, help="Batch of the memory breakdown [default: the largest full ran]."
+)
 @click.option("--label", "labels", multiple=True, help="A name per RESULTS, in order, for legends and tables.")
-def report(results: tuple[Path, ...], out: Path | None, show: bool, memory_budget: str | None,
-           breakdown_batch: int | None, labels: tuple[str, ...]) -> int:
+def report(
+    results: tuple[Path, ...],
+    out: Path | None,
+    show: bool,
+    memory_budget: str | None,
+    breakdown_batch: int | None,
+    labels: tuple[str, ...],
+) -> int:
     """Figures and tables (report.md) from sweep results; several RESULTS are compared."""
     from gcbench.report import load_runs, summary_table, write_report
 
@@ -249,8 +358,9 @@ def report(results: tuple[Path, ...], out: Path | None, show: bool, memory_budge
     files = write_report(runs, out_dir, memory_budget=budget, breakdown_batch=breakdown_batch)
     if show:
         console.print(summary_table(runs, budget))
-    console.print(f"report: {files.report} ({len(files.figures)} figure files, {len(files.tables)} table files)",
-                  highlight=False)
+    console.print(
+        f"report: {files.report} ({len(files.figures)} figure files, {len(files.tables)} table files)", highlight=False
+    )
     return 0
 
 

@@ -26,8 +26,9 @@ class InBatchSoftmax(nn.Module):
 
     def forward(self, queries: Tensor, passages: Tensor) -> Tensor:
         if passages.shape[0] % queries.shape[0]:
-            raise ValueError(f"InBatchSoftmax: {passages.shape[0]} passages do not split into groups for "
-                             f"{queries.shape[0]} queries")
+            raise ValueError(
+                f"InBatchSoftmax: {passages.shape[0]} passages do not split into groups for {queries.shape[0]} queries"
+            )
         group = passages.shape[0] // queries.shape[0]
         scores = queries @ passages.T / self.temperature
         targets = torch.arange(queries.shape[0], device=queries.device) * group

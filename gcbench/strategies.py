@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -103,11 +103,14 @@ class Strategy(ABC):
     @classmethod
     def traits(cls) -> StrategyTraits:
         global_negatives = cls.exact if cls.global_negatives is None else cls.global_negatives
-        return StrategyTraits(cls.exact, cls.uses_chunks, cls.caches_representations, cls.reference,
-                              global_negatives)
+        return StrategyTraits(cls.exact, cls.uses_chunks, cls.caches_representations, cls.reference, global_negatives)
 
-    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        chunk_sizes: int | Sequence[int] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.objective = objective
         self.scaler = scaler
         count = len(objective.encoders)
@@ -159,8 +162,12 @@ class Checkpoint(Full):
     name = "checkpoint"
     reference = False
 
-    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        chunk_sizes: int | Sequence[int] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         super().__init__(objective, chunk_sizes, scaler)
         for encoder in self._distinct_encoders():
             set_checkpointing(encoder, True)
@@ -173,18 +180,33 @@ class Checkpoint(Full):
         return list({id(e): unwrap_ddp(e) for e in self.objective.encoders}.values())
 
 
+class _CheckpointingSwitch(Protocol):
+    """Hugging Face's switch for per-layer activation checkpointing."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None: ...
+
+    def gradient_checkpointing_disable(self) -> None: ...
+
+
+def _has_checkpointing_switch(module: nn.Module) -> TypeGuard[_CheckpointingSwitch]:
+    return hasattr(module, "gradient_checkpointing_enable")
+
+
 def set_checkpointing(module: nn.Module, enabled: bool) -> None:
     """Per-layer activation checkpointing on or off: Hugging Face models and gcbench's own models."""
-    if hasattr(module, "gradient_checkpointing_enable"):
+    if _has_checkpointing_switch(module):
         if enabled:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             module.gradient_checkpointing_disable()
     elif hasattr(module, "gradient_checkpointing"):
-        module.gradient_checkpointing = enabled
+        # torch types Module.__setattr__ for tensors and modules only; a plain attribute takes any value
+        module.gradient_checkpointing = enabled  # type: ignore[assignment]
     else:
-        raise TypeError(f"{type(module).__name__} has no per-layer activation checkpointing "
-                        "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)")
+        raise TypeError(
+            f"{type(module).__name__} has no per-layer activation checkpointing "
+            "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)"
+        )
 
 
 class Cache(Strategy):
@@ -194,20 +216,33 @@ class Cache(Strategy):
     caches_representations = True
     reuse_last_graph: ClassVar[bool] = True
 
-    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        chunk_sizes: int | Sequence[int] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         super().__init__(objective, chunk_sizes, scaler)
         assert self.chunk_sizes is not None
-        self.engine = GradCache(objective.encoders, objective.loss_fn, self.chunk_sizes, get_rep=objective.get_rep,
-                                scaler=scaler, reuse_last_graph=self.reuse_last_graph)
+        self.engine = GradCache(
+            objective.encoders,
+            objective.loss_fn,
+            self.chunk_sizes,
+            get_rep=objective.get_rep,
+            scaler=scaler,
+            reuse_last_graph=self.reuse_last_graph,
+        )
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         return self.engine(*batches, **loss_kwargs)
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         assert self.chunk_sizes is not None
-        return [(i, slice(start, stop)) for i, (size, chunk) in enumerate(zip(sizes, self.chunk_sizes))
-                for start, stop in chunk_bounds(size, chunk)]
+        return [
+            (i, slice(start, stop))
+            for i, (size, chunk) in enumerate(zip(sizes, self.chunk_sizes))
+            for start, stop in chunk_bounds(size, chunk)
+        ]
 
 
 class CacheRerun(Cache):
@@ -233,10 +268,13 @@ class Accumulate(Strategy):
         first = sizes[0]
         for i, size in enumerate(sizes):
             if size % first:
-                raise ValueError(f"accumulate: batches[{i}] has {size} rows, not a multiple of the "
-                                 f"{first} examples of batches[0]")
-        return [[slice(start * size // first, stop * size // first) for size in sizes]
-                for start, stop in chunk_bounds(first, self.chunk_sizes[0])]
+                raise ValueError(
+                    f"accumulate: batches[{i}] has {size} rows, not a multiple of the {first} examples of batches[0]"
+                )
+        return [
+            [slice(start * size // first, stop * size // first) for size in sizes]
+            for start, stop in chunk_bounds(first, self.chunk_sizes[0])
+        ]
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         sizes = self.check_batches(batches)
@@ -245,11 +283,19 @@ class Accumulate(Strategy):
         for index, rows in enumerate(micro_batches):
             share = (rows[0].stop - rows[0].start) / sizes[0]
             micro = [slice_batch(b, r.start, r.stop) for b, r in zip(batches, rows)]
-            kwargs = {k: v[rows[0]] if isinstance(v, Tensor) and v.dim() and v.shape[0] == sizes[0] else v
-                      for k, v in loss_kwargs.items()}
+            kwargs = {
+                k: v[rows[0]] if isinstance(v, Tensor) and v.dim() and v.shape[0] == sizes[0] else v
+                for k, v in loss_kwargs.items()
+            }
             with _no_sync(self.objective.encoders, index < len(micro_batches) - 1):
-                loss = backward_in_order(self.objective, micro, whole_batches([r.stop - r.start for r in rows]),
-                                         kwargs, self.scaler, weight=share)
+                loss = backward_in_order(
+                    self.objective,
+                    micro,
+                    whole_batches([r.stop - r.start for r in rows]),
+                    kwargs,
+                    self.scaler,
+                    weight=share,
+                )
             total = total + loss * share
         return total
 
@@ -283,7 +329,11 @@ def resolve_strategy(name: str) -> type[Strategy]:
         raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
 
 
-def make_strategy(name: str, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
-                  scaler: torch.amp.GradScaler | None = None) -> Strategy:
+def make_strategy(
+    name: str,
+    objective: Objective,
+    chunk_sizes: int | Sequence[int] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Strategy:
     cls = resolve_strategy(name)
     return cls(objective, chunk_sizes if cls.uses_chunks else None, scaler)

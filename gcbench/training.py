@@ -32,8 +32,9 @@ class OptimizerConfig:
     name: OptimizerName = key("adamw, adam or sgd (with momentum 0.9)", default="adamw")
     lr: Float = key("learning rate", default=1e-4, ge=0.0)
     weight_decay: Float = key("weight decay (adamw)", default=0.01, ge=0.0)
-    foreach: Bool | None = key("torch's multi-tensor implementation (none: torch's default, foreach on CUDA)",
-                               default=None)
+    foreach: Bool | None = key(
+        "torch's multi-tensor implementation (none: torch's default, foreach on CUDA)", default=None
+    )
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -130,8 +131,15 @@ def build_step(config: StepConfig, device: torch.device) -> TrainingStep:
     return step_on(workload, optimizer, config, device)
 
 
-def step_on(workload: Workload, optimizer: torch.optim.Optimizer, config: StepConfig, device: torch.device, *,
-            objective: Objective | None = None, loss_scaling: bool = True) -> TrainingStep:
+def step_on(
+    workload: Workload,
+    optimizer: torch.optim.Optimizer,
+    config: StepConfig,
+    device: torch.device,
+    *,
+    objective: Objective | None = None,
+    loss_scaling: bool = True,
+) -> TrainingStep:
     """A step for ``config`` on a workload and optimizer that already exist (the estimator reuses one model).
 
     ``objective`` replaces the workload's own (wrapped encoders); ``loss_scaling=False`` drops fp16's
@@ -139,6 +147,7 @@ def step_on(workload: Workload, optimizer: torch.optim.Optimizer, config: StepCo
     """
     scaler = grad_scaler(config.precision, device) if loss_scaling else None
     strategy = make_strategy(config.strategy, objective or workload.objective, config.chunk_sizes, scaler)
-    batches = workload.batches(config.batch_size, seed=config.seed + 1, device=device,
-                               dtype=param_dtype(config.precision))
+    batches = workload.batches(
+        config.batch_size, seed=config.seed + 1, device=device, dtype=param_dtype(config.precision)
+    )
     return TrainingStep(config, workload, strategy, optimizer, batches, device, scaler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -43,8 +44,9 @@ class VerifyResult:
 
 def workload_config(name: str, dropout: float, tied: bool = False) -> WorkloadConfig:
     """The small default model of each workload, big enough to exercise masks, pooling and chunking."""
-    return WorkloadConfig(name=name, model=replace(VERIFY_MODEL, dropout=dropout), query_length=16,
-                          passage_length=24, tied=tied)
+    return WorkloadConfig(
+        name=name, model=replace(VERIFY_MODEL, dropout=dropout), query_length=16, passage_length=24, tied=tied
+    )
 
 
 def verify(
@@ -54,61 +56,68 @@ def verify(
     precision: str = "float32",
     device: torch.device | str = "cpu",
     batch_size: int = 12,
-    chunk_sizes: Sequence[Sequence[int]] = ((5,),),
+    chunk_sizes: Sequence[Sequence[int]] | Sequence[int] = ((5,),),
     tolerance: float | None = None,
     seed: int = 0,
-    dropout: float = 0.1,
-) -> list[VerifyResult]:
-    """One comparison per workload, strategy and chunk setting (one size, or one per input)."""
-    settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
-    if not 0.0 <= dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
-    tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
-    results = []
-    for name in workloads:
-        config = workload_config(name, dropout)
-        for strategy in strategies:
-            for chunks in _settings_for(strategy, settings):
-                comparison = check_strategy(config, strategy, batch_size, chunks, precision=precision, device=device,
-                                            seed=seed)
-                results.append(VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol))
-    return results
-
-
-def verify_distributed(
-    nproc: int,
-    workloads: Sequence[str] = tuple(WORKLOADS),
-    strategies: Sequence[str] = ("cache",),
-    *,
-    precision: str = "float32",
-    device: torch.device | str = "cpu",
-    batch_size: int = 12,
-    chunk_sizes: Sequence[Sequence[int]] = ((5,),),
-    tolerance: float | None = None,
-    seed: int = 0,
-    dropout: float = 0.0,
+    dropout: float | None = None,
+    nproc: int = 1,
     backend: str = "auto",
     timeout: float = 600.0,
 ) -> list[VerifyResult]:
-    """``gcbench verify --nproc N``: one comparison per workload, strategy and chunk setting, all in one launch.
+    """One comparison per workload, strategy and chunk setting (one size, or one per input).
 
-    ``batch_size`` is the global batch (each rank gets ``batch_size / nproc``); chunk sizes apply to
-    each rank's rows. ``dropout`` must be 0 (see :mod:`gcbench.measure.ranks`).
+    One process (``nproc=1``): against the mask-consistent full-batch reference, dropout 0.1 by default.
+    W ranks: all cases in one launch, ``batch_size`` the global batch (each rank gets ``batch_size / nproc``,
+    chunk sizes apply to each rank's rows), dropout 0 (see :mod:`gcbench.measure.ranks`).
     """
     settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
-    if batch_size % nproc:
+    dropout = (0.1 if nproc == 1 else 0.0) if dropout is None else dropout
+    if not 0.0 <= dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
+    if nproc > 1 and batch_size % nproc:
         raise UsageError(f"--batch-size {batch_size} must split evenly over --nproc {nproc} ranks")
-    if dropout != 0.0:
-        raise UsageError(f"--dropout: the distributed check runs with dropout 0 (ranks draw masks from their own "
-                         f"random streams, which one process cannot replay); got {dropout}")
-    cases = [(name, strategy, chunks) for name in workloads for strategy in strategies
-             for chunks in _settings_for(strategy, settings)]
-    steps = [StepConfig(workload_config(name, 0.0), strategy, batch_size, chunks, precision, seed=seed)
-             for name, strategy, chunks in cases]
-    comparisons = check_distributed(steps, nproc, device=device, backend=backend, timeout=timeout)
+    if nproc > 1 and dropout != 0.0:
+        raise UsageError(
+            "--dropout: the distributed check runs with dropout 0 (ranks draw masks from their own "
+            f"random streams, which one process cannot replay); got {dropout}"
+        )
+    cases = [
+        (name, strategy, chunks)
+        for name in workloads
+        for strategy in strategies
+        for chunks in _settings_for(strategy, settings)
+    ]
+    if nproc == 1:
+        comparisons = [
+            check_strategy(
+                workload_config(name, dropout),
+                strategy,
+                batch_size,
+                chunks,
+                precision=precision,
+                device=device,
+                seed=seed,
+            )
+            for name, strategy, chunks in cases
+        ]
+    else:
+        steps = [
+            StepConfig(workload_config(name, 0.0), strategy, batch_size, chunks, precision, seed=seed)
+            for name, strategy, chunks in cases
+        ]
+        comparisons = check_distributed(steps, nproc, device=device, backend=backend, timeout=timeout)
     tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
-    return [VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol)
-            for (name, strategy, chunks), comparison in zip(cases, comparisons)]
+    return [
+        VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol)
+        for (name, strategy, chunks), comparison in zip(cases, comparisons)
+    ]
+
+
+def verify_distributed(
+    nproc: int, workloads: Sequence[str] = tuple(WORKLOADS), strategies: Sequence[str] = ("cache",), **options: Any
+) -> list[VerifyResult]:
+    """``gcbench verify --nproc N``: :func:`verify` on ``nproc`` ranks."""
+    return verify(workloads, strategies, nproc=nproc, **options)
 
 
 def _settings_for(strategy: str, settings: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -116,8 +125,14 @@ def _settings_for(strategy: str, settings: list[tuple[int, ...]]) -> list[tuple[
     return settings if resolve_strategy(strategy).uses_chunks else settings[:1]
 
 
-def check_arguments(workloads: Sequence[str], strategies: Sequence[str], precision: str, batch_size: int,
-                    chunk_sizes: Sequence[Sequence[int]], tolerance: float | None = None) -> list[tuple[int, ...]]:
+def check_arguments(
+    workloads: Sequence[str],
+    strategies: Sequence[str],
+    precision: str,
+    batch_size: int,
+    chunk_sizes: Sequence[Sequence[int]] | Sequence[int],
+    tolerance: float | None = None,
+) -> list[tuple[int, ...]]:
     """UsageError naming the flag for a bad value; the chunk settings, each with one size per input."""
     check_precision(precision)
     for name in workloads:
@@ -134,13 +149,19 @@ def check_arguments(workloads: Sequence[str], strategies: Sequence[str], precisi
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if tolerance is not None and not tolerance > 0:
         raise UsageError(f"--tolerance must be > 0, got {tolerance}")
-    if chunk_sizes and all(isinstance(size, int) for size in chunk_sizes):
-        chunk_sizes = [chunk_sizes]  # type: ignore[list-item]  # one setting given flat: (5,) or (16, 8)
+    given: list[Sequence[int]] = []
+    for item in chunk_sizes:  # settings, or one setting given flat: (5,) or (16, 8)
+        if isinstance(item, int):
+            given = [[size for size in chunk_sizes if isinstance(size, int)]]
+            break
+        given.append(item)
     settings = []
-    for setting in chunk_sizes:
+    for setting in given:
         sizes = tuple(setting)
         if not sizes or len(sizes) > 2 or any(c < 1 for c in sizes):
-            raise UsageError(f"--chunk-sizes: one size, or one per input (2), each >= 1; got {'/'.join(map(str, sizes))}")
+            raise UsageError(
+                f"--chunk-sizes: one size, or one per input (2), each >= 1; got {'/'.join(map(str, sizes))}"
+            )
         settings.append(sizes * (2 // len(sizes)))
     if not settings:
         raise UsageError("--chunk-sizes: give at least one chunk setting, e.g. 5 or 8/4")

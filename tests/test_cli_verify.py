@@ -31,18 +31,21 @@ def test_accumulate_fails_the_check(capsys):
     assert out.count("FAIL") == 3
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--batch-size", "x"], "--batch-size"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--strategies", "nope"], "--strategies"),
-    (["--workload", "nope"], "--workload"),
-    (["--chunk-sizes", "2/a"], "--chunk-sizes"),
-    (["--chunk-sizes", "0"], "--chunk-sizes"),
-    (["--precision", "int8"], "--precision"),
-    (["--device", "cuda:7"], "--device"),
-    (["--dropout", "1.5"], "--dropout"),
-    (["--nonsense"], "--nonsense"),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--batch-size", "x"], "--batch-size"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--strategies", "nope"], "--strategies"),
+        (["--workload", "nope"], "--workload"),
+        (["--chunk-sizes", "2/a"], "--chunk-sizes"),
+        (["--chunk-sizes", "0"], "--chunk-sizes"),
+        (["--precision", "int8"], "--precision"),
+        (["--device", "cuda:7"], "--device"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--nonsense"], "--nonsense"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(capsys, args, names):
     code, out, err = run(capsys, "verify", *args)
     assert code == 2
@@ -53,6 +56,7 @@ def test_bad_arguments_exit_2_with_one_line(capsys, args, names):
 def test_console_script_and_help():
     done = subprocess.run([sys.executable, "-m", "gcbench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "verify" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "gcbench", "verify", "--batch-size", "-3"], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "gcbench", "verify", "--batch-size", "-3"], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "--batch-size" in done.stderr and "Traceback" not in done.stderr

@@ -21,28 +21,43 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from gcbench.distributed import (GatherLoss, RankError, RankInfo, all_gather_with_grad, distribute_step, gathers,
-                                 launch, resolve_backend, shard)
-from gcbench.measure.ranks import check_distributed
-from gcbench.sweep.point import OnRanks
-from gcbench.verify import verify_distributed
-from gcbench.measure.ranks import distributed_gradients, reference_gradients, worst
+from gcbench.distributed import (
+    GatherLoss,
+    RankError,
+    RankInfo,
+    all_gather_with_grad,
+    distribute_step,
+    gathers,
+    launch,
+    resolve_backend,
+    shard,
+)
 from gcbench.errors import UsageError
-from gcbench.measure.equivalence import GradComparison, compare
 from gcbench.experiment import build_experiment
+from gcbench.measure.equivalence import GradComparison, compare
+from gcbench.measure.ranks import check_distributed, distributed_gradients, reference_gradients, worst
 from gcbench.results import DistributedResult, Point, Record
+from gcbench.sweep.point import OnRanks
 from gcbench.training import StepConfig, build_step
-from gcbench.verify import workload_config
+from gcbench.verify import verify_distributed, workload_config
 from gcbench.workloads import build_workload
 
 F64 = 1e-10
 
 
-def case(name: str, strategy: str, *, tied: bool = False, batch: int = 12, chunks: Sequence[int] = (5, 5),
-         precision: str = "float64") -> StepConfig:
+def case(
+    name: str,
+    strategy: str,
+    *,
+    tied: bool = False,
+    batch: int = 12,
+    chunks: Sequence[int] = (5, 5),
+    precision: str = "float64",
+) -> StepConfig:
     config = workload_config(name, 0.0, tied)  # gcbench verify's model, with a vocabulary quicker to build
-    return StepConfig(replace(config, model=replace(config.model, vocab=2000)), strategy, batch, tuple(chunks),
-                      precision)
+    return StepConfig(
+        replace(config, model=replace(config.model, vocab=2000)), strategy, batch, tuple(chunks), precision
+    )
 
 
 def assert_no_rank_left() -> None:
@@ -50,6 +65,7 @@ def assert_no_rank_left() -> None:
 
 
 # Without processes ------------------------------------------------------------------------------
+
 
 def test_shards_in_rank_order_are_the_global_batch():
     workload = build_workload(workload_config("dpr", 0.0))  # passages: 2 per query
@@ -71,8 +87,12 @@ def test_the_worst_rank_is_reported_and_nan_is_worst():
 
 
 def test_which_strategies_gather_and_bad_arguments():
-    assert [s for s in ("full", "cache", "cache-rerun", "checkpoint", "accumulate") if gathers(s)] == \
-        ["full", "cache", "cache-rerun", "checkpoint"]
+    assert [s for s in ("full", "cache", "cache-rerun", "checkpoint", "accumulate") if gathers(s)] == [
+        "full",
+        "cache",
+        "cache-rerun",
+        "checkpoint",
+    ]
     assert resolve_backend("auto", "cpu") == "gloo"
     with pytest.raises(UsageError, match="nccl needs CUDA"):
         resolve_backend("nccl", "cpu")
@@ -88,11 +108,14 @@ def test_which_strategies_gather_and_bad_arguments():
 
 # Exactness --------------------------------------------------------------------------------------
 
+
 def test_two_ranks_equal_one_process_full_batch():
     """cache, cache-rerun, full (gathered) and checkpoint on every workload and a tied encoder."""
-    cases = [case(name, strategy, tied=tied) for name, tied in (("dpr", False), ("clip", False), ("simclr", False),
-                                                                 ("dpr", True))
-             for strategy in ("cache", "full")]
+    cases = [
+        case(name, strategy, tied=tied)
+        for name, tied in (("dpr", False), ("clip", False), ("simclr", False), ("dpr", True))
+        for strategy in ("cache", "full")
+    ]
     cases += [case("dpr", "cache-rerun", chunks=(4, 5)), case("clip", "checkpoint"), case("simclr", "checkpoint")]
     for config, comparison in zip(cases, check_distributed(cases, 2)):
         label = f"{config.workload.name} tied={config.workload.tied} {config.strategy}"
@@ -101,15 +124,20 @@ def test_two_ranks_equal_one_process_full_batch():
 
 
 def test_three_ranks_through_verify_distributed():
-    results = verify_distributed(3, ("dpr", "clip", "simclr"), ("cache",), precision="float64", batch_size=9,
-                                 chunk_sizes=(2,))
-    assert [(r.workload, r.strategy, r.chunk_sizes) for r in results] == \
-        [("dpr", "cache", (2, 2)), ("clip", "cache", (2, 2)), ("simclr", "cache", (2, 2))]
+    results = verify_distributed(
+        3, ("dpr", "clip", "simclr"), ("cache",), precision="float64", batch_size=9, chunk_sizes=(2,)
+    )
+    assert [(r.workload, r.strategy, r.chunk_sizes) for r in results] == [
+        ("dpr", "cache", (2, 2)),
+        ("clip", "cache", (2, 2)),
+        ("simclr", "cache", (2, 2)),
+    ]
     for r in results:
         assert r.passed and r.comparison.max_rel_err <= F64, r
 
 
 # All-reduce count, accumulate, the gather's checks: one launch ------------------------------------
+
 
 def _counting_hook(calls, bucket):  # no annotations: DDP compares them with dist.GradBucket, not a string
     calls.append(bucket.index())
@@ -119,8 +147,12 @@ def _counting_hook(calls, bucket):  # no annotations: DDP compares them with dis
 def _checks_rank(info: RankInfo) -> dict[str, object]:
     out: dict[str, object] = {}
     counts: dict[str, list[list[list[int]]]] = {}
-    for config in (case("dpr", "cache", chunks=(2, 3)), case("dpr", "cache", tied=True, chunks=(2, 3)),
-                   case("simclr", "cache-rerun", chunks=(2, 2)), case("dpr", "full")):
+    for config in (
+        case("dpr", "cache", chunks=(2, 3)),
+        case("dpr", "cache", tied=True, chunks=(2, 3)),
+        case("simclr", "cache-rerun", chunks=(2, 2)),
+        case("dpr", "full"),
+    ):
         step = distribute_step(build_step(config, info.device))
         calls: dict[int, list[int]] = {}
         for encoder in step.strategy.objective.encoders:
@@ -151,8 +183,9 @@ def _checks_rank(info: RankInfo) -> dict[str, object]:
     except ValueError as error:
         out["unequal"] = str(error)
     labels = torch.arange(2) + 2 * info.rank
-    out["labels"] = GatherLoss(lambda reps, labels: labels, gather_kwargs=("labels",))(torch.zeros(2, 1),
-                                                                                          labels=labels).tolist()
+    out["labels"] = GatherLoss(lambda reps, labels: labels, gather_kwargs=("labels",))(
+        torch.zeros(2, 1), labels=labels
+    ).tolist()
     return out
 
 
@@ -177,6 +210,7 @@ def test_one_all_reduce_per_step_accumulate_and_gather_checks():
 
 
 # Failures ---------------------------------------------------------------------------------------
+
 
 def _failing_rank(info: RankInfo) -> None:
     if info.rank == 1:
@@ -252,11 +286,23 @@ def test_a_killed_launcher_leaves_no_rank(tmp_path):
 
 # The sweep point -------------------------------------------------------------------------------
 
+
 def tiny_experiment(**sweep: object):
-    raw = {"name": "tiny", "workload": {"name": "dpr", "query_length": 8, "passage_length": 12},
-           "model": {"hidden": 32, "layers": 1, "heads": 2, "vocab": 2000, "dropout": 0.1},
-           "sweep": {"strategies": ["cache"], "batch_sizes": [8], "chunk_sizes": [2], "device": "cpu", "warmup": 1,
-                     "repeats": 3, "nproc": 2, **sweep}}
+    raw = {
+        "name": "tiny",
+        "workload": {"name": "dpr", "query_length": 8, "passage_length": 12},
+        "model": {"hidden": 32, "layers": 1, "heads": 2, "vocab": 2000, "dropout": 0.1},
+        "sweep": {
+            "strategies": ["cache"],
+            "batch_sizes": [8],
+            "chunk_sizes": [2],
+            "device": "cpu",
+            "warmup": 1,
+            "repeats": 3,
+            "nproc": 2,
+            **sweep,
+        },
+    }
     return build_experiment(raw, "tiny", {})
 
 
@@ -282,5 +328,6 @@ def test_measure_point_distributed_reports_a_failing_rank():
     assert record.status == "error" and "chunk_sizes: got 3 sizes for 2 encoders" in record.reason
     assert record.reason.startswith("RankError: rank ") and record.distributed == DistributedResult(2, "gloo")
     budget = OnRanks(replace(experiment, sweep=replace(experiment.sweep, memory_budget=1000))).measure(
-        Point("cache", 8, (2,)))
+        Point("cache", 8, (2,))
+    )
     assert budget.status == "oom" and "over the memory budget" in budget.reason

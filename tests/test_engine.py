@@ -60,8 +60,12 @@ def test_cache_equals_full_batch_float64(name, batch, chunks, dropout, tied, reu
     assert abs(loss - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss))
 
 
-@given(name=st.sampled_from(["dpr", "clip", "simclr"]), batch=st.integers(2, 12), chunk=st.integers(1, 7),
-       kind=st.sampled_from(["transformer", "mlp"]))
+@given(
+    name=st.sampled_from(["dpr", "clip", "simclr"]),
+    batch=st.integers(2, 12),
+    chunk=st.integers(1, 7),
+    kind=st.sampled_from(["transformer", "mlp"]),
+)
 def test_cache_equals_full_batch_float32(name, batch, chunk, kind):
     config = workload_config(name, 0.1, kind=kind)
     (grads, loss), (ref, ref_loss) = run_cache_and_reference(config, batch, chunk, dtype=torch.float32)
@@ -136,7 +140,7 @@ def test_rng_stream_continues_after_the_call():
     with torch.no_grad():
         for x in inputs:
             for start in (0, 2):
-                enc2(x[start:start + 2])
+                enc2(x[start : start + 2])
     assert torch.equal(after, torch.rand(3)), "the call should leave the RNG as one chunked pass would"
 
 
@@ -292,8 +296,10 @@ def test_every_strategy_encodes_in_the_order_it_declares():
         config = workload_config("dpr", 0.0)
         workload = build_workload(config, seed=0)
         calls = []
-        hooks = [enc.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out.shape[0])))
-                 for i, enc in enumerate(workload.objective.encoders)]
+        hooks = [
+            enc.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out.shape[0])))
+            for i, enc in enumerate(workload.objective.encoders)
+        ]
         strategy = make_strategy(name, workload.objective, (3, 4))
         strategy.forward_backward(workload.batches(7, seed=1))
         for h in hooks:

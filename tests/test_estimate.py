@@ -12,16 +12,22 @@ from torch import nn
 from gcbench.cli import main
 from gcbench.estimate import EstimateError, Estimator
 from gcbench.estimate.plan import chunk_candidates, recommend_chunks
-from gcbench.measure.memory import measure_step_memory
 from gcbench.experiment import load_experiment
-from gcbench.sweep import run_sweep
+from gcbench.measure.memory import measure_step_memory
 from gcbench.results import Point
+from gcbench.sweep import run_sweep
 from gcbench.training import build_step
 from gcbench.workloads import TEXT_TOWERS, ModelConfig, TextTower, WorkloadConfig
 from gcbench.workloads.tasks import random_tokens
 
-QUICK_POINTS = [Point("full", 64), Point("cache", 256, (8,)), Point("cache", 100, (32,)),
-                Point("accumulate", 128, (32,)), Point("checkpoint", 128), Point("cache-rerun", 48, (8,))]
+QUICK_POINTS = [
+    Point("full", 64),
+    Point("cache", 256, (8,)),
+    Point("cache", 100, (32,)),
+    Point("accumulate", 128, (32,)),
+    Point("checkpoint", 128),
+    Point("cache-rerun", 48, (8,)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,17 @@ def test_cpu_prediction_within_5_percent_of_the_allocator(quick, quick_cpu_estim
 TINY = WorkloadConfig("dpr", ModelConfig(hidden=16, layers=1, heads=2, vocab=2000), query_length=8, passage_length=12)
 
 
-@pytest.mark.parametrize("point", [Point("cache", 40, (4,)), Point("cache", 37, (5, 3)), Point("cache-rerun", 24, (4,)),
-                                   Point("accumulate", 30, (4,)), Point("cache", 9, (16,))], ids=lambda p: p.id)
+@pytest.mark.parametrize(
+    "point",
+    [
+        Point("cache", 40, (4,)),
+        Point("cache", 37, (5, 3)),
+        Point("cache-rerun", 24, (4,)),
+        Point("accumulate", 30, (4,)),
+        Point("cache", 9, (16,)),
+    ],
+    ids=lambda p: p.id,
+)
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
 def test_skipping_repeated_chunks_changes_no_byte(point, target):
     from gcbench.training import StepConfig
@@ -73,8 +88,10 @@ def test_cuda_target_models_the_device():
     assert cuda.optimizer_config.foreach is True and cpu.optimizer_config.foreach is None
     cpu_peak, cuda_peak = cpu.predict(config), cuda.predict(config)
     assert cuda_peak.peak_bytes % 512 == 0 and cuda_peak.peak_bytes > cpu_peak.peak_bytes
-    assert F.scaled_dot_product_attention.__module__ == "torch.nn.functional" or \
-        F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert (
+        F.scaled_dot_product_attention.__module__ == "torch.nn.functional"
+        or F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    )
 
 
 def test_eager_attention_needs_more_memory_than_fused():
@@ -102,8 +119,9 @@ def test_data_dependent_op_is_named_not_a_crash(monkeypatch):
     from gcbench.training import StepConfig
 
     monkeypatch.setitem(TEXT_TOWERS, "data-dependent", TextTower(DataDependent, random_tokens))
-    config = WorkloadConfig("dpr", ModelConfig(kind="data-dependent", hidden=8, vocab=2000), query_length=4,
-                            passage_length=4)
+    config = WorkloadConfig(
+        "dpr", ModelConfig(kind="data-dependent", hidden=8, vocab=2000), query_length=4, passage_length=4
+    )
     with pytest.raises(EstimateError, match="nonzero|index"):
         Estimator(config, "float32", "cpu").predict(StepConfig(config, "full", 4))
 
@@ -144,31 +162,54 @@ def test_estimate_cli_formats(capsys):
     assert code == 0 and "largest batch that fits" in out and "recommended chunk sizes" in out
 
 
-@pytest.mark.parametrize("args, flag", [(["--device-memory", "lots"], "--device-memory"),
-                                        (["--batch-size", "0"], "--batch-size"), (["--target", "tpu"], "--target"),
-                                        (["--batch-sizes", "x"], "--batch-sizes")])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--device-memory", "lots"], "--device-memory"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--target", "tpu"], "--target"),
+        (["--batch-sizes", "x"], "--batch-sizes"),
+    ],
+)
 def test_estimate_bad_input_exits_2(capsys, args, flag):
     code, _, err = run_cli(capsys, "estimate", "quick", *args)
     assert code == 2 and flag in err and len(err.strip().splitlines()) == 1
 
 
 def test_sweep_predict_records_and_skips(quick, tmp_path):
-    experiment = load_experiment("quick", {
-        "sweep.batch_sizes": ([16, 512], "--batch-sizes"), "sweep.strategies": (["full"], "--strategies"),
-        "sweep.memory_budget": ("100MiB", "--memory-budget"), "sweep.predict": (True, "--predict"),
-        "sweep.equivalence": (False, "--set"), "sweep.repeats": (1, "--repeats")})
+    experiment = load_experiment(
+        "quick",
+        {
+            "sweep.batch_sizes": ([16, 512], "--batch-sizes"),
+            "sweep.strategies": (["full"], "--strategies"),
+            "sweep.memory_budget": ("100MiB", "--memory-budget"),
+            "sweep.predict": (True, "--predict"),
+            "sweep.equivalence": (False, "--set"),
+            "sweep.repeats": (1, "--repeats"),
+        },
+    )
     records = {r.point.batch_size: r for r in run_sweep(experiment, tmp_path).records}
     assert records[16].status == "ok"
-    assert abs(records[16].prediction.peak_bytes - records[16].memory.peak_bytes) <= 0.05 * records[16].memory.peak_bytes
+    assert (
+        abs(records[16].prediction.peak_bytes - records[16].memory.peak_bytes) <= 0.05 * records[16].memory.peak_bytes
+    )
     assert records[512].status == "skipped" and records[512].reason.startswith("skipped (predicted)")
 
 
 @pytest.mark.slow
 def test_two_rank_prediction_includes_gathered_reps_and_ddp(tmp_path):
-    experiment = load_experiment("quick", {
-        "sweep.batch_sizes": ([16, 128], "--batch-sizes"), "sweep.strategies": (["full", "cache"], "--strategies"),
-        "sweep.chunk_sizes": ([[8]], "--chunk-sizes"), "sweep.nproc": (2, "--nproc"),
-        "sweep.predict": (True, "--predict"), "sweep.equivalence": (False, "--set"), "sweep.repeats": (1, "--repeats")})
+    experiment = load_experiment(
+        "quick",
+        {
+            "sweep.batch_sizes": ([16, 128], "--batch-sizes"),
+            "sweep.strategies": (["full", "cache"], "--strategies"),
+            "sweep.chunk_sizes": ([[8]], "--chunk-sizes"),
+            "sweep.nproc": (2, "--nproc"),
+            "sweep.predict": (True, "--predict"),
+            "sweep.equivalence": (False, "--set"),
+            "sweep.repeats": (1, "--repeats"),
+        },
+    )
     records = run_sweep(experiment, tmp_path).records
     assert len(records) == 4
     for r in records:
@@ -182,10 +223,27 @@ def test_estimate_cli_names_a_data_dependent_op_in_rows_and_advice(monkeypatch, 
 
     monkeypatch.setitem(TEXT_TOWERS, "data-dependent", TextTower(DataDependent, random_tokens))
     with pytest.raises(SystemExit) as exit_:
-        main(["estimate", "quick", "--set", "model.kind=data-dependent", "--strategies", "full,cache",
-              "--batch-sizes", "8", "--chunk-sizes", "4", "--target", "cpu", "--format", "json"])
+        main(
+            [
+                "estimate",
+                "quick",
+                "--set",
+                "model.kind=data-dependent",
+                "--strategies",
+                "full,cache",
+                "--batch-sizes",
+                "8",
+                "--chunk-sizes",
+                "4",
+                "--target",
+                "cpu",
+                "--format",
+                "json",
+            ]
+        )
     assert exit_.value.code == 0
     plan = json.loads(capsys.readouterr().out)
     assert all("depends on tensor values" in row["error"] for row in plan["predictions"])
-    assert plan["chunk_advice"] and all(a["chunk_sizes"] is None and "depends on tensor values" in a["reason"]
-                                        for a in plan["chunk_advice"])
+    assert plan["chunk_advice"] and all(
+        a["chunk_sizes"] is None and "depends on tensor values" in a["reason"] for a in plan["chunk_advice"]
+    )

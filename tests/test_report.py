@@ -18,12 +18,18 @@ import pytest
 from gcbench.errors import UsageError
 from gcbench.report import ReportFiles, Run, load_runs, summary_table, write_report
 from gcbench.report.data import ReportData
-from gcbench.report.figures import (breakdown_figure, caching_cost_figure, gradient_error_figure,
-                                    largest_batch_figure, memory_figure, report_figures, throughput_figure)
+from gcbench.report.figures import (
+    breakdown_figure,
+    caching_cost_figure,
+    gradient_error_figure,
+    largest_batch_figure,
+    memory_figure,
+    report_figures,
+    throughput_figure,
+)
 from gcbench.report.headline import headline
 from gcbench.report.tables import every_point, summary
-from gcbench.results import Record
-from gcbench.results import ResultsStore
+from gcbench.results import Record, ResultsStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 MIXED = FIXTURES / "mixed.jsonl"
@@ -58,6 +64,7 @@ def mixed_report(tmp_path_factory: pytest.TempPathFactory) -> ReportFiles:
 
 # Files ------------------------------------------------------------------------------------------------
 
+
 def test_every_promised_file_is_written_and_linked(mixed_report: ReportFiles) -> None:
     out = mixed_report.report.parent
     expected = {f"figures/{name}.{ext}" for name in FIGURES for ext in ("png", "svg")}
@@ -82,13 +89,17 @@ def test_report_md_starts_with_a_headline_from_the_data(mixed_report: ReportFile
     assert first[0] == "# gcbench report: quick"
     bullets = [line for line in first[1:6] if line.startswith("- ")]
     assert len(bullets) == 3
-    assert bullets[0] == ("- full ran out of memory at batch 64 (budget 64.00 MiB); "
-                          "its largest batch was 32 at 47.64 MiB.")
-    assert bullets[1] == ("- cache (chunk 8) ran batch 128 in 23.26 MiB; at batch 32, the largest where both fit, "
-                          "it needed 2.1× less than full (23.14 MiB against 47.64 MiB).")
+    assert bullets[0] == (
+        "- full ran out of memory at batch 64 (budget 64.00 MiB); its largest batch was 32 at 47.64 MiB."
+    )
+    assert bullets[1] == (
+        "- cache (chunk 8) ran batch 128 in 23.26 MiB; at batch 32, the largest where both fit, "
+        "it needed 2.1× less than full (23.14 MiB against 47.64 MiB)."
+    )
 
 
 # Figures ---------------------------------------------------------------------------------------------
+
 
 def test_memory_figure_has_one_line_per_series_through_its_ok_points() -> None:
     expected = records(MIXED)
@@ -99,8 +110,9 @@ def test_memory_figure_has_one_line_per_series_through_its_ok_points() -> None:
     np.testing.assert_allclose(lines["full"], full)
     cache = [(b, expected[f"cache batch={b} chunks=8"].memory.peak_bytes / MiB) for b in (8, 16, 32, 64, 128)]
     np.testing.assert_allclose(lines["cache (chunk 8)"], cache)
-    np.testing.assert_allclose(lines["accumulate (chunk 8)"], [(8, expected["accumulate batch=8 chunks=8"]
-                                                                   .memory.peak_bytes / MiB)])
+    np.testing.assert_allclose(
+        lines["accumulate (chunk 8)"], [(8, expected["accumulate batch=8 chunks=8"].memory.peak_bytes / MiB)]
+    )
     assert lines["budget 64.00 MiB"][:, 1].tolist() == [64, 64]
     ax = figure.axes[0]
     assert ax.get_ylabel() == "peak memory (MiB)" and ax.get_xscale() == "log"
@@ -119,8 +131,12 @@ def test_a_series_keeps_its_colour_and_a_run_its_line_style_in_every_figure(tmp_
     data = ReportData.of(load_runs([tmp_path / "cpu", tmp_path / "gpu"]), BUDGET)
     assert data.look.runs == ("quick (cpu)", "quick (gpu)")
     styles: dict[str, set] = {}
-    for figure in (memory_figure(data), throughput_figure(data), gradient_error_figure(data),
-                   caching_cost_figure(data)):
+    for figure in (
+        memory_figure(data),
+        throughput_figure(data),
+        gradient_error_figure(data),
+        caching_cost_figure(data),
+    ):
         for line in figure.axes[0].get_lines():
             series, _, run = line.get_label().partition(" [")
             if run:
@@ -190,10 +206,20 @@ def test_prediction_figure_only_when_predictions_exist() -> None:
 
 # Tables ----------------------------------------------------------------------------------------------
 
+
 def test_summary_per_series() -> None:
     frame = summary(mixed_data()).frame.set_index("series")
-    assert list(frame.columns) == ["largest batch within 64.00 MiB", "peak memory there (MiB)", "examples/s there",
-                                   "max grad rel err", "ok", "oom", "error", "timeout", "skipped"]
+    assert list(frame.columns) == [
+        "largest batch within 64.00 MiB",
+        "peak memory there (MiB)",
+        "examples/s there",
+        "max grad rel err",
+        "ok",
+        "oom",
+        "error",
+        "timeout",
+        "skipped",
+    ]
     expected = records(MIXED)
     full = frame.loc["full"]
     assert full["largest batch within 64.00 MiB"] == 32
@@ -211,9 +237,20 @@ def test_summary_per_series() -> None:
 def test_every_point_with_predictions_and_reasons() -> None:
     table = every_point(mixed_data())
     frame = table.frame
-    assert list(frame.columns) == ["series", "batch", "chunks", "status", "reason", "peak memory (MiB)",
-                                   "step time (ms)", "step time IQR (ms)", "examples/s", "grad rel err",
-                                   "predicted peak (MiB)", "prediction error (%)"]
+    assert list(frame.columns) == [
+        "series",
+        "batch",
+        "chunks",
+        "status",
+        "reason",
+        "peak memory (MiB)",
+        "step time (ms)",
+        "step time IQR (ms)",
+        "examples/s",
+        "grad rel err",
+        "predicted peak (MiB)",
+        "prediction error (%)",
+    ]
     assert len(frame) == 14
     row = frame[(frame["series"] == "cache (chunk 8)") & (frame["batch"] == 64)].iloc[0]
     assert row["prediction error (%)"] == pytest.approx(20, abs=1e-6)
@@ -236,6 +273,7 @@ def test_summary_table_for_the_terminal() -> None:
 
 # Odd results -----------------------------------------------------------------------------------------
 
+
 def test_repeated_points_are_merged_into_medians(tmp_path: Path) -> None:
     files = write_report([FIXTURES / "repeats.jsonl"], tmp_path)
     frame = every_point(ReportData.of(load_runs([FIXTURES / "repeats.jsonl"]))).frame.set_index("series")
@@ -252,7 +290,11 @@ def test_one_batch_size(tmp_path: Path) -> None:
     data = ReportData.of(load_runs([FIXTURES / "one-batch.jsonl"]))
     ax = memory_figure(data).axes[0]
     assert {label: xy[:, 0].tolist() for label, xy in lines_by_label(memory_figure(data)).items()} == {
-        "full": [32], "cache (chunk 8)": [32], "cache (chunk 16/8)": [32], "accumulate (chunk 8)": [32]}
+        "full": [32],
+        "cache (chunk 8)": [32],
+        "cache (chunk 16/8)": [32],
+        "accumulate (chunk 8)": [32],
+    }
     low, high = ax.get_xlim()
     assert low < 32 < high
     assert len(files.figures) == 12  # all but the prediction figure
@@ -308,13 +350,16 @@ def test_a_torn_last_line_is_dropped_and_the_file_left_alone(tmp_path: Path) -> 
     assert len(run.records) == 14 and path.read_bytes() == content
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda d: d / "missing.jsonl", "no such results file or sweep folder"),
-    (lambda d: d, "no results.jsonl in this folder"),
-    (lambda d: empty_file(d / "empty.jsonl"), "no results records in it"),
-    (lambda d: FIXTURES / "garbage.jsonl", "not a gcbench results record"),
-    (lambda d: FIXTURES / "old-schema.jsonl", "results schema version 0; this gcbench reads version 2"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.jsonl", "no such results file or sweep folder"),
+        (lambda d: d, "no results.jsonl in this folder"),
+        (lambda d: empty_file(d / "empty.jsonl"), "no results records in it"),
+        (lambda d: FIXTURES / "garbage.jsonl", "not a gcbench results record"),
+        (lambda d: FIXTURES / "old-schema.jsonl", "results schema version 0; this gcbench reads version 2"),
+    ],
+)
 def test_unusable_sources_are_refused_in_one_line_naming_the_file(tmp_path: Path, make, message: str) -> None:
     source = make(tmp_path)
     with pytest.raises(UsageError, match=message) as error:

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from gcbench.cli import main
-from gcbench.measure.memory import measure_step_memory, track_step
 from gcbench.experiment import load_experiment
-from gcbench.results import ResultsStore
+from gcbench.measure.memory import measure_step_memory, track_step
+from gcbench.results import Point, ResultsStore
 from gcbench.sweep import run_sweep
-from gcbench.results import Point
 from gcbench.sweep.runner import run_point_process
 
 MICRO = """
@@ -49,8 +48,9 @@ def micro(tmp_path: Path) -> Path:
 
 
 def sweep_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gcbench", "sweep", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gcbench", "sweep", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def ids(path: Path) -> list[str]:
@@ -68,8 +68,14 @@ def test_micro_sweep_end_to_end(micro, tmp_path):
         assert r.memory.peak_bytes > r.memory.baseline_bytes > 0
         assert r.memory.peak_bytes == r.memory.baseline_bytes + r.memory.step_peak_bytes
         assert r.memory.peak_bytes == max(r.memory.forward_backward_peak_bytes, r.memory.optimizer_peak_bytes)
-        assert set(r.memory.breakdown) == {"parameters", "gradients", "optimizer", "inputs", "activations",
-                                           "temporaries"}
+        assert set(r.memory.breakdown) == {
+            "parameters",
+            "gradients",
+            "optimizer",
+            "inputs",
+            "activations",
+            "temporaries",
+        }
         assert abs(r.memory.tracked_peak_bytes - r.memory.peak_bytes) <= 0.01 * r.memory.peak_bytes
         assert len(r.time.samples_s) == 2 and r.time.q1_s <= r.time.median_s <= r.time.q3_s
         assert r.time.examples_per_s == pytest.approx(r.point.batch_size / r.time.median_s)
@@ -87,8 +93,12 @@ def test_micro_sweep_end_to_end(micro, tmp_path):
 def test_resume_after_kill_loses_and_duplicates_nothing(micro, tmp_path):
     out = tmp_path / "killed"
     results = out / "results.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "gcbench", "sweep", str(micro), "--out", str(out), "--quiet"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gcbench", "sweep", str(micro), "--out", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 3):
         time.sleep(0.05)
@@ -110,15 +120,20 @@ def test_resume_after_kill_loses_and_duplicates_nothing(micro, tmp_path):
 @pytest.mark.slow
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(micro, tmp_path):
     out = tmp_path / "oom"
-    experiment = load_experiment(str(micro), {"sweep.memory_budget": ("1.2MiB", "--memory-budget"),
-                                              "sweep.strategies": (["full", "cache"], "--strategies"),
-                                              "sweep.equivalence": (False, "--set")})
+    experiment = load_experiment(
+        str(micro),
+        {
+            "sweep.memory_budget": ("1.2MiB", "--memory-budget"),
+            "sweep.strategies": (["full", "cache"], "--strategies"),
+            "sweep.equivalence": (False, "--set"),
+        },
+    )
     outcome = run_sweep(experiment, out)
     status = {r.point.id: r.status for r in outcome.records}
     full = [status[f"full batch={b} chunks=-"] for b in (4, 8, 16)]
     assert "oom" in full, status
     first = full.index("oom")
-    assert all(s == "skipped" for s in full[first + 1:])
+    assert all(s == "skipped" for s in full[first + 1 :])
     oom = next(r for r in outcome.records if r.status == "oom")
     assert oom.memory.peak_bytes > experiment.sweep.memory_budget and "over the memory budget" in oom.reason
     assert len(outcome.records) == 6, "the cache points ran after full ran out of memory"
@@ -131,36 +146,53 @@ def test_a_crashing_point_is_an_error_record(micro, tmp_path):
 
 
 def test_a_slow_point_is_a_timeout(micro, tmp_path):
-    experiment = load_experiment(str(micro), {"sweep.timeout": (1.0, "--timeout"),
-                                              "model.layers": (6, "--set"), "model.hidden": (256, "--set")})
+    experiment = load_experiment(
+        str(micro), {"sweep.timeout": (1.0, "--timeout"), "model.layers": (6, "--set"), "model.hidden": (256, "--set")}
+    )
     record = run_point_process(experiment, Point("full", 256), None, tmp_path)
     assert record.status == "timeout" and "timeout" in record.reason
 
 
 def test_results_of_another_experiment_are_refused(micro, tmp_path, capsys):
     out = tmp_path / "other"
-    experiment = load_experiment(str(micro), {"sweep.batch_sizes": ([4], "--batch-sizes"),
-                                              "sweep.strategies": (["full"], "--strategies")})
+    experiment = load_experiment(
+        str(micro), {"sweep.batch_sizes": ([4], "--batch-sizes"), "sweep.strategies": (["full"], "--strategies")}
+    )
     run_sweep(experiment, out)
     with pytest.raises(SystemExit) as exit_:
-        main(["sweep", str(micro), "--out", str(out), "--set", "model.hidden=32", "--batch-sizes", "4",
-              "--strategies", "full"])
+        main(
+            [
+                "sweep",
+                str(micro),
+                "--out",
+                str(out),
+                "--set",
+                "model.hidden=32",
+                "--batch-sizes",
+                "4",
+                "--strategies",
+                "full",
+            ]
+        )
     assert exit_.value.code == 2 and "--fresh" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, args, expected", [
-    ("name = [unclosed", [], "not valid TOML"),
-    (MICRO, ["--strategies", "full,warp"], "--strategies: unknown value 'warp'"),
-    (MICRO, ["--batch-sizes", "8,-4"], "--batch-sizes: must be >= 1, got -4"),
-    (MICRO, ["--chunk-sizes", "0"], "--chunk-sizes: must be >= 1"),
-    (MICRO, ["--memory-budget", "lots"], "--memory-budget: 'lots' is not a memory size"),
-    (MICRO, ["--precision", "int4"], "--precision: unknown value 'int4'"),
-    (MICRO, ["--set", "model.colour=3"], "--set model.colour: unknown key"),
-    (MICRO.replace("[sweep]", "[sweep]\nbogus = 1"), [], "unknown key sweep.bogus"),
-    (MICRO.replace('name = "dpr"', 'name = "dpx"'), [], "workload.name: unknown value 'dpx'"),
-    (MICRO.replace("heads = 2", "heads = 3"), [], "must be a multiple of model.heads"),
-    (MICRO, ["--repeats", "0"], "--repeats: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "content, args, expected",
+    [
+        ("name = [unclosed", [], "not valid TOML"),
+        (MICRO, ["--strategies", "full,warp"], "--strategies: unknown value 'warp'"),
+        (MICRO, ["--batch-sizes", "8,-4"], "--batch-sizes: must be >= 1, got -4"),
+        (MICRO, ["--chunk-sizes", "0"], "--chunk-sizes: must be >= 1"),
+        (MICRO, ["--memory-budget", "lots"], "--memory-budget: 'lots' is not a memory size"),
+        (MICRO, ["--precision", "int4"], "--precision: unknown value 'int4'"),
+        (MICRO, ["--set", "model.colour=3"], "--set model.colour: unknown key"),
+        (MICRO.replace("[sweep]", "[sweep]\nbogus = 1"), [], "unknown key sweep.bogus"),
+        (MICRO.replace('name = "dpr"', 'name = "dpx"'), [], "workload.name: unknown value 'dpx'"),
+        (MICRO.replace("heads = 2", "heads = 3"), [], "must be a multiple of model.heads"),
+        (MICRO, ["--repeats", "0"], "--repeats: must be >= 1"),
+    ],
+)
 def test_bad_experiments_exit_2_before_any_work(tmp_path, capsys, content, args, expected):
     path = tmp_path / "bad.toml"
     path.write_text(content)
@@ -220,11 +252,16 @@ def test_cpu_memory_measure_matches_a_known_allocation():
 
 @pytest.mark.slow
 def test_quick_experiment_cache_memory_grows_far_slower_than_full(tmp_path):
-    experiment = load_experiment("quick", {"sweep.batch_sizes": ([16, 256], "--batch-sizes"),
-                                           "sweep.strategies": (["full", "cache"], "--strategies"),
-                                           "sweep.chunk_sizes": ([[16]], "--chunk-sizes"),
-                                           "sweep.equivalence": (False, "--set"),
-                                           "sweep.repeats": (1, "--repeats")})
+    experiment = load_experiment(
+        "quick",
+        {
+            "sweep.batch_sizes": ([16, 256], "--batch-sizes"),
+            "sweep.strategies": (["full", "cache"], "--strategies"),
+            "sweep.chunk_sizes": ([[16]], "--chunk-sizes"),
+            "sweep.equivalence": (False, "--set"),
+            "sweep.repeats": (1, "--repeats"),
+        },
+    )
     records = {r.point.id: r.memory.peak_bytes for r in run_sweep(experiment, tmp_path).records}
     full_growth = records["full batch=256 chunks=-"] - records["full batch=16 chunks=-"]
     cache_growth = records["cache batch=256 chunks=16"] - records["cache batch=16 chunks=16"]
@@ -235,8 +272,9 @@ def test_quick_experiment_cache_memory_grows_far_slower_than_full(tmp_path):
 @pytest.mark.slow
 def test_sweep_on_two_ranks_records_per_rank_memory(micro, tmp_path):
     out = tmp_path / "ranks"
-    done = sweep_cli(str(micro), "--out", str(out), "--quiet", "--nproc", "2", "--strategies", "full,cache",
-                     "--batch-sizes", "8")
+    done = sweep_cli(
+        str(micro), "--out", str(out), "--quiet", "--nproc", "2", "--strategies", "full,cache", "--batch-sizes", "8"
+    )
     assert done.returncode == 0, done.stderr
     records = ResultsStore(out / "results.jsonl").load()
     assert [r.status for r in records] == ["ok", "ok"], [r.reason for r in records]

@@ -6,5 +6,15 @@ from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
 from gcbench.cache.rng import RngState
 
-__all__ = ["Batch", "GradCache", "Objective", "RngState", "batch_size", "call_encoder", "chunk_bounds",
-           "contrastive_loss", "encode", "slice_batch"]
+__all__ = [
+    "Batch",
+    "GradCache",
+    "Objective",
+    "RngState",
+    "batch_size",
+    "call_encoder",
+    "chunk_bounds",
+    "contrastive_loss",
+    "encode",
+    "slice_batch",
+]

@@ -8,12 +8,12 @@ batch dimension. Values that are not tensors (flags, strings) are passed to ever
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-Batch = Union[Tensor, Mapping[str, Any], Sequence[Any]]
+Batch = Tensor | Mapping[str, Any] | Sequence[Any]
 
 
 def _tensors(batch: Batch) -> Iterator[tuple[str, Tensor]]:
@@ -34,8 +34,9 @@ def _tensors(batch: Batch) -> Iterator[tuple[str, Tensor]]:
 def batch_size(batch: Batch, name: str = "batch") -> int:
     """Size of the shared first dimension; ValueError naming ``name`` if the tensors disagree."""
     if not isinstance(batch, (Tensor, Mapping, tuple, list)):
-        raise TypeError(f"{name}: a batch must be a tensor, a mapping or a tuple/list of tensors, "
-                        f"got {type(batch).__name__}")
+        raise TypeError(
+            f"{name}: a batch must be a tensor, a mapping or a tuple/list of tensors, got {type(batch).__name__}"
+        )
     sizes: dict[str, int] = {}
     for key, tensor in _tensors(batch):
         if tensor.dim() == 0:
@@ -55,7 +56,9 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
         return batch[start:stop]
     if isinstance(batch, Mapping):
         return {key: value[start:stop] if isinstance(value, Tensor) else value for key, value in batch.items()}
-    return type(batch)(value[start:stop] if isinstance(value, Tensor) else value for value in batch)
+    # A tuple or list (or a subclass) is built from an iterable; typing's Sequence declares no constructor.
+    rebuild = cast("Callable[[Iterator[Any]], Batch]", type(batch))
+    return rebuild(value[start:stop] if isinstance(value, Tensor) else value for value in batch)
 
 
 def chunk_bounds(size: int, chunk_size: int) -> list[tuple[int, int]]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +27,15 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from gcbench.cache.batching import Batch, batch_devices, batch_size, call_encoder, chunk_bounds, module_devices, slice_batch
+from gcbench.cache.batching import (
+    Batch,
+    batch_devices,
+    batch_size,
+    call_encoder,
+    chunk_bounds,
+    module_devices,
+    slice_batch,
+)
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.rng import RngState
 
@@ -122,7 +130,7 @@ class GradCache:
 
     # Step 1 ------------------------------------------------------------------------------------
     def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], Tensor | None, dict[ChunkId, RngState]]:
-        reps: list[Tensor | None] = [None] * len(self.encoders)
+        reps: dict[int, Tensor] = {}  # by encoder; every input has a chunk (_Plan refuses empty batches)
         rng_states: dict[ChunkId, RngState] = {}
         kept: Tensor | None = None
         for cid in plan.chunk_ids:
@@ -135,11 +143,12 @@ class GradCache:
             else:
                 with torch.no_grad():
                     value = self._encode(unwrap_ddp(self.encoders[i]), plan.chunk(cid), i)
-            if reps[i] is None:
-                reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
+            rep = reps.get(i)
+            if rep is None:
+                rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
             with torch.no_grad():
-                reps[i][plan.rows(cid)].copy_(value)
-        return [rep.requires_grad_() for rep in reps], kept, rng_states
+                rep[plan.rows(cid)].copy_(value)
+        return [reps[i].requires_grad_() for i in range(len(self.encoders))], kept, rng_states
 
     # Step 2 ------------------------------------------------------------------------------------
     def _cache_gradients(self, reps: list[Tensor], loss_kwargs: dict[str, Any]) -> Tensor:
@@ -155,15 +164,16 @@ class GradCache:
         reps.clear()  # the values are no longer needed, only their gradients
         for cid in plan.backward_order:
             i = cid[0]
-            if caches[i] is None:  # the loss does not depend on this input
+            cache = caches[i]
+            if cache is None:  # the loss does not depend on this input
                 continue
             with self._sync_context(cid, plan):
-                if cid == plan.kept_id:
+                if cid == plan.kept_id and kept is not None:
                     rep, kept = kept, None
                 else:
                     rng_states[cid].restore()
                     rep = self._encode(self.encoders[i], plan.chunk(cid), i)
-                rep.backward(caches[i][plan.rows(cid)])
+                rep.backward(cache[plan.rows(cid)])
             del rep
 
     # Helpers -----------------------------------------------------------------------------------
@@ -206,8 +216,9 @@ class _Plan:
     syncing: frozenset[ChunkId]
 
     @classmethod
-    def make(cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...],
-             reuse_last_graph: bool) -> _Plan:
+    def make(
+        cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...], reuse_last_graph: bool
+    ) -> _Plan:
         sizes = tuple(batch_size(batch, f"batches[{i}]") for i, batch in enumerate(batches))
         for i, size in enumerate(sizes):
             if size == 0:

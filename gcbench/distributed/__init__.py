@@ -14,5 +14,17 @@ from gcbench.distributed.gather import GatherLoss, all_gather_with_grad, check_e
 from gcbench.distributed.launch import RankError, RankInfo, launch, resolve_backend
 from gcbench.distributed.objective import distribute, distribute_step, gathers, shard
 
-__all__ = ["GatherLoss", "RankError", "RankInfo", "all_gather_with_grad", "check_equal_rows", "distribute",
-           "distribute_step", "gather_rows", "gathers", "launch", "resolve_backend", "shard"]
+__all__ = [
+    "GatherLoss",
+    "RankError",
+    "RankInfo",
+    "all_gather_with_grad",
+    "check_equal_rows",
+    "distribute",
+    "distribute_step",
+    "gather_rows",
+    "gathers",
+    "launch",
+    "resolve_backend",
+    "shard",
+]

@@ -38,10 +38,13 @@ def check_equal_rows(tensors: Sequence[Tensor], group: ProcessGroup | None = Non
     sizes = sizes.view(-1, len(tensors))  # (rank, input)
     differing = [i for i in range(len(tensors)) if bool((sizes[:, i] != sizes[0, i]).any())]
     if differing:
-        listed = "; ".join(f"input {i}: " + ", ".join(f"rank {r} has {n}" for r, n in enumerate(sizes[:, i].tolist()))
-                           for i in differing)
-        raise ValueError(f"all-gather: ranks hold different numbers of rows ({listed}); split the global batch "
-                         "evenly over the ranks")
+        listed = "; ".join(
+            f"input {i}: " + ", ".join(f"rank {r} has {n}" for r, n in enumerate(sizes[:, i].tolist()))
+            for i in differing
+        )
+        raise ValueError(
+            f"all-gather: ranks hold different numbers of rows ({listed}); split the global batch evenly over the ranks"
+        )
 
 
 class _GatherRows(torch.autograd.Function):
@@ -89,8 +92,13 @@ class GatherLoss(nn.Module):
     are. A loss that is a module is registered as a submodule, so its parameters train as before.
     """
 
-    def __init__(self, loss_fn: Callable[..., Tensor], group: ProcessGroup | None = None,
-                 gather_kwargs: Sequence[str] = (), gather: Gather | None = None) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable[..., Tensor],
+        group: ProcessGroup | None = None,
+        gather_kwargs: Sequence[str] = (),
+        gather: Gather | None = None,
+    ) -> None:
         super().__init__()
         self.loss_fn = loss_fn
         self.group = group
@@ -100,5 +108,5 @@ class GatherLoss(nn.Module):
     def forward(self, *reps: Tensor, **loss_kwargs: Any) -> Tensor:
         names = [name for name in self.gather_kwargs if name in loss_kwargs]
         gathered = self.gather([*reps, *(loss_kwargs[name] for name in names)], self.group)
-        kwargs = {**loss_kwargs, **dict(zip(names, gathered[len(reps):]))}
-        return self.loss_fn(*gathered[:len(reps)], **kwargs)
+        kwargs = {**loss_kwargs, **dict(zip(names, gathered[len(reps) :]))}
+        return self.loss_fn(*gathered[: len(reps)], **kwargs)

@@ -38,8 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessContext, ProcessException
+from torch.multiprocessing.spawn import ProcessContext, ProcessException, start_processes
 
 from gcbench.errors import UsageError
 
@@ -112,9 +111,17 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def launch(fn: Callable[..., T], nproc: int, args: Sequence[Any] = (), *, device: torch.device | str = "cpu",
-           backend: str = "auto", timeout: float = 600.0, collective_timeout: float | None = None,
-           threads: int = 0) -> list[T]:
+def launch(
+    fn: Callable[..., T],
+    nproc: int,
+    args: Sequence[Any] = (),
+    *,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    timeout: float = 600.0,
+    collective_timeout: float | None = None,
+    threads: int = 0,
+) -> list[T]:
     """``fn(RankInfo, *args)`` on ``nproc`` ranks; their return values, by rank.
 
     ``fn`` and ``args`` must pickle (a module-level function). On CUDA, rank r runs on device
@@ -127,13 +134,23 @@ def launch(fn: Callable[..., T], nproc: int, args: Sequence[Any] = (), *, device
     device = torch.device(device)
     backend = resolve_backend(backend, device)
     if device.type == "cuda" and (device.index or 0) + nproc > torch.cuda.device_count():
-        raise UsageError(f"--nproc: {nproc} ranks need {nproc} CUDA devices from {device}, "
-                         f"this machine has {torch.cuda.device_count()}")
+        raise UsageError(
+            f"--nproc: {nproc} ranks need {nproc} CUDA devices from {device}, "
+            f"this machine has {torch.cuda.device_count()}"
+        )
     with tempfile.TemporaryDirectory(prefix="gcbench-ranks-") as folder:
-        spec = _Spec(nproc, str(device), backend, collective_timeout or timeout,
-                     threads or max(1, (os.cpu_count() or 1) // nproc), folder, os.getpid())
-        context = mp.start_processes(_rank_main, args=(spec, fn, tuple(args)), nprocs=nproc, join=False,
-                                     start_method=_start_method())
+        spec = _Spec(
+            nproc,
+            str(device),
+            backend,
+            collective_timeout or timeout,
+            threads or max(1, (os.cpu_count() or 1) // nproc),
+            folder,
+            os.getpid(),
+        )
+        context = start_processes(
+            _rank_main, args=(spec, fn, tuple(args)), nprocs=nproc, join=False, start_method=_start_method()
+        )
         try:
             _join(context, timeout)
         except ProcessException as error:
@@ -158,8 +175,10 @@ def _join(context: ProcessContext, timeout: float) -> None:
     while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=_GRACE_S):
         if time.monotonic() >= deadline:
             running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-            raise TimeoutError(f"{len(context.processes)} ranks did not finish within {timeout:g} s (a hung "
-                               f"collective?); ranks {running} were still running and all were ended")
+            raise TimeoutError(
+                f"{len(context.processes)} ranks did not finish within {timeout:g} s (a hung "
+                f"collective?); ranks {running} were still running and all were ended"
+            )
 
 
 def _rank_error(spec: _Spec, error: ProcessException) -> RankError:
@@ -173,7 +192,7 @@ def _rank_error(spec: _Spec, error: ProcessException) -> RankError:
     if failure.exception is not None:
         try:
             exception = pickle.loads(failure.exception)
-        except Exception:  # noqa: BLE001 - the message and traceback still say what happened
+        except Exception:
             exception = None
     return RankError(failure.rank, failure.message, failure.traceback, exception)
 
@@ -199,15 +218,20 @@ def _rank_main(rank: int, spec: _Spec, fn: Callable[..., Any], args: tuple[Any, 
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(spec.backend, init_method=f"file://{spec.folder}/rendezvous", rank=rank,
-                                world_size=spec.world_size, timeout=timedelta(seconds=spec.collective_timeout_s))
+        dist.init_process_group(
+            spec.backend,
+            init_method=f"file://{spec.folder}/rendezvous",
+            rank=rank,
+            world_size=spec.world_size,
+            timeout=timedelta(seconds=spec.collective_timeout_s),
+        )
         _write(spec.result_path(rank), fn(RankInfo(rank, spec.world_size, device, spec.backend), *args))
-    except BaseException as error:  # noqa: BLE001 - the parent reports it
+    except BaseException as error:
         at, text = time.time(), traceback.format_exc()
         print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
         try:
             pickled: bytes | None = pickle.dumps(error)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pickled = None
         _write(spec.result_path(rank), _Failure(rank, at, f"{type(error).__name__}: {error}", text, pickled))
         sys.stdout.flush()

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map_only
 
 from gcbench.cache.batching import Batch, batch_size, slice_batch
-from gcbench.distributed.gather import GatherLoss
 from gcbench.cache.objective import Objective
+from gcbench.distributed.gather import GatherLoss
 from gcbench.strategies import make_strategy, resolve_strategy
 from gcbench.training import TrainingStep
 
@@ -37,8 +37,14 @@ def gathers(strategy: str) -> bool:
     return resolve_strategy(strategy).traits().global_negatives
 
 
-def distribute(objective: Objective, group: ProcessGroup | None = None, *, gather: bool = True,
-               gather_kwargs: Sequence[str] = (), ddp_options: Mapping[str, Any] | None = None) -> Objective:
+def distribute(
+    objective: Objective,
+    group: ProcessGroup | None = None,
+    *,
+    gather: bool = True,
+    gather_kwargs: Sequence[str] = (),
+    ddp_options: Mapping[str, Any] | None = None,
+) -> Objective:
     """The same objective with DDP encoders (each distinct module wrapped once) and, if ``gather``, a GatherLoss.
 
     ``ddp_options`` go to every ``DistributedDataParallel``; already wrapped encoders are kept.
@@ -46,8 +52,11 @@ def distribute(objective: Objective, group: ProcessGroup | None = None, *, gathe
     wrapped: dict[int, nn.Module] = {}
     for encoder in objective.encoders:
         if id(encoder) not in wrapped:
-            wrapped[id(encoder)] = encoder if isinstance(encoder, DistributedDataParallel) else \
-                DistributedDataParallel(encoder, process_group=group, **(ddp_options or {}))
+            wrapped[id(encoder)] = (
+                encoder
+                if isinstance(encoder, DistributedDataParallel)
+                else DistributedDataParallel(encoder, process_group=group, **(ddp_options or {}))
+            )
     loss = GatherLoss(objective.loss_fn, group, gather_kwargs) if gather else objective.loss_fn
     return replace(objective, encoders=[wrapped[id(e)] for e in objective.encoders], loss_fn=loss)
 
@@ -86,5 +95,10 @@ def ddp_bucket_bytes(encoders: Sequence[nn.Module]) -> int:
     """Bytes DDP holds for gradient buckets once each distinct encoder is wrapped: a copy of its gradients,
     unless they are bucket views. Plain modules count as they would once wrapped (the estimator's case)."""
     modules = {id(e): e for e in encoders}.values()
-    return sum(p.numel() * p.element_size() for m in modules if not getattr(m, "gradient_as_bucket_view", False)
-               for p in m.parameters() if p.requires_grad)
+    return sum(
+        p.numel() * p.element_size()
+        for m in modules
+        if not getattr(m, "gradient_as_bucket_view", False)
+        for p in m.parameters()
+        if p.requires_grad
+    )

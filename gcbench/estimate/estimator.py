@@ -32,8 +32,15 @@ from gcbench.workloads import WorkloadConfig, build_workload
 class Estimator:
     """One fake model for a workload, precision and target; :meth:`predict` for each point."""
 
-    def __init__(self, workload: WorkloadConfig, precision: str, target_name: str = "cuda", seed: int = 0,
-                 optimizer: OptimizerConfig | None = None, skip_repeats: bool = True) -> None:
+    def __init__(
+        self,
+        workload: WorkloadConfig,
+        precision: str,
+        target_name: str = "cuda",
+        seed: int = 0,
+        optimizer: OptimizerConfig | None = None,
+        skip_repeats: bool = True,
+    ) -> None:
         self.target: Target = target(target_name)
         self.skip_repeats = skip_repeats
         self.precision = precision
@@ -64,17 +71,23 @@ class Estimator:
             if gathers(config.strategy):
                 objective = gathering_objective(objective, world_size)
         with self.mode, self.target.kernels(), _explained():
-            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective,
-                           loss_scaling=False)
+            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
             try:
                 baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
             finally:
                 step.strategy.release()
                 step.zero_grad()
         breakdown = {**tracked.breakdown, "gradients": tracked.breakdown["gradients"] + buckets}
-        return Prediction(self.target.name, tracked.total + buckets, baseline + buckets,
-                          tracked.phase_peaks["forward_backward"] + buckets, tracked.phase_peaks["optimizer"] + buckets,
-                          breakdown, time.perf_counter() - started, world_size)
+        return Prediction(
+            self.target.name,
+            tracked.total + buckets,
+            baseline + buckets,
+            tracked.phase_peaks["forward_backward"] + buckets,
+            tracked.phase_peaks["optimizer"] + buckets,
+            breakdown,
+            time.perf_counter() - started,
+            world_size,
+        )
 
 
 @contextlib.contextmanager
@@ -84,5 +97,7 @@ def _explained() -> Iterator[None]:
         yield
     except (DynamicOutputShapeException, DataDependentOutputException) as error:
         op = getattr(error, "func", None) or "an op"
-        raise EstimateError(f"cannot predict without allocating: {op} has an output that depends on tensor values "
-                            "(a data-dependent shape or a .item() call)") from None
+        raise EstimateError(
+            f"cannot predict without allocating: {op} has an output that depends on tensor values "
+            "(a data-dependent shape or a .item() call)"
+        ) from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gcbench.estimate.estimator import EstimateError, Estimator
+from gcbench.errors import EstimateError
+from gcbench.estimate.estimator import Estimator
 from gcbench.experiment import Experiment
 from gcbench.results.records import Point, Prediction
 from gcbench.results.units import format_bytes
@@ -45,7 +46,7 @@ class EstimatePlan:
         """The largest batch of ``series`` whose predicted peak fits, with every smaller one fitting too."""
         best = None
         for row in sorted((r for r in self.rows if r.point.series == series), key=lambda r: r.point.batch_size):
-            if row.prediction is None or row.prediction.peak_bytes > device_memory:
+            if row.prediction is None or row.prediction.peak > device_memory:
                 break
             best = row.point.batch_size
         return best
@@ -54,15 +55,20 @@ class EstimatePlan:
         return list(dict.fromkeys(r.point.series for r in self.rows))
 
 
-def estimate_experiment(experiment: Experiment, target: str, device_memories: Sequence[int],
-                        advice_batch: int | None = None) -> EstimatePlan:
-    estimator = Estimator(experiment.workload, experiment.sweep.precision, target, experiment.sweep.seed,
-                          experiment.optimizer)
+def estimate_experiment(
+    experiment: Experiment, target: str, device_memories: Sequence[int], advice_batch: int | None = None
+) -> EstimatePlan:
+    estimator = Estimator(
+        experiment.workload, experiment.sweep.precision, target, experiment.sweep.seed, experiment.optimizer
+    )
     rows = tuple(predict_row(estimator, experiment, point) for point in experiment.points())
     chunked = [s for s in experiment.sweep.strategies if advisable(s)]
     batch = advice_batch or max(experiment.sweep.batch_sizes)
-    advice = tuple(safe_advice(estimator, experiment, chunked[0], batch, memory)
-                   for memory in device_memories) if chunked else ()
+    advice = (
+        tuple(safe_advice(estimator, experiment, chunked[0], batch, memory) for memory in device_memories)
+        if chunked
+        else ()
+    )
     return EstimatePlan(experiment.name, target, experiment.sweep.nproc, tuple(device_memories), rows, advice)
 
 
@@ -79,8 +85,9 @@ def predict_row(estimator: Estimator, experiment: Experiment, point: Point) -> E
         return EstimateRow(point, None, str(error))
 
 
-def safe_advice(estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int,
-                device_memory: int) -> ChunkAdvice:
+def safe_advice(
+    estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int, device_memory: int
+) -> ChunkAdvice:
     """:func:`recommend_chunks`, or no advice with the reason when a chunk setting cannot be predicted."""
     try:
         return recommend_chunks(estimator, experiment, strategy, batch_size, device_memory)
@@ -93,7 +100,8 @@ def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[i
     base = base * len(rows) if len(base) == 1 else base
     unit = min(base)
     ratio = [size / unit for size in base]
-    candidates, scale = [], 1
+    candidates: list[tuple[int, ...]] = []
+    scale = 1
     while True:
         sizes = tuple(max(1, min(row, round(r * scale))) for r, row in zip(ratio, rows))
         if not candidates or sizes != candidates[-1]:
@@ -103,8 +111,9 @@ def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[i
         scale *= 2
 
 
-def recommend_chunks(estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int,
-                     device_memory: int) -> ChunkAdvice:
+def recommend_chunks(
+    estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int, device_memory: int
+) -> ChunkAdvice:
     """Binary search for the largest chunk setting that fits: larger chunks run faster."""
     local_rows = estimator.workload.rows(batch_size // experiment.sweep.nproc)
     candidates = chunk_candidates(experiment.sweep.chunk_sizes[0], local_rows)
@@ -112,13 +121,21 @@ def recommend_chunks(estimator: Estimator, experiment: Experiment, strategy: str
 
     def peak(sizes: tuple[int, ...]) -> int:
         if sizes not in tried:
-            tried[sizes] = estimator.predict(experiment.step_config(Point(strategy, batch_size, sizes)),
-                                             experiment.sweep.nproc)
-        return tried[sizes].peak_bytes
+            tried[sizes] = estimator.predict(
+                experiment.step_config(Point(strategy, batch_size, sizes)), experiment.sweep.nproc
+            )
+        return tried[sizes].peak
 
     def advice(chunks: tuple[int, ...] | None, reason: str) -> ChunkAdvice:
-        return ChunkAdvice(strategy, batch_size, device_memory, chunks, tried[chunks].peak_bytes if chunks else None,
-                           tuple((sizes, p.peak_bytes) for sizes, p in tried.items()), reason)
+        return ChunkAdvice(
+            strategy,
+            batch_size,
+            device_memory,
+            chunks,
+            tried[chunks].peak if chunks else None,
+            tuple((sizes, p.peak) for sizes, p in tried.items()),
+            reason,
+        )
 
     low, high = -1, len(candidates) - 1  # candidates[:low + 1] fit; larger chunks need more memory
     while low < high:  # small chunks are the slow ones to predict: probe them only when larger ones fail
@@ -129,10 +146,14 @@ def recommend_chunks(estimator: Estimator, experiment: Experiment, strategy: str
             high = middle - 1
     if low < 0:
         smallest = candidates[0]
-        held = sum(tried[smallest].breakdown.get(k, 0) for k in ("parameters", "gradients", "optimizer"))
-        return advice(None, f"nothing fits {format_bytes(device_memory)}: even chunks of "
-                            f"{'/'.join(map(str, smallest))} need {format_bytes(peak(smallest))}, of which parameters, "
-                            f"gradients and optimizer state alone take {format_bytes(held)}")
+        held = sum(tried[smallest].peak_breakdown.get(k, 0) for k in ("parameters", "gradients", "optimizer"))
+        return advice(
+            None,
+            f"nothing fits {format_bytes(device_memory)}: even chunks of "
+            f"{'/'.join(map(str, smallest))} need {format_bytes(peak(smallest))}, of which parameters, "
+            f"gradients and optimizer state alone take {format_bytes(held)}",
+        )
     best = candidates[low]
-    return advice(best, f"the largest chunks whose predicted peak fits {format_bytes(device_memory)}; "
-                        "larger chunks run faster")
+    return advice(
+        best, f"the largest chunks whose predicted peak fits {format_bytes(device_memory)}; larger chunks run faster"
+    )

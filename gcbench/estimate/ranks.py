@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gcbench.distributed.gather import GatherLoss
 from gcbench.cache.objective import Objective
+from gcbench.distributed.gather import GatherLoss
 
 DDP_GRADIENT_COPIES = 2
 

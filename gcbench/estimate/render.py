@@ -14,15 +14,26 @@ from gcbench.results.units import byte_unit, format_bytes
 
 
 def plan_frame(plan: EstimatePlan) -> pd.DataFrame:
-    return pd.DataFrame([{
-        "strategy": r.point.strategy, "batch_size": r.point.batch_size, "chunk_sizes": r.point.chunk_label,
-        "series": r.point.series, "target": plan.target,
-        "peak_bytes": r.prediction.peak_bytes if r.prediction else None,
-        **{f"fits_{format_bytes(m).replace(' ', '')}": (r.prediction.peak_bytes <= m) if r.prediction else None
-           for m in plan.device_memories},
-        **({f"memory_{k}": v for k, v in r.prediction.breakdown.items()} if r.prediction else {}),
-        "seconds": r.prediction.seconds if r.prediction else None, "error": r.error,
-    } for r in plan.rows])
+    return pd.DataFrame(
+        [
+            {
+                "strategy": r.point.strategy,
+                "batch_size": r.point.batch_size,
+                "chunk_sizes": r.point.chunk_label,
+                "series": r.point.series,
+                "target": plan.target,
+                "peak_bytes": r.prediction.peak_bytes if r.prediction else None,
+                **{
+                    f"fits_{format_bytes(m).replace(' ', '')}": (r.prediction.peak <= m) if r.prediction else None
+                    for m in plan.device_memories
+                },
+                **({f"memory_{k}": v for k, v in r.prediction.peak_breakdown.items()} if r.prediction else {}),
+                "seconds": r.prediction.seconds if r.prediction else None,
+                "error": r.error,
+            }
+            for r in plan.rows
+        ]
+    )
 
 
 def plan_dict(plan: EstimatePlan) -> dict[str, Any]:
@@ -33,9 +44,18 @@ def plan_dict(plan: EstimatePlan) -> dict[str, Any]:
         "device_memories": list(plan.device_memories),
         "predictions": plan_frame(plan).to_dict(orient="records"),
         "largest_batch": {s: {str(m): plan.largest_batch(s, m) for m in plan.device_memories} for s in plan.series()},
-        "chunk_advice": [{"strategy": a.strategy, "batch_size": a.batch_size, "device_memory": a.device_memory,
-                          "chunk_sizes": list(a.chunk_sizes) if a.chunk_sizes else None, "peak_bytes": a.peak_bytes,
-                          "reason": a.reason, "tried": [[list(c), p] for c, p in a.tried]} for a in plan.advice],
+        "chunk_advice": [
+            {
+                "strategy": a.strategy,
+                "batch_size": a.batch_size,
+                "device_memory": a.device_memory,
+                "chunk_sizes": list(a.chunk_sizes) if a.chunk_sizes else None,
+                "peak_bytes": a.peak_bytes,
+                "reason": a.reason,
+                "tried": [[list(c), p] for c, p in a.tried],
+            }
+            for a in plan.advice
+        ],
     }
 
 
@@ -52,33 +72,43 @@ def render(plan: EstimatePlan, fmt: str) -> str | list[Table]:
 def tables(plan: EstimatePlan) -> list[Table]:
     memories = plan.device_memories
     batches = sorted({r.point.batch_size for r in plan.rows})
-    unit, size = byte_unit(max((r.prediction.peak_bytes for r in plan.rows if r.prediction), default=1))
+    unit, size = byte_unit(max((r.prediction.peak for r in plan.rows if r.prediction), default=1))
     fits = f"green: fits {format_bytes(min(memories))}" + (
-        f", yellow: fits {format_bytes(max(memories))}" if len(memories) > 1 else "")
+        f", yellow: fits {format_bytes(max(memories))}" if len(memories) > 1 else ""
+    )
     where = f"each of {plan.world_size} ranks ({plan.target}), global batch" if plan.world_size > 1 else plan.target
-    peaks = Table(title=f"{plan.experiment}: predicted peak memory of a training step on {where}, in {unit} "
-                        f"({fits}, red: fits none)", title_justify="left")
+    peaks = Table(
+        title=f"{plan.experiment}: predicted peak memory of a training step on {where}, in {unit} "
+        f"({fits}, red: fits none)",
+        title_justify="left",
+    )
     peaks.add_column("strategy")
     for batch in batches:
         peaks.add_column(str(batch), justify="right")
     for series in plan.series():
         cells = {r.point.batch_size: r for r in plan.rows if r.point.series == series}
         peaks.add_row(series, *(_cell(cells.get(b), memories, size) for b in batches))
-    fits = Table(title="largest batch that fits (every smaller batch fitting too)", title_justify="left")
-    fits.add_column("strategy")
+    largest = Table(title="largest batch that fits (every smaller batch fitting too)", title_justify="left")
+    largest.add_column("strategy")
     for memory in memories:
-        fits.add_column(format_bytes(memory), justify="right")
+        largest.add_column(format_bytes(memory), justify="right")
     for series in plan.series():
-        fits.add_row(series, *(str(plan.largest_batch(series, m) or "none") for m in memories))
-    result = [peaks, fits]
+        largest.add_row(series, *(str(plan.largest_batch(series, m) or "none") for m in memories))
+    result = [peaks, largest]
     if plan.advice:
-        advice = Table(title=f"recommended chunk sizes ({plan.advice[0].strategy}, batch {plan.advice[0].batch_size})",
-                       title_justify="left")
+        advice = Table(
+            title=f"recommended chunk sizes ({plan.advice[0].strategy}, batch {plan.advice[0].batch_size})",
+            title_justify="left",
+        )
         for column in ("device memory", "chunk sizes", "predicted peak", "why"):
             advice.add_column(column)
         for a in plan.advice:
-            advice.add_row(format_bytes(a.device_memory), "/".join(map(str, a.chunk_sizes)) if a.chunk_sizes else "-",
-                           format_bytes(a.peak_bytes), a.reason)
+            advice.add_row(
+                format_bytes(a.device_memory),
+                "/".join(map(str, a.chunk_sizes)) if a.chunk_sizes else "-",
+                format_bytes(a.peak_bytes),
+                a.reason,
+            )
         result.append(advice)
     errors = [r for r in plan.rows if r.error]
     if errors:
@@ -96,6 +126,6 @@ def _cell(row: EstimateRow | None, memories: tuple[int, ...], unit_size: int) ->
         return ""
     if row.prediction is None:
         return "[red]n/a[/]"
-    peak = row.prediction.peak_bytes
+    peak = row.prediction.peak
     style = "green" if peak <= min(memories) else "yellow" if peak <= max(memories) else "red"
     return f"[{style}]{peak / unit_size:.2f}[/]"

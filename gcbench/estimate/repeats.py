@@ -44,8 +44,11 @@ class RepeatSkipper(nn.Module):
         set_checkpointing(self.encoder, enabled)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kind = (torch.is_grad_enabled(), tuple(map(_describe, args)),
-                tuple((key, _describe(value)) for key, value in sorted(kwargs.items())))
+        kind = (
+            torch.is_grad_enabled(),
+            tuple(map(_describe, args)),
+            tuple((key, _describe(value)) for key, value in sorted(kwargs.items())),
+        )
         self.calls[kind] += 1
         if self.calls[kind] <= REAL_CALLS:
             output = self.encoder(*args, **kwargs)
@@ -63,5 +66,5 @@ def _describe(value: Any) -> Any:
 
 def skipping_objective(objective: Objective) -> Objective:
     """The same objective with every encoder slot behind its own :class:`RepeatSkipper`."""
-    slots = [RepeatSkipper(encoder, objective.get_rep) for encoder in objective.encoders]
+    slots: list[nn.Module] = [RepeatSkipper(encoder, objective.get_rep) for encoder in objective.encoders]
     return Objective(slots, objective.loss_fn, get_rep=None)

@@ -51,9 +51,16 @@ def target(name: str) -> Target:
     raise UsageError(f"--target: unknown target {name!r}; choose from {', '.join(TARGETS)}")
 
 
-def _efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                         enable_gqa: bool = False) -> Tensor:
+def _efficient_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
     """CUDA's kernel for masked attention in training (flash attention takes no mask)."""
     bias = None
     if attn_mask is not None:
@@ -63,7 +70,8 @@ def _efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: T
         bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     return torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, bias, needs_lse, dropout_p, is_causal, scale=scale)[0]
+        query, key, value, bias, needs_lse, dropout_p, is_causal, scale=scale
+    )[0]
 
 
 @contextlib.contextmanager

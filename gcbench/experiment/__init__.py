@@ -1,8 +1,15 @@
 """Experiments: the schema of their keys, loading them from TOML, and the grid of points they expand to."""
 
-from gcbench.experiment.experiment import (Experiment, build_experiment, find_experiment, load_experiment,
-                                           shipped)
+from gcbench.experiment.experiment import Experiment, build_experiment, find_experiment, load_experiment, shipped
 from gcbench.experiment.schema import SweepConfig, key_table, keys
 
-__all__ = ["Experiment", "SweepConfig", "build_experiment", "find_experiment", "key_table", "keys",
-           "load_experiment", "shipped"]
+__all__ = [
+    "Experiment",
+    "SweepConfig",
+    "build_experiment",
+    "find_experiment",
+    "key_table",
+    "keys",
+    "load_experiment",
+    "shipped",
+]

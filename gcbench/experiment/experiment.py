@@ -31,7 +31,7 @@ from gcbench.experiment.schema import SECTIONS, SUBSECTIONS, TOP_LEVEL, SweepCon
 from gcbench.results.records import Point
 from gcbench.strategies import StrategyUse, resolve_strategy
 from gcbench.training import OptimizerConfig, StepConfig
-from gcbench.typed import Str, dump, load, typed
+from gcbench.typed import Str, dump, fields_of, load, typed
 from gcbench.workloads import FEATURE_KIND, TEXT_TOWERS, WorkloadConfig
 
 if sys.version_info >= (3, 11):
@@ -58,7 +58,7 @@ class Experiment:
         machine's speed over a long sweep does not fall between them."""
         chunked = [name for name in self.sweep.strategies if resolve_strategy(name).uses_chunks]
         whole = [name for name in self.sweep.strategies if name not in chunked]
-        grid = []
+        grid: list[Point] = []
         for batch in self.sweep.batch_sizes:
             grid.extend(Point(strategy, batch, None) for strategy in whole)
             for chunks in self.sweep.chunk_sizes if chunked else ():
@@ -66,8 +66,15 @@ class Experiment:
         return grid
 
     def step_config(self, point: Point) -> StepConfig:
-        return StepConfig(self.workload, point.strategy, point.batch_size, point.chunk_sizes, self.sweep.precision,
-                          self.optimizer, self.sweep.seed)
+        return StepConfig(
+            self.workload,
+            point.strategy,
+            point.batch_size,
+            point.chunk_sizes,
+            self.sweep.precision,
+            self.optimizer,
+            self.sweep.seed,
+        )
 
     def strategy_use(self) -> StrategyUse:
         return StrategyUse(self.workload, self.sweep.chunk_sizes, self.sweep.nproc, self.sweep.equivalence)
@@ -120,7 +127,7 @@ def load_experiment(name_or_path: str, overrides: Mapping[str, tuple[Any, str]] 
 
 
 def section_keys(section: str) -> list[str]:
-    return [name for name in SECTIONS[section].__pydantic_fields__ if (section, name) not in SUBSECTIONS]
+    return [name for name in fields_of(SECTIONS[section]) if (section, name) not in SUBSECTIONS]
 
 
 def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str, tuple[Any, str]]) -> Experiment:
@@ -153,14 +160,20 @@ def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str
             values["model"] = built["model"]
         labels = {name: label for name, (_, label) in entries[section].items()}
 
-        def label(location: tuple[str | int, ...], section: str = section, labels: dict[str, str] = labels) -> str:
+        def where(location: tuple[str | int, ...], section: str = section, labels: dict[str, str] = labels) -> str:
             if not location:
                 return source
             return labels.get(str(location[0]), f"{source}: {section}.{location[0]}")
 
-        built[section] = load(SECTIONS[section], values, label)
-    experiment = Experiment(top.get("name", Path(source).stem), built["workload"], built["optimizer"],
-                            built["sweep"], top.get("description", ""), source)
+        built[section] = load(SECTIONS[section], values, where)
+    experiment = Experiment(
+        top.get("name", Path(source).stem),
+        built["workload"],
+        built["optimizer"],
+        built["sweep"],
+        top.get("description", ""),
+        source,
+    )
     check_fit(experiment)
     return experiment
 

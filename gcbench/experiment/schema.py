@@ -24,7 +24,7 @@ from gcbench.errors import UsageError
 from gcbench.results.units import bytes_from, format_bytes
 from gcbench.strategies import STRATEGIES, resolve_strategy
 from gcbench.training import OptimizerConfig
-from gcbench.typed import Bool, Float, Int, key, typed
+from gcbench.typed import Bool, Float, Int, fields_of, key, typed
 from gcbench.workloads import ModelConfig, WorkloadConfig
 
 if sys.version_info >= (3, 11):
@@ -70,35 +70,62 @@ MemorySize = Annotated[Int | None, BeforeValidator(_memory)]
 class SweepConfig:
     """How the grid is measured (``[sweep]`` in an experiment)."""
 
-    strategies: tuple[StrategyName, ...] = key("strategies to measure", flag="--strategies", metavar="full,cache",
-                                               default=("full", "cache"), min_length=1)
+    strategies: tuple[StrategyName, ...] = key(
+        "strategies to measure", flag="--strategies", metavar="full,cache", default=("full", "cache"), min_length=1
+    )
     batch_sizes: tuple[Annotated[Int, key("", ge=1)], ...] = key(
-        "batch sizes (examples per step; global over all ranks)", flag="--batch-sizes", metavar="8,16,32",
-        default=(8, 16, 32), min_length=1)
+        "batch sizes (examples per step; global over all ranks), each >= 1",
+        flag="--batch-sizes",
+        metavar="8,16,32",
+        default=(8, 16, 32),
+        min_length=1,
+    )
     chunk_sizes: tuple[ChunkSetting, ...] = key(
-        "chunk settings for the strategies that use chunks: one size, or one per input (16/8)", flag="--chunk-sizes",
-        metavar="8,32|16/8", default=((8,),), min_length=1)
-    device: Annotated[str, AfterValidator(_device)] = key("auto (the accelerator if any, else cpu), cpu, cuda, cuda:1",
-                                                          flag="--device", default="auto")
-    precision: Precision = key("float64/float32 parameters, or bf16/fp16 autocast (fp16 with a GradScaler)",
-                               flag="--precision", default="float32")
+        "chunk settings for the strategies that use chunks: one size, or one per input (16/8), each >= 1",
+        flag="--chunk-sizes",
+        metavar="8,32|16/8",
+        default=((8,),),
+        shown_type="list of sizes, or of lists of one size per input",
+        min_length=1,
+    )
+    device: Annotated[str, AfterValidator(_device)] = key(
+        "auto (the accelerator if any, else cpu), cpu, cuda, cuda:1", flag="--device", default="auto"
+    )
+    precision: Precision = key(
+        "float64/float32 parameters, or bf16/fp16 autocast (fp16 with a GradScaler)",
+        flag="--precision",
+        default="float32",
+    )
     warmup: Int = key("untimed steps before measuring", flag="--warmup", default=1, ge=1)
     repeats: Int = key("timed steps per point", flag="--repeats", default=5, ge=1)
-    memory_budget: MemorySize = key("peak above which a point is out of memory (11GiB; none: no budget)",
-                                    flag="--memory-budget", metavar="11GiB", default=None)
+    memory_budget: MemorySize = key(
+        "peak above which a point is out of memory (11GiB; none: no budget)",
+        flag="--memory-budget",
+        metavar="11GiB",
+        default=None,
+        shown_type="memory size or none",
+    )
     seed: Int = key("seed of weights and data", flag="--seed", default=0, ge=0)
     threads: Int = key("torch threads per point (0: torch's default)", flag="--threads", default=0, ge=0)
     timeout: Float = key("seconds per point before it is ended as a timeout", flag="--timeout", default=900.0, ge=1.0)
     equivalence: Bool = key("check each point's gradients against the full batch", default=True)
-    predict: Bool = key("record a predicted peak beside each measured one; skip points predicted far over the budget",
-                        flag="--predict", default=False)
+    predict: Bool = key(
+        "record a predicted peak beside each measured one; skip points predicted far over the budget",
+        flag="--predict",
+        default=False,
+    )
     nproc: Int = key("ranks per point (DDP); batch sizes are global, split evenly", flag="--nproc", default=1, ge=1)
-    backend: Literal["auto", "gloo", "nccl"] = key("process-group backend with nproc > 1 (auto: nccl on CUDA, gloo)",
-                                                   flag="--backend", default="auto")
+    backend: Literal["auto", "gloo", "nccl"] = key(
+        "process-group backend with nproc > 1 (auto: nccl on CUDA, gloo)", flag="--backend", default="auto"
+    )
 
 
-SECTIONS: dict[str, type] = {"workload": WorkloadConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
-                             "sweep": SweepConfig}
+SECTIONS: dict[str, type] = {
+    "workload": WorkloadConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "sweep": SweepConfig,
+}
 SUBSECTIONS = {("workload", "model")}  # fields that are sections of their own in a file
 TOP_LEVEL = {"name": "the experiment's name (default: the file's)", "description": "what it is for, in a sentence"}
 
@@ -150,7 +177,7 @@ class Key:
 def keys() -> Iterator[Key]:
     """Every key, section by section, in declaration order."""
     for section, config in SECTIONS.items():
-        for name, info in config.__pydantic_fields__.items():
+        for name, info in fields_of(config).items():
             if (section, name) not in SUBSECTIONS:
                 yield Key(section, name, info)
 
@@ -165,6 +192,7 @@ def flag_keys() -> dict[str, Key]:
 
 
 # Values from text (flags and --set) ------------------------------------------------------------------
+
 
 def value_from_text(entry: Key, text: str, label: str) -> Any:
     """A flag's text as the value its key takes: ``8,16`` a list, ``16/8`` one chunk setting per input."""
@@ -205,6 +233,7 @@ def _chunk_setting_text(text: str, label: str) -> list[int]:
 
 # The key table of the documentation -----------------------------------------------------------------
 
+
 def key_table() -> str:
     """Markdown: every key with its type, default, flag and meaning (``docs/experiments.md`` embeds it)."""
     rows = ["| key | type | default | flag | meaning |", "| --- | --- | --- | --- | --- |"]
@@ -213,7 +242,8 @@ def key_table() -> str:
         default = _show_default(entry)
         flag = f"`{entry.flag}`" if entry.flag else ""
         help_text = entry.help.replace("|", "\\|") + _range(entry.field)
-        rows.append(f"| `{entry.dotted}` | {_type_name(entry.field.annotation)} | {default} | {flag} | {help_text} |")
+        shown = entry._extra("shown_type") or _type_name(entry.field.annotation)
+        rows.append(f"| `{entry.dotted}` | {shown} | {default} | {flag} | {help_text} |")
     return "\n".join(rows)
 
 
@@ -268,5 +298,25 @@ def _strip(annotation: Any) -> Any:
     return annotation
 
 
-__all__ = ["SECTIONS", "TOP_LEVEL", "Key", "SweepConfig", "find_key", "flag_keys", "key_table", "keys",
-           "override_value", "value_from_text"]
+__all__ = [
+    "SECTIONS",
+    "TOP_LEVEL",
+    "Key",
+    "SweepConfig",
+    "find_key",
+    "flag_keys",
+    "key_table",
+    "keys",
+    "override_value",
+    "value_from_text",
+]
+
+
+KEYS_BEGIN, KEYS_END = "<!-- keys:begin -->", "<!-- keys:end -->"
+
+
+def with_key_table(text: str) -> str:
+    """``text`` (a Markdown page) with the key table between its ``keys:begin`` and ``keys:end`` markers."""
+    before, _, rest = text.partition(KEYS_BEGIN)
+    _, _, after = rest.partition(KEYS_END)
+    return f"{before}{KEYS_BEGIN}\n{key_table()}\n{KEYS_END}{after}"

@@ -86,12 +86,16 @@ def _measure_cpu(step: TrainingStep) -> MemoryMeasurement:
         with record_function("gcbench::optimizer"):
             step.optimizer_step()
     events = prof.profiler.kineto_results.events()
-    spans = {e.name().split("::")[1]: (e.start_ns(), e.end_ns()) for e in events
-             if e.name() in ("gcbench::forward_backward", "gcbench::optimizer")}
+    spans = {
+        e.name().split("::")[1]: (e.start_ns(), e.end_ns())
+        for e in events
+        if e.name() in ("gcbench::forward_backward", "gcbench::optimizer")
+    }
     running, peak = 0, 0
     phases = dict.fromkeys(PHASES, 0)
-    for event in sorted((e for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"),
-                        key=lambda e: e.start_ns()):
+    for event in sorted(
+        (e for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"), key=lambda e: e.start_ns()
+    ):
         running += event.nbytes()
         peak = max(peak, running)
         for phase, (start, end) in spans.items():
@@ -122,7 +126,8 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(
-        phrase in text for phrase in ("out of memory", "can't allocate memory", "not enough memory"))
+        phrase in text for phrase in ("out of memory", "can't allocate memory", "not enough memory")
+    )
 
 
 def limit_cuda_memory(device: torch.device, budget: int | None) -> None:

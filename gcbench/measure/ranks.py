@@ -62,15 +62,21 @@ def distributed_gradients(config: StepConfig, device: torch.device) -> tuple[lis
     return grads, loss
 
 
-def reference_gradients(config: StepConfig, device: torch.device, strategy: str = Full.name) -> tuple[list[Tensor], float]:
+def reference_gradients(
+    config: StepConfig, device: torch.device, strategy: str = Full.name
+) -> tuple[list[Tensor], float]:
     """``strategy`` in this process alone over ``config``'s global batch (no collective: OOM here is local)."""
     uses_chunks = resolve_strategy(strategy).uses_chunks
-    return step_gradients(checked_step(replace(config, strategy=strategy,
-                                               chunk_sizes=config.chunk_sizes if uses_chunks else None), device))
+    return step_gradients(
+        checked_step(
+            replace(config, strategy=strategy, chunk_sizes=config.chunk_sizes if uses_chunks else None), device
+        )
+    )
 
 
 def worst(comparisons: Sequence[GradComparison]) -> GradComparison:
     """The rank furthest from the reference (NaN counts as furthest)."""
+
     def distance(x: float) -> float:
         return math.inf if math.isnan(x) else x
 
@@ -86,9 +92,15 @@ def _check_cases(info: RankInfo, cases: list[StepConfig], reference: str | None)
     return results
 
 
-def check_distributed(cases: Sequence[StepConfig], nproc: int, *, device: torch.device | str = "cpu",
-                      backend: str = "auto", timeout: float = 600.0, reference: str | None = Full.name,
-                      ) -> list[GradComparison]:
+def check_distributed(
+    cases: Sequence[StepConfig],
+    nproc: int,
+    *,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    timeout: float = 600.0,
+    reference: str | None = Full.name,
+) -> list[GradComparison]:
     """Each case (its ``batch_size`` is the global batch) on ``nproc`` ranks in one launch, against one process.
 
     ``reference``: the single-process strategy to compare with; ``None``: the case's own strategy

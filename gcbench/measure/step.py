@@ -33,16 +33,24 @@ class UntrackedBaseline:
     bytes: int
 
 
-def measure_step(step: TrainingStep, warmup: int, repeats: int, *, untracked: UntrackedBaseline | None = None,
-                 before_each: Callable[[], None] | None = None) -> StepMeasurement:
+def measure_step(
+    step: TrainingStep,
+    warmup: int,
+    repeats: int,
+    *,
+    untracked: UntrackedBaseline | None = None,
+    before_each: Callable[[], None] | None = None,
+) -> StepMeasurement:
     for _ in range(warmup):
         step()
     memory = measure_step_memory(step)
     if untracked is not None and step.device.type == "cpu":  # on CUDA memory_allocated sees them already
-        memory = replace(memory, method=f"{memory.method} + {untracked.what}",
-                         baseline_bytes=memory.baseline_bytes + untracked.bytes)
-    _, tracked = track_step(step, CUDA_BLOCK if step.device.type == "cuda" else 1,
-                            count_cpu_rng_states=step.device.type == "cpu")
+        memory = replace(
+            memory, method=f"{memory.method} + {untracked.what}", baseline_bytes=memory.baseline_bytes + untracked.bytes
+        )
+    _, tracked = track_step(
+        step, CUDA_BLOCK if step.device.type == "cuda" else 1, count_cpu_rng_states=step.device.type == "cpu"
+    )
     samples: list[float] = []
     for _ in range(repeats):
         if before_each is not None:

@@ -65,8 +65,9 @@ class MemoryTracker(TorchDispatchMode):
     def watch_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Re-tag each ``.grad`` as a gradient when autograd accumulates it."""
         for p in parameters:
-            self._hooks.append(p.register_post_accumulate_grad_hook(
-                lambda param: self._track(param.grad, "gradients", retag=True)))
+            self._hooks.append(
+                p.register_post_accumulate_grad_hook(lambda param: self._track(param.grad, "gradients", retag=True))
+            )
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -116,7 +117,11 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(new_category, nbytes)
                 self._storages[key] = (known[0], nbytes, new_category)
             return
-        ref = weakref.ref(storage, lambda _, key=key: self._free(key))
+
+        def release(_: weakref.ReferenceType[torch.UntypedStorage]) -> None:
+            self._free(key)
+
+        ref = weakref.ref(storage, release)
         self._storages[key] = (ref, nbytes, category)
         self._add(category, nbytes)
 

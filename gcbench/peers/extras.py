@@ -23,8 +23,10 @@ def require(what: str, extra: str, modules: Sequence[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as error:
-            raise UsageError(f"{what} needs the Python package {name!r}, which cannot be imported ({error}); "
-                             f"install it with: {install_line(extra)}") from None
+            raise UsageError(
+                f"{what} needs the Python package {name!r}, which cannot be imported ({error}); "
+                f"install it with: {install_line(extra)}"
+            ) from None
 
 
 def installed_versions() -> dict[str, str]:

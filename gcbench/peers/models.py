@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from gcbench.errors import UsageError
 from gcbench.peers.extras import REAL, require
 from gcbench.workloads.config import TEXT_TOWERS, ModelConfig, TextTower, WorkloadConfig
 from gcbench.workloads.tasks import CLS_ID, FIRST_WORD_ID
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SEP_ID = 102  # BERT's uncased vocabulary, which all three kinds use
 BERT_VOCAB = 30522
@@ -50,7 +53,7 @@ class SentenceEncoder(nn.Module):
     and sentence-transformers' losses use it unchanged, with no ``get_rep``.
     """
 
-    def __init__(self, transformer: nn.Module, pooling: str, normalize: bool) -> None:
+    def __init__(self, transformer: PreTrainedModel, pooling: str, normalize: bool) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -58,12 +61,14 @@ class SentenceEncoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         if self.pooling == "cls":
             rep = hidden[:, 0]
         else:  # sentence-transformers' mean pooling, to the same clamp
@@ -89,8 +94,11 @@ def minilm_dir() -> Path:
 
 def _options(config: ModelConfig) -> dict[str, Any]:
     """What of ``[model]`` applies to an HF encoder: dropout and the attention implementation."""
-    return {"hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.dropout,
-            "attn_implementation": config.attention}
+    return {
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.dropout,
+        "attn_implementation": config.attention,
+    }
 
 
 def _pretrained_minilm(config: ModelConfig) -> SentenceEncoder:
@@ -105,7 +113,7 @@ def _pretrained_minilm(config: ModelConfig) -> SentenceEncoder:
     return SentenceEncoder(model, "mean", normalize=True)
 
 
-def _random_bert(sizes: dict[str, int], pooling: str, normalize: bool, config: ModelConfig) -> SentenceEncoder:
+def _random_bert(sizes: dict[str, Any], pooling: str, normalize: bool, config: ModelConfig) -> SentenceEncoder:
     from transformers import BertConfig, BertModel
 
     return SentenceEncoder(BertModel(BertConfig(**sizes, **_options(config))), pooling, normalize)
@@ -123,8 +131,11 @@ def common_words() -> tuple[str, ...]:
     """MiniLM's most frequent whole words: its vocabulary lists them by frequency, from "the" on."""
     vocab = _tokenizer().get_vocab()
     first = vocab["the"]
-    words = [word for word, index in sorted(vocab.items(), key=lambda item: item[1])
-             if index >= first and word.isascii() and word.isalpha()]
+    words = [
+        word
+        for word, index in sorted(vocab.items(), key=lambda item: item[1])
+        if index >= first and word.isascii() and word.isalpha()
+    ]
     return tuple(words[:COMMON_WORDS])
 
 
@@ -142,8 +153,13 @@ def sentence_tokens(config: ModelConfig, rows: int, length: int, generator: torc
     """
     if detect_fake_mode() is not None:
         return window_tokens(config, rows, length, generator)
-    encoded = _tokenizer()(sentences(rows, max(length - 2, 0), generator), padding="max_length", truncation=True,
-                           max_length=length, return_tensors="pt")
+    encoded = _tokenizer()(
+        sentences(rows, max(length - 2, 0), generator),
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+        return_tensors="pt",
+    )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
@@ -156,12 +172,15 @@ def window_tokens(config: ModelConfig, rows: int, length: int, generator: torch.
 
 def _check_length(kind: str, length: int) -> None:
     if length > MAX_POSITIONS:
-        raise UsageError(f"model.kind {kind!r} has {MAX_POSITIONS} positions; a length of {length} tokens "
-                         "does not fit (workload.query_length / passage_length)")
+        raise UsageError(
+            f"model.kind {kind!r} has {MAX_POSITIONS} positions; a length of {length} tokens "
+            "does not fit (workload.query_length / passage_length)"
+        )
 
 
-def _build(make: Callable[[ModelConfig], SentenceEncoder], modules: tuple[str, ...], config: ModelConfig,
-           max_length: int) -> SentenceEncoder:
+def _build(
+    make: Callable[[ModelConfig], SentenceEncoder], modules: tuple[str, ...], config: ModelConfig, max_length: int
+) -> SentenceEncoder:
     require(f"model.kind {config.kind!r}", REAL, modules)
     _check_length(config.kind, max_length)
     return make(config)
@@ -178,15 +197,22 @@ class HFTower(TextTower):
         """UsageError if the extra is missing or the workload cannot use this tower."""
         kind = workload.model.kind
         require(f"model.kind {kind!r}", REAL, self.modules)
-        lengths = (workload.query_length, workload.passage_length) if workload.name == "dpr" else (workload.query_length,)
+        lengths = (
+            (workload.query_length, workload.passage_length) if workload.name == "dpr" else (workload.query_length,)
+        )
         _check_length(kind, max(lengths))
         if workload.name == "clip" and workload.model.hidden != self.width:
-            raise UsageError(f"model.hidden: clip's image tower must be as wide as {kind!r}; set model.hidden = "
-                             f"{self.width}")
+            raise UsageError(
+                f"model.hidden: clip's image tower must be as wide as {kind!r}; set model.hidden = {self.width}"
+            )
 
 
-def _tower(make: Callable[[ModelConfig], SentenceEncoder], tokens: Callable[..., dict[str, Tensor]], width: int,
-           modules: tuple[str, ...]) -> HFTower:
+def _tower(
+    make: Callable[[ModelConfig], SentenceEncoder],
+    tokens: Callable[..., dict[str, Tensor]],
+    width: int,
+    modules: tuple[str, ...],
+) -> HFTower:
     return HFTower(partial(_build, make, modules), tokens, width, modules)
 
 

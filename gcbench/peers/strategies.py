@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from gcbench.cache.batching import Batch
 from gcbench.cache.engine import encode
+from gcbench.cache.objective import Objective
 from gcbench.errors import UsageError
+from gcbench.losses import InBatchSoftmax
 from gcbench.peers.extras import PEERS, require
 from gcbench.peers.models import TOWERS
-from gcbench.cache.objective import Objective
-from gcbench.losses import InBatchSoftmax
 from gcbench.strategies import STRATEGIES, Cache, EncodeStep, Strategy, StrategyUse, whole_batches
 
 ST_MODULES = ("sentence_transformers",)
@@ -55,13 +55,16 @@ def columns(batches: Sequence[Batch], sizes: Sequence[int]) -> list[dict[str, An
     """The peer's input layout: anchors, then the passages column by column (positives, hard negative 1, ...)."""
     queries, passages = batches
     if not isinstance(queries, Mapping) or not isinstance(passages, Mapping):
-        raise TypeError("sentence-transformers' losses take features dicts (token ids), not "
-                        f"{type(queries).__name__} batches")
+        raise TypeError(
+            f"sentence-transformers' losses take features dicts (token ids), not {type(queries).__name__} batches"
+        )
     if sizes[1] % sizes[0]:
         raise ValueError(f"{sizes[1]} passages do not split into groups for {sizes[0]} queries")
     group = sizes[1] // sizes[0]
-    strided = [{key: value[j::group] if isinstance(value, Tensor) else value for key, value in passages.items()}
-               for j in range(group)]
+    strided = [
+        {key: value[j::group] if isinstance(value, Tensor) else value for key, value in passages.items()}
+        for j in range(group)
+    ]
     return [{**queries, ROUTE: 0}, *({**column, ROUTE: 1} for column in strided)]
 
 
@@ -70,13 +73,19 @@ class PeerStrategy(Strategy):
 
     exact = True
 
-    def __init__(self, objective: Objective, chunk_sizes: int | Sequence[int] | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        chunk_sizes: int | Sequence[int] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         super().__init__(objective, chunk_sizes, scaler)
         require(f"strategy {self.name!r}", PEERS, ST_MODULES)
         if not isinstance(objective.loss_fn, InBatchSoftmax) or len(objective.encoders) != 2:
-            raise UsageError(f"{self.name}: sentence-transformers' ranking loss is dpr's in-batch softmax over "
-                             f"two inputs, not {type(objective.loss_fn).__name__}")
+            raise UsageError(
+                f"{self.name}: sentence-transformers' ranking loss is dpr's in-batch softmax over "
+                f"two inputs, not {type(objective.loss_fn).__name__}"
+            )
         from sentence_transformers.util import dot_score
 
         model = nn.Sequential(_Encoders(objective))  # its losses look at model[0]
@@ -92,16 +101,20 @@ class PeerStrategy(Strategy):
         require(f"strategy {cls.name!r}", PEERS, ST_MODULES)
         workload = use.workload
         if workload.name != "dpr":
-            raise UsageError(f"sweep.strategies: {cls.name} is sentence-transformers' ranking loss, dpr's in-batch "
-                             f"softmax; workload {workload.name!r} has another loss")
+            raise UsageError(
+                f"sweep.strategies: {cls.name} is sentence-transformers' ranking loss, dpr's in-batch "
+                f"softmax; workload {workload.name!r} has another loss"
+            )
         if workload.model.kind == "mlp":
             raise UsageError(f"sweep.strategies: {cls.name} feeds token ids; model.kind 'mlp' has none")
         if use.nproc > 1:
             raise UsageError(f"sweep.strategies: {cls.name} runs in one process here; set sweep.nproc = 1")
         if use.equivalence and workload.hard_negatives:
-            raise UsageError(f"sweep.equivalence: {cls.name} embeds hard negatives column by column, an order "
-                             "gcbench's reference cannot follow; set workload.hard_negatives = 0 or "
-                             "sweep.equivalence = false (its gradients are checked in tests/test_peers.py)")
+            raise UsageError(
+                f"sweep.equivalence: {cls.name} embeds hard negatives column by column, an order "
+                "gcbench's reference cannot follow; set workload.hard_negatives = 0 or "
+                "sweep.equivalence = false (its gradients are checked in tests/test_peers.py)"
+            )
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         if loss_kwargs:
@@ -120,7 +133,9 @@ class SentenceTransformersFull(PeerStrategy):
     def make_loss(self, model: nn.Module, **similarity: Any) -> nn.Module:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-        return MultipleNegativesRankingLoss(model, **similarity)
+        # sentence-transformers types its model as a SentenceTransformer; it calls it and looks at model[0],
+        # which the nn.Sequential it is given supports too
+        return MultipleNegativesRankingLoss(model, **similarity)  # type: ignore[arg-type]
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         """Queries, then passages (the candidate columns, merged into one forward when there are several)."""
@@ -140,9 +155,16 @@ class SentenceTransformersCached(PeerStrategy):
 
         assert self.chunk_sizes is not None
         if len(set(self.chunk_sizes)) > 1:
-            raise UsageError(f"{self.name}: the peer has one mini_batch_size for every input, got chunk sizes "
-                             f"{self.chunk_sizes}")
-        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=self.chunk_sizes[0], **similarity)
+            raise UsageError(
+                f"{self.name}: the peer has one mini_batch_size for every input, got chunk sizes {self.chunk_sizes}"
+            )
+        # sentence-transformers types its model as a SentenceTransformer; it calls it and looks at model[0],
+        # which the nn.Sequential it is given supports too
+        return CachedMultipleNegativesRankingLoss(
+            model,  # type: ignore[arg-type]
+            mini_batch_size=self.chunk_sizes[0],
+            **similarity,
+        )
 
     @classmethod
     def check_use(cls, use: StrategyUse) -> None:
@@ -150,13 +172,17 @@ class SentenceTransformersCached(PeerStrategy):
         workload = use.workload
         for setting in use.chunk_settings:
             if len(set(setting)) > 1:
-                raise UsageError(f"sweep.chunk_sizes: {cls.name} has one mini_batch_size for every input, "
-                                 f"not {'/'.join(map(str, setting))}")
+                raise UsageError(
+                    f"sweep.chunk_sizes: {cls.name} has one mini_batch_size for every input, "
+                    f"not {'/'.join(map(str, setting))}"
+                )
         if use.equivalence and workload.model.dropout > 0 and workload.model.kind not in TOWERS:
-            raise UsageError(f"sweep.equivalence: {cls.name} trims trailing padding per mini-batch, so on padded "
-                             f"rows (model.kind {workload.model.kind!r}) its dropout masks are not those of gcbench's "
-                             f"reference; set model.dropout = 0, sweep.equivalence = false, or a kind whose rows "
-                             f"fill their windows ({', '.join(TOWERS)})")
+            raise UsageError(
+                f"sweep.equivalence: {cls.name} trims trailing padding per mini-batch, so on padded "
+                f"rows (model.kind {workload.model.kind!r}) its dropout masks are not those of gcbench's "
+                f"reference; set model.dropout = 0, sweep.equivalence = false, or a kind whose rows "
+                f"fill their windows ({', '.join(TOWERS)})"
+            )
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         """Column by column in chunks: for pairs exactly ``cache``'s order."""
@@ -166,8 +192,10 @@ class SentenceTransformersCached(PeerStrategy):
 
 def _require_pairs(name: str, sizes: Sequence[int]) -> None:
     if sizes[1] != sizes[0]:
-        raise UsageError(f"{name}: with hard negatives the peer embeds the passages column by column (rows "
-                         "j::group), an order gcbench's encode steps (contiguous rows) cannot express")
+        raise UsageError(
+            f"{name}: with hard negatives the peer embeds the passages column by column (rows "
+            "j::group), an order gcbench's encode steps (contiguous rows) cannot express"
+        )
 
 
 PEER_STRATEGIES: tuple[type[PeerStrategy], ...] = (SentenceTransformersFull, SentenceTransformersCached)

@@ -5,8 +5,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # before anything here can import pyplot: reports are drawn without a display
 
-from gcbench.report.load import Run, load_runs  # noqa: E402
-from gcbench.report.markdown import ReportFiles, write_report  # noqa: E402
-from gcbench.report.tables import summary_table  # noqa: E402
+from gcbench.report.load import Run, load_runs
+from gcbench.report.markdown import ReportFiles, write_report
+from gcbench.report.tables import summary_table
 
 __all__ = ["ReportFiles", "Run", "load_runs", "summary_table", "write_report"]

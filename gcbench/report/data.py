@@ -97,8 +97,9 @@ class ReportData:
         if requested is not None:
             if requested not in set(ok["batch_size"]):
                 ran = ", ".join(map(str, sorted(set(ok["batch_size"])))) or "none"
-                raise UsageError(f"breakdown batch {requested}: no point ran ok at that batch "
-                                 f"(batches that did: {ran})")
+                raise UsageError(
+                    f"breakdown batch {requested}: no point ran ok at that batch (batches that did: {ran})"
+                )
             return requested
         full = ok[ok["is_reference"]]
         chosen = full if not full.empty else ok

@@ -8,7 +8,8 @@ labelled with the sizes swept, memory in the unit its values call for.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from gcbench.report.style import CATEGORY_COLOURS, FAILED_COLOUR, MemoryUnit
 from gcbench.results.units import format_bytes
 
 WIDTH_IN, DPI = 6.4, 125  # 800 px
-GUIDE = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}  # reference lines: budget, y = 1, y = x
+GUIDE: dict[str, Any] = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}  # reference lines: budget, y = 1, y = x
 
 
 def report_figures(data: ReportData, breakdown_batch: int | None = None) -> dict[str, Figure]:
@@ -56,13 +57,26 @@ def memory_figure(data: ReportData) -> Figure | None:
         # An x in the series' colour at the peak reached, or on the top edge when that is unknown.
         known, unknown = oom[oom["peak"].notna()], oom[oom["peak"].isna()]
         top = ax.get_xaxis_transform()
-        mark = {"marker": "x", "s": 70, "linewidths": 2.5, "zorder": 4, "clip_on": False}
+        mark: dict[str, Any] = {"marker": "x", "s": 70, "linewidths": 2.5, "zorder": 4, "clip_on": False}
         ax.scatter(known["batch_size"], unit(known["peak"]), c=known["series"].map(data.look.colour), **mark)
-        ax.scatter(unknown["batch_size"], np.ones(len(unknown)), c=unknown["series"].map(data.look.colour),
-                   transform=top, **mark)
+        ax.scatter(
+            unknown["batch_size"],
+            np.ones(len(unknown)),
+            c=unknown["series"].map(data.look.colour),
+            transform=top,
+            **mark,
+        )
         for batch, series in zip(unknown["batch_size"], unknown["series"]):
-            ax.annotate("peak unknown", (batch, 1), xycoords=top, xytext=(7, -4), textcoords="offset points",
-                        va="top", fontsize="x-small", color=data.look.colour(series))
+            ax.annotate(
+                "peak unknown",
+                (batch, 1),
+                xycoords=top,
+                xytext=(7, -4),
+                textcoords="offset points",
+                va="top",
+                fontsize="x-small",
+                color=data.look.colour(series),
+            )
         extra.append(Line2D([], [], lw=0, marker="x", color="0.3", mew=2.5, label="out of memory"))
     if data.budget is not None:
         extra.append(ax.axhline(unit(data.budget), **GUIDE, label=f"budget {format_bytes(data.budget)}"))
@@ -105,7 +119,7 @@ def breakdown_figure(data: ReportData, batch: int | None) -> Figure | None:
         values = unit(rows[column].fillna(0)).to_numpy()
         ax.barh(y, values, left=left, height=0.7, color=CATEGORY_COLOURS[category], label=category)
         left += values
-    for position, total in zip(y, totals):
+    for position, total in enumerate(totals):
         ax.text(unit(total), position, f" {format_bytes(total)}", va="center", fontsize="small")
     _series_ticks(ax, data, rows)
     ax.set_xlabel(f"memory ({unit.name})")
@@ -123,14 +137,23 @@ def largest_batch_figure(data: ReportData) -> Figure | None:
     series = _bar_order(data, points.drop_duplicates(["run", "series"]))
     tried = points[points["status"] != "skipped"].groupby(["run", "series"])["batch_size"].max()
     base = points["batch_size"].min() / 2
-    title = ("Largest batch that ran" if data.budget is None else
-             f"Largest batch within the {format_bytes(data.budget)} budget")
+    title = (
+        "Largest batch that ran"
+        if data.budget is None
+        else f"Largest batch within the {format_bytes(data.budget)} budget"
+    )
     fig, ax = _figure(title, height=_bars_height(len(series)))
     for position, (run, name) in enumerate(zip(series["run"], series["series"])):
         batch = best.get((run, name))
         if batch is None:
-            ax.text(base, position, " none ran ok" if data.budget is None else " none fit", va="center",
-                    fontsize="small", color=FAILED_COLOUR)
+            ax.text(
+                base,
+                position,
+                " none ran ok" if data.budget is None else " none fit",
+                va="center",
+                fontsize="small",
+                color=FAILED_COLOUR,
+            )
             continue
         ax.barh(position, batch - base, left=base, height=0.7, color=data.look.colour(name))
         note = " (the largest tried)" if batch == tried.get((run, name)) else ""
@@ -152,8 +175,9 @@ def gradient_error_figure(data: ReportData) -> Figure | None:
     _series_lines(ax, data, rows, rows["grad_max_rel_err"].clip(lower=floor))
     extra = []
     if (rows["grad_max_rel_err"] <= 0).any():
-        extra.append(ax.axhline(floor, color="0.45", linestyle=":", linewidth=1.2,
-                                label=f"exactly 0 (drawn at {floor:.0e})"))
+        extra.append(
+            ax.axhline(floor, color="0.45", linestyle=":", linewidth=1.2, label=f"exactly 0 (drawn at {floor:.0e})")
+        )
     ax.set_ylim(floor / 3, max(rows["grad_max_rel_err"].max() * 3, floor * 100))
     ax.set_yscale("log")
     _batch_axis(ax, data.points["batch_size"])
@@ -185,9 +209,14 @@ def prediction_figure(data: ReportData) -> Figure | None:
     unit = MemoryUnit.of([*rows["peak"], *rows["predicted_peak_bytes"]])
     median = rows["prediction_error"].abs().median()
     fig, ax = _figure(f"Predicted against measured peak (median error {median:.0%})")
-    for (run, series), group in rows.groupby(["run", "series"], sort=False):
-        ax.plot(unit(group["peak"]), unit(group["predicted_peak_bytes"]), color=data.look.colour(series),
-                label=data.look.line_label(series, run), **{**data.look.run_style(run), "linestyle": "none"})
+    for run, series, group in _run_series_groups(rows):
+        ax.plot(
+            unit(group["peak"]),
+            unit(group["predicted_peak_bytes"]),
+            color=data.look.colour(series),
+            label=data.look.line_label(series, run),
+            **{**data.look.run_style(run), "linestyle": "none"},
+        )
     low = unit(min(rows["peak"].min(), rows["predicted_peak_bytes"].min())) / 1.25
     high = unit(max(rows["peak"].max(), rows["predicted_peak_bytes"].max())) * 1.25
     (diagonal,) = ax.plot([low, high], [low, high], **GUIDE, label="predicted = measured")
@@ -211,6 +240,7 @@ def prediction_figure(data: ReportData) -> Figure | None:
 
 # Shared pieces ---------------------------------------------------------------------------------------
 
+
 def _figure(title: str, height: float = 4.8) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -229,24 +259,35 @@ def _ok(data: ReportData, column: str) -> pd.DataFrame:
     return points[(points["status"] == "ok") & points[column].notna()]
 
 
-def _series_lines(ax: Axes, data: ReportData, rows: pd.DataFrame, y: pd.Series,
-                  errors: np.ndarray | None = None) -> None:
+def _series_lines(
+    ax: Axes, data: ReportData, rows: pd.DataFrame, y: pd.Series, errors: np.ndarray | None = None
+) -> None:
     """One line per run and series over batch size: colour from the series, style from the run."""
     rows = rows.assign(_y=y.to_numpy())
     if errors is not None:
         rows = rows.assign(_low=errors[0], _high=errors[1])
-    for (run, series), group in rows.groupby(["run", "series"], sort=False):
-        style = {"color": data.look.colour(series), "label": data.look.line_label(series, run), "markersize": 4,
-                 **data.look.run_style(run)}
+    for run, series, group in _run_series_groups(rows):
+        style: dict[str, Any] = {
+            "color": data.look.colour(series),
+            "label": data.look.line_label(series, run),
+            "markersize": 4,
+            **data.look.run_style(run),
+        }
         if errors is None:
             ax.plot(group["batch_size"], group["_y"], **style)
         else:
             ax.errorbar(group["batch_size"], group["_y"], yerr=[group["_low"], group["_high"]], capsize=3, **style)
 
 
+def _run_series_groups(rows: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """The rows of each run and series, in order of first appearance."""
+    for (run, series), group in rows.groupby(["run", "series"], sort=False):
+        yield str(run), str(series), group
+
+
 def _batch_axis(ax: Axes, batches: Iterable[int]) -> None:
     """A log2 axis ticked at the batch sizes swept (with room around a single one)."""
-    ticks = sorted(set(int(b) for b in batches))
+    ticks = sorted({int(b) for b in batches})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(b) for b in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
@@ -274,7 +315,8 @@ def _series_ticks(ax: Axes, data: ReportData, rows: pd.DataFrame) -> None:
 
 def _legend(fig: Figure, handles: Sequence[Artist]) -> None:
     """Below the axes, in as many columns (up to 3) as the longest label leaves room for."""
-    longest = max(len(handle.get_label()) for handle in handles)
+    longest = max(len(str(handle.get_label())) for handle in handles)
     columns = 3 if longest <= 24 else 2 if longest <= 38 else 1
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(columns, len(handles)), frameon=False,
-               fontsize="small")
+    fig.legend(
+        handles=handles, loc="outside lower center", ncols=min(columns, len(handles)), frameon=False, fontsize="small"
+    )

@@ -17,9 +17,11 @@ def headline(data: ReportData) -> list[str]:
     for run in data.look.runs:
         prefix = f"{run}: " if data.look.several_runs else ""
         full, caching = data.reference(run), data.caching(run)
-        lines += [prefix + _full_line(full, data.budget, reference),
-                  prefix + _memory_line(caching, full, data.budget, reference),
-                  prefix + _cost_line(ratios[ratios["run"] == run], reference)]
+        lines += [
+            prefix + _full_line(full, data.budget, reference),
+            prefix + _memory_line(caching, full, data.budget, reference),
+            prefix + _cost_line(ratios[ratios["run"] == run], reference),
+        ]
     return lines
 
 
@@ -32,13 +34,18 @@ def _full_line(full: pd.DataFrame, budget: int | None, reference: str) -> str:
     ran = "" if largest is None else f"its largest batch was {largest['batch_size']} at {_peak(largest)}"
     if not over.empty:
         first = over.loc[over["batch_size"].idxmin()]
-        failed = (f"{reference} ran out of memory at batch {first['batch_size']}{within}" if first["status"] == "oom"
-                  else f"{reference} went over the {format_bytes(budget)} budget at batch {first['batch_size']} "
-                       f"({_peak(first)})")
+        failed = (
+            f"{reference} ran out of memory at batch {first['batch_size']}{within}"
+            if first["status"] == "oom"
+            else f"{reference} went over the {format_bytes(budget)} budget at batch {first['batch_size']} "
+            f"({_peak(first)})"
+        )
         return f"{failed}; " + (ran or "no batch fit") + "."
     if largest is not None:
-        return f"{reference}'s largest batch was {largest['batch_size']} at {_peak(largest)}{within}" \
-               f"{', the largest tried' if largest['batch_size'] == full['batch_size'].max() else ''}."
+        return (
+            f"{reference}'s largest batch was {largest['batch_size']} at {_peak(largest)}{within}"
+            f"{', the largest tried' if largest['batch_size'] == full['batch_size'].max() else ''}."
+        )
     return f"{reference} ran ok at no batch ({status_counts(full['status'])})."
 
 
@@ -62,8 +69,10 @@ def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None, 
         versus = "about as much as"
     else:
         versus = f"{ratio:.1f}× less than" if ratio > 1 else f"{1 / ratio:.1f}× more than"
-    return said + f"; at batch {at['batch_size']}, the largest {where}, it needed {versus} {reference} " \
-                  f"({format_bytes(at['peak'])} against {format_bytes(at['peak_full'])})."
+    return (
+        said + f"; at batch {at['batch_size']}, the largest {where}, it needed {versus} {reference} "
+        f"({format_bytes(at['peak'])} against {format_bytes(at['peak_full'])})."
+    )
 
 
 def _cost_line(ratios: pd.DataFrame, reference: str) -> str:
@@ -74,8 +83,9 @@ def _cost_line(ratios: pd.DataFrame, reference: str) -> str:
     change = cheapest["time_ratio"] - 1
     verb = "cost" if change >= 0 else "saved"
     which = f"{cheapest['series']}, the cheapest setting there" if len(top) > 1 else cheapest["series"]
-    return f"caching {verb} {abs(change):.0%} step time against {reference} at batch {cheapest['batch_size']} " \
-           f"({which})."
+    return (
+        f"caching {verb} {abs(change):.0%} step time against {reference} at batch {cheapest['batch_size']} ({which})."
+    )
 
 
 def _peak(point: pd.Series) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+from typing_extensions import TypeIs
 
 from gcbench.report.data import ReportData
 from gcbench.report.figures import DPI, report_figures
@@ -22,18 +23,18 @@ REPORT_FILE = "report.md"
 FIGURE_FORMATS = ("png", "svg")
 CAPTIONS = {  # what a first-time reader needs to read each figure
     "memory": "The peak memory of one training step (parameters, gradients, optimizer state and inputs included; "
-              "for several processes, the largest rank's), per strategy and chunk size. An x marks a point that ran "
-              "out of memory, at the peak it reached (on the top edge when that is unknown).",
-    "largest-batch": "How far each series got. \"The largest tried\" means it never failed: it may go further.",
+    "for several processes, the largest rank's), per strategy and chunk size. An x marks a point that ran "
+    "out of memory, at the peak it reached (on the top edge when that is unknown).",
+    "largest-batch": 'How far each series got. "The largest tried" means it never failed: it may go further.',
     "breakdown": "What the memory held at the step's peak, as the dispatch-level tracker saw it "
-                 "(a second run of the step; its total can differ slightly from the allocator's peak).",
+    "(a second run of the step; its total can differ slightly from the allocator's peak).",
     "throughput": "Examples per second at the median step time; error bars span the interquartile range of the "
-                  "step times.",
+    "step times.",
     "caching-cost": "Step time of each caching setting divided by full's at the same batch, where both ran ok: "
-                    "above 1, caching is slower.",
+    "above 1, caching is slower.",
     "gradient-error": "The largest relative difference between a strategy's gradients and full's, on a log scale.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
-                  "on the dashed line are exact predictions.",
+    "on the dashed line are exact predictions.",
 }
 
 
@@ -50,13 +51,23 @@ class ReportFiles:
         return (self.report, *self.figures, *self.tables)
 
 
-def write_report(sources: Sequence[Path] | Sequence[Run], out_dir: Path, *, memory_budget: int | None = None,
-                 breakdown_batch: int | None = None, labels: Sequence[str] | None = None) -> ReportFiles:
+def _loaded(sources: Sequence[Path] | Sequence[Run]) -> TypeIs[Sequence[Run]]:
+    """Runs already loaded (otherwise results files and sweep folders to read, or nothing)."""
+    return bool(sources) and all(isinstance(source, Run) for source in sources)
+
+
+def write_report(
+    sources: Sequence[Path] | Sequence[Run],
+    out_dir: Path,
+    *,
+    memory_budget: int | None = None,
+    breakdown_batch: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> ReportFiles:
     """Write ``report.md``, its figures and tables into ``out_dir`` from results files, sweep folders
     or runs already loaded. ``memory_budget`` (bytes) adds the budget to figures and the headline;
     ``breakdown_batch`` picks the batch of the memory breakdown."""
-    loaded = bool(sources) and all(isinstance(source, Run) for source in sources)
-    runs = list(sources) if loaded else load_runs(sources, labels)
+    runs = list(sources) if _loaded(sources) else load_runs(sources, labels)
     data = ReportData.of(runs, memory_budget)
     figures = report_figures(data, breakdown_batch)
     tables = report_tables(data)
@@ -85,13 +96,14 @@ def render(data: ReportData, figure_titles: dict[str, str], tables: dict[str, Re
         parts.append("Runs are compared: colour names the strategy and chunk size, line style and marker the run.")
     parts += _table(tables["summary"])
     for name, title in figure_titles.items():
-        parts += [f"## {title}", f"![{title}](figures/{name}.png)",
-                  f"{CAPTIONS[name]} ([SVG](figures/{name}.svg))"]
+        parts += [f"## {title}", f"![{title}](figures/{name}.png)", f"{CAPTIONS[name]} ([SVG](figures/{name}.svg))"]
     parts += _table(tables["points"])
     if data.repeated:
         repeated = int((data.points["runs"] > 1).sum())
-        parts.append(f"{repeated} points were recorded more than once: their numbers are medians over the runs with "
-                     "the most common status, and `runs` says how many runs there were.")
+        parts.append(
+            f"{repeated} points were recorded more than once: their numbers are medians over the runs with "
+            "the most common status, and `runs` says how many runs there were."
+        )
     parts += _table(tables["runs"])
     return "\n\n".join(parts) + "\n"
 

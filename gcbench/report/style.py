@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, overload
 
+import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.lines import Line2D
@@ -23,8 +25,12 @@ SHADES = (0.9, 0.55)  # darkest (smallest chunks) to lightest (largest), as colo
 RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"))
 FAILED_COLOUR = "#d62728"
 CATEGORY_COLOURS = {  # the memory breakdown: fixed, and unlike any series colour family
-    "parameters": "#4c72b0", "gradients": "#8172b3", "optimizer": "#937860",
-    "inputs": "#8c8c8c", "activations": "#dd8452", "temporaries": "#ccb974",
+    "parameters": "#4c72b0",
+    "gradients": "#8172b3",
+    "optimizer": "#937860",
+    "inputs": "#8c8c8c",
+    "activations": "#dd8452",
+    "temporaries": "#ccb974",
 }
 
 
@@ -64,7 +70,7 @@ class Look:
     def colour(self, series: str) -> str:
         return self.colours[series]
 
-    def run_style(self, run: str) -> dict[str, object]:
+    def run_style(self, run: str) -> dict[str, Any]:
         linestyle, marker = RUN_STYLES[self.runs.index(run) % len(RUN_STYLES)]
         return {"linestyle": linestyle, "marker": marker}
 
@@ -79,11 +85,16 @@ class Look:
     def legend_handles(self, series: Iterable[str], markers: bool = False) -> list[Line2D]:
         """One entry per series shown (its colour), then one per run (its line style) when compared."""
         shown = set(series)
-        handles = [Line2D([], [], color=self.colour(s), lw=0 if markers else 2, marker="o" if markers else None,
-                          label=s) for s in self.series if s in shown]
+        handles = [
+            Line2D([], [], color=self.colour(s), lw=0 if markers else 2, marker="o" if markers else None, label=s)
+            for s in self.series
+            if s in shown
+        ]
         if self.several_runs:
-            handles += [Line2D([], [], color="0.35", **self.run_style(run), lw=0 if markers else 1.5,
-                               label=f"run: {run}") for run in self.runs]
+            handles += [
+                Line2D([], [], color="0.35", **self.run_style(run), lw=0 if markers else 1.5, label=f"run: {run}")
+                for run in self.runs
+            ]
         return handles
 
 
@@ -100,5 +111,11 @@ class MemoryUnit:
         name, size = byte_unit(max(present, default=0))
         return cls(name, size)
 
-    def __call__(self, value: float) -> float:
+    @overload
+    def __call__(self, value: float) -> float: ...
+
+    @overload
+    def __call__(self, value: pd.Series) -> pd.Series: ...
+
+    def __call__(self, value: float | pd.Series) -> float | pd.Series:
         return value / self.size

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.table import Table
@@ -13,8 +14,8 @@ from rich.table import Table
 from gcbench.report.data import ReportData
 from gcbench.report.load import Run
 from gcbench.report.style import MemoryUnit
-from gcbench.results.units import format_bytes
 from gcbench.results.records import STATUSES
+from gcbench.results.units import format_bytes
 
 TABLE_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX"}  # extension -> name
 
@@ -36,15 +37,22 @@ class ReportTable:
         return cells.to_markdown(index=False, disable_numparse=True, colalign=self._alignment())
 
     def latex(self) -> str:
-        return self.text().to_latex(index=False, escape=True, caption=self.title, label=f"tab:{self.name}",
-                                    longtable=len(self.frame) > 30,
-                                    column_format="".join(align[0] for align in self._alignment()))
+        return self.text().to_latex(
+            index=False,
+            escape=True,
+            caption=self.title,
+            label=f"tab:{self.name}",
+            longtable=len(self.frame) > 30,
+            column_format="".join(align[0] for align in self._alignment()),
+        )
 
     def _alignment(self) -> list[str]:
         """Numbers right, text (and columns with nothing in them) left."""
         frame = self.frame
-        return ["right" if pd.api.types.is_numeric_dtype(frame[c]) and frame[c].notna().any() else "left"
-                for c in frame.columns]
+        return [
+            "right" if pd.api.types.is_numeric_dtype(frame[c]) and frame[c].notna().any() else "left"
+            for c in frame.columns
+        ]
 
     def write(self, folder: Path) -> list[Path]:
         """``NAME.csv``, ``NAME.md`` and ``NAME.tex`` in ``folder``."""
@@ -67,20 +75,29 @@ def summary(data: ReportData) -> ReportTable:
     unit = MemoryUnit.of(best["peak"])
     largest = "largest batch ok" if data.budget is None else f"largest batch within {format_bytes(data.budget)}"
     peak = f"peak memory there ({unit.name})"
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (run, series), group in points.groupby(["run", "series"], sort=False):
         there = best.loc[(run, series)] if (run, series) in best.index else None
         ok = group[group["status"] == "ok"]
-        rows.append({
-            "run": run, "series": series, "world size": group["world_size"].max(),
-            largest: None if there is None else there["batch_size"],
-            peak: None if there is None else unit(there["peak"]),
-            "examples/s there": None if there is None else there["examples_per_s"],
-            "max grad rel err": ok["grad_max_rel_err"].max(),
-            **{status: int((group["status"] == status).sum()) for status in STATUSES},
-        })
-    frame = _drop_unneeded(data, pd.DataFrame(rows, columns=["run", "series", "world size", largest, peak,
-                                                             "examples/s there", "max grad rel err", *STATUSES]))
+        rows.append(
+            {
+                "run": run,
+                "series": series,
+                "world size": group["world_size"].max(),
+                largest: None if there is None else there["batch_size"],
+                peak: None if there is None else unit(there["peak"]),
+                "examples/s there": None if there is None else there["examples_per_s"],
+                "max grad rel err": ok["grad_max_rel_err"].max(),
+                **{status: int((group["status"] == status).sum()) for status in STATUSES},
+            }
+        )
+    frame = _drop_unneeded(
+        data,
+        pd.DataFrame(
+            rows,
+            columns=["run", "series", "world size", largest, peak, "examples/s there", "max grad rel err", *STATUSES],
+        ),
+    )
     formats = {largest: ".0f", peak: ",.1f", "examples/s there": ",.0f", "max grad rel err": ".1e"}
     return ReportTable("summary", "Summary per series", frame, formats)
 
@@ -90,19 +107,36 @@ def every_point(data: ReportData) -> ReportTable:
     points = data.points
     unit = MemoryUnit.of(points["peak"])
     peak, predicted = f"peak memory ({unit.name})", f"predicted peak ({unit.name})"
-    frame = pd.DataFrame({
-        "run": points["run"], "series": points["series"], "batch": points["batch_size"],
-        "chunks": points["chunk_sizes"], "world size": points["world_size"], "status": points["status"],
-        "reason": points["reason"], peak: unit(points["peak"]),
-        "step time (ms)": points["time_median_s"] * 1e3, "step time IQR (ms)": points["time_iqr_s"] * 1e3,
-        "examples/s": points["examples_per_s"], "grad rel err": points["grad_max_rel_err"],
-        predicted: unit(points["predicted_peak_bytes"]), "prediction error (%)": points["prediction_error"] * 100,
-        "runs": points["runs"],
-    })
+    frame = pd.DataFrame(
+        {
+            "run": points["run"],
+            "series": points["series"],
+            "batch": points["batch_size"],
+            "chunks": points["chunk_sizes"],
+            "world size": points["world_size"],
+            "status": points["status"],
+            "reason": points["reason"],
+            peak: unit(points["peak"]),
+            "step time (ms)": points["time_median_s"] * 1e3,
+            "step time IQR (ms)": points["time_iqr_s"] * 1e3,
+            "examples/s": points["examples_per_s"],
+            "grad rel err": points["grad_max_rel_err"],
+            predicted: unit(points["predicted_peak_bytes"]),
+            "prediction error (%)": points["prediction_error"] * 100,
+            "runs": points["runs"],
+        }
+    )
     if not data.predicted:
         frame = frame.drop(columns=[predicted, "prediction error (%)"])
-    formats = {peak: ",.1f", "step time (ms)": ",.1f", "step time IQR (ms)": ",.1f", "examples/s": ",.0f",
-               "grad rel err": ".1e", predicted: ",.1f", "prediction error (%)": "+.1f"}
+    formats = {
+        peak: ",.1f",
+        "step time (ms)": ",.1f",
+        "step time IQR (ms)": ",.1f",
+        "examples/s": ",.0f",
+        "grad rel err": ".1e",
+        predicted: ",.1f",
+        "prediction error (%)": "+.1f",
+    }
     return ReportTable("points", "Every point", _drop_unneeded(data, frame), formats)
 
 
@@ -113,9 +147,18 @@ def sources(data: ReportData) -> ReportTable:
         torch = dict.fromkeys(r.env.torch for r in run.records if r.env.torch)
         commits = dict.fromkeys(r.env.git_commit[:10] for r in run.records if r.env.git_commit)
         finished = sorted(r.finished_at for r in run.records if r.finished_at)
-        rows.append({"run": run.label, "results": str(run.source), "experiment": run.experiment,
-                     "device": run.device_name, "torch": ", ".join(torch), "git commit": ", ".join(commits),
-                     "points": len(run.records), "finished": f"{finished[0]} to {finished[-1]}" if finished else None})
+        rows.append(
+            {
+                "run": run.label,
+                "results": str(run.source),
+                "experiment": run.experiment,
+                "device": run.device_name,
+                "torch": ", ".join(torch),
+                "git commit": ", ".join(commits),
+                "points": len(run.records),
+                "finished": f"{finished[0]} to {finished[-1]}" if finished else None,
+            }
+        )
     return ReportTable("runs", "Runs", pd.DataFrame(rows), {})
 
 

@@ -26,11 +26,17 @@ def git_commit() -> str | None:
     if not (CHECKOUT / ".git").exists() or not (CHECKOUT / "pyproject.toml").is_file():
         return None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)reports"], cwd=CHECKOUT,
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"],
+            cwd=CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -65,8 +71,12 @@ def environment(device: torch.device, git: str | None = None) -> Environment:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, device_memory_bytes=props.total_memory,
-                    cuda=torch.version.cuda, driver=_nvidia_driver())
+        info.update(
+            device_name=props.name,
+            device_memory_bytes=props.total_memory,
+            cuda=torch.version.cuda,
+            driver=_nvidia_driver(),
+        )
     else:
         info.update(device_name=cpu, device_memory_bytes=_host_memory())
     return Environment(**info)
@@ -88,8 +98,13 @@ def _host_memory() -> int | None:
 
 def _nvidia_driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None

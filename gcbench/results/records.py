@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from gcbench.errors import UsageError
 from gcbench.strategies import StrategyTraits
-from gcbench.typed import Float, Int, Str, dump, load, typed
+from gcbench.typed import Float, Int, Str, dump, load, typed, typed_mutable
 
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.jsonl"
@@ -96,6 +96,20 @@ class Prediction:
     world_size: Int = 1  # > 1: one rank's peak (DDP buckets and gathered representations included)
     error: Str | None = None
 
+    @property
+    def peak(self) -> int:
+        """``peak_bytes`` of a prediction that succeeded; a ValueError for one that failed."""
+        if self.peak_bytes is None:
+            raise ValueError(f"no predicted peak: {self.error or 'the prediction failed'}")
+        return self.peak_bytes
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:
+        """``breakdown`` (bytes by category at the peak) of a prediction that succeeded; a ValueError otherwise."""
+        if self.breakdown is None:
+            raise ValueError(f"no predicted breakdown: {self.error or 'the prediction failed'}")
+        return self.breakdown
+
 
 @typed
 class DistributedResult:
@@ -134,7 +148,7 @@ class Environment:
     packages: dict[str, Str] | None = None  # the optional extras' distributions, where installed
 
 
-@typed(frozen=False)
+@typed_mutable
 class Record:
     experiment: Str
     fingerprint: Str

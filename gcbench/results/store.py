@@ -25,7 +25,7 @@ class ResultsStore:
             return []
         data = self.path.read_bytes()
         newline = data.rfind(b"\n")
-        whole, tail = data[: newline + 1], data[newline + 1:]
+        whole, tail = data[: newline + 1], data[newline + 1 :]
         records = [self._parse(line, number) for number, line in enumerate(whole.split(b"\n"), 1) if line.strip()]
         if tail.strip():  # every record is written with its newline in one write: no newline, torn write
             try:

@@ -11,8 +11,15 @@ from gcbench.measure.tracker import CATEGORIES
 from gcbench.results.records import Point, Record
 
 TRAITS = ("exact", "uses_chunks", "caches_representations", "reference", "global_negatives")
-MEMORY_COLUMNS = ("peak_bytes", "baseline_bytes", "step_peak_bytes", "forward_backward_peak_bytes",
-                  "optimizer_peak_bytes", "reserved_bytes", "tracked_peak_bytes")
+MEMORY_COLUMNS = (
+    "peak_bytes",
+    "baseline_bytes",
+    "step_peak_bytes",
+    "forward_backward_peak_bytes",
+    "optimizer_peak_bytes",
+    "reserved_bytes",
+    "tracked_peak_bytes",
+)
 
 
 def record_row(record: Record) -> dict[str, Any]:
@@ -60,4 +67,3 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     rows = [record_row(r) for r in records]
     columns = list(record_row(Record("", "", Point("full", 1), "skipped")))
     return pd.DataFrame(rows, columns=columns)
-

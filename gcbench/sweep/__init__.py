@@ -3,5 +3,13 @@
 from gcbench.sweep.point import InProcess, OnRanks, PointMeasurer, measurer
 from gcbench.sweep.runner import SweepEvents, SweepOutcome, run_point_process, run_sweep
 
-__all__ = ["InProcess", "OnRanks", "PointMeasurer", "SweepEvents", "SweepOutcome", "measurer", "run_point_process",
-           "run_sweep"]
+__all__ = [
+    "InProcess",
+    "OnRanks",
+    "PointMeasurer",
+    "SweepEvents",
+    "SweepOutcome",
+    "measurer",
+    "run_point_process",
+    "run_sweep",
+]

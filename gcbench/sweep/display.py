@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gcbench.results.units import format_bytes
 from gcbench.results.records import Point, Record
+from gcbench.results.units import format_bytes
 from gcbench.sweep.runner import SweepEvents
 
 STATUS_STYLE = {"ok": "green", "oom": "red", "error": "bold red", "timeout": "yellow", "skipped": "dim"}
@@ -33,12 +33,20 @@ def progress_events(progress: Progress) -> SweepEvents:
 
 
 def make_progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+    return Progress(
+        TextColumn("{task.description}", style="cyan"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def quiet_events(console: Console) -> SweepEvents:
     """One plain line per finished point, for CI logs."""
+
     def record(r: Record) -> None:
         console.print(f"{r.status:8} {r.point.id} {point_summary(r)}", highlight=False, markup=False)
 
@@ -62,12 +70,19 @@ def summary_tables(records: Iterable[Record]) -> list[Table]:
             table.add_column(column, justify="right" if column not in ("status",) else "left")
         for r in sorted(rows, key=lambda r: (r.point.chunk_sizes or (), r.point.batch_size)):
             eq = r.equivalence
-            error = f"{eq.max_rel_err:.1e}" if eq and eq.max_rel_err is not None else (
-                "ref" if eq and eq.reference == "self" else "n/a")
-            table.add_row(str(r.point.batch_size), r.point.chunk_label,
-                          format_bytes(r.memory.peak_bytes) if r.memory else "-",
-                          f"{r.time.median_s * 1e3:.1f} ms" if r.time else "-",
-                          f"{r.time.examples_per_s:.1f}" if r.time else "-", error,
-                          f"[{STATUS_STYLE[r.status]}]{r.status}[/]")
+            error = (
+                f"{eq.max_rel_err:.1e}"
+                if eq and eq.max_rel_err is not None
+                else ("ref" if eq and eq.reference == "self" else "n/a")
+            )
+            table.add_row(
+                str(r.point.batch_size),
+                r.point.chunk_label,
+                format_bytes(r.memory.peak_bytes) if r.memory else "-",
+                f"{r.time.median_s * 1e3:.1f} ms" if r.time else "-",
+                f"{r.time.examples_per_s:.1f}" if r.time else "-",
+                error,
+                f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
+            )
         tables.append(table)
     return tables

@@ -38,8 +38,16 @@ from gcbench.measure.step import StepMeasurement, UntrackedBaseline, measure_ste
 from gcbench.measure.timing import Timing
 from gcbench.measure.tracker import TrackedPeak
 from gcbench.results.environment import environment
-from gcbench.results.records import (DistributedResult, Environment, EquivalenceResult, MemoryResult, Point,
-                                     Record, Status, TimeResult)
+from gcbench.results.records import (
+    DistributedResult,
+    Environment,
+    EquivalenceResult,
+    MemoryResult,
+    Point,
+    Record,
+    Status,
+    TimeResult,
+)
 from gcbench.results.units import format_bytes
 from gcbench.strategies import StrategyTraits, resolve_strategy
 from gcbench.training import build_step
@@ -51,15 +59,24 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def bare_record(experiment: Experiment, point: Point, status: Status, reason: str | None,
-                git_commit: str | None) -> Record:
+def bare_record(
+    experiment: Experiment, point: Point, status: Status, reason: str | None, git_commit: str | None
+) -> Record:
     """A record of a point that measured nothing: skipped, or ended by a crash, a kill or a timeout."""
     try:
         traits: StrategyTraits | None = resolve_strategy(point.strategy).traits()
     except UsageError:
         traits = None
-    return Record(experiment.name, experiment.fingerprint, point, status, traits=traits, reason=reason,
-                  env=Environment(git_commit=git_commit), finished_at=now())
+    return Record(
+        experiment.name,
+        experiment.fingerprint,
+        point,
+        status,
+        traits=traits,
+        reason=reason,
+        env=Environment(git_commit=git_commit),
+        finished_at=now(),
+    )
 
 
 def memory_result(measured: MemoryMeasurement, tracked: TrackedPeak) -> MemoryResult:
@@ -103,16 +120,24 @@ class PointMeasurer(ABC):
         if sweep.threads:
             torch.set_num_threads(sweep.threads)
         device = resolve_device(sweep.device)
-        record = Record(self.experiment.name, self.experiment.fingerprint, point, "ok",
-                        traits=resolve_strategy(point.strategy).traits(), env=environment(device, self.git_commit))
+        record = Record(
+            self.experiment.name,
+            self.experiment.fingerprint,
+            point,
+            "ok",
+            traits=resolve_strategy(point.strategy).traits(),
+            env=environment(device, self.git_commit),
+        )
         self.run(point, device, record)
         budget = sweep.memory_budget
         if record.status == "ok" and record.memory is not None and budget is not None:
-            peak = max(record.memory.peak_bytes or 0, (record.distributed.peak_max_bytes or 0)
-                       if record.distributed else 0)
+            peak = max(
+                record.memory.peak_bytes or 0, (record.distributed.peak_max_bytes or 0) if record.distributed else 0
+            )
             if peak > budget:
-                rank = "" if record.distributed is None else \
-                    f" of rank {record.distributed.rank_peak_bytes.index(peak)}"
+                rank = (
+                    "" if record.distributed is None else f" of rank {record.distributed.rank_peak_bytes.index(peak)}"
+                )
                 record.status = "oom"
                 record.reason = f"peak {format_bytes(peak)}{rank} is over the memory budget {format_bytes(budget)}"
                 record.equivalence = None
@@ -135,7 +160,7 @@ class InProcess(PointMeasurer):
             step = build_step(self.experiment.step_config(point), device)
             measured = measure_step(step, sweep.warmup, sweep.repeats)
             del step
-        except Exception as error:  # noqa: BLE001 - running out of memory is a result
+        except Exception as error:
             if not is_out_of_memory(error):
                 raise
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -155,13 +180,22 @@ class InProcess(PointMeasurer):
             return EquivalenceResult("self", note=f"{point.strategy} is the reference")
         experiment = self.experiment
         try:
-            result = check_strategy(experiment.workload, point.strategy, point.batch_size, point.chunk_sizes,
-                                    precision=experiment.sweep.precision, device=device, seed=experiment.sweep.seed)
-        except Exception as error:  # noqa: BLE001
+            result = check_strategy(
+                experiment.workload,
+                point.strategy,
+                point.batch_size,
+                point.chunk_sizes,
+                precision=experiment.sweep.precision,
+                device=device,
+                seed=experiment.sweep.seed,
+            )
+        except Exception as error:
             if not is_out_of_memory(error):
                 raise
             release_memory(device)
-            return EquivalenceResult(REFERENCE, note=f"n/a: the full-batch reference does not fit ({first_line(error)})")
+            return EquivalenceResult(
+                REFERENCE, note=f"n/a: the full-batch reference does not fit ({first_line(error)})"
+            )
         return equivalence_result(result, REFERENCE)
 
 
@@ -186,8 +220,15 @@ class OnRanks(PointMeasurer):
         backend = resolve_backend(sweep.backend, device)
         record.distributed = DistributedResult(sweep.nproc, backend)
         try:
-            ranks = launch(_measure_rank, sweep.nproc, (self.experiment, point), device=device, backend=backend,
-                           timeout=sweep.timeout * LAUNCH_SHARE, threads=sweep.threads)
+            ranks = launch(
+                _measure_rank,
+                sweep.nproc,
+                (self.experiment, point),
+                device=device,
+                backend=backend,
+                timeout=sweep.timeout * LAUNCH_SHARE,
+                threads=sweep.threads,
+            )
         except RankError as error:
             record.status = "oom" if error.exception is not None and is_out_of_memory(error.exception) else "error"
             record.reason = first_line(error)
@@ -201,10 +242,15 @@ class OnRanks(PointMeasurer):
         record.memory = memory_result(ranks[0].measured.memory, ranks[0].measured.tracked)
         record.time = time_result(timing, point.batch_size)
         record.distributed = replace(
-            record.distributed, local_batch_size=point.batch_size // len(ranks),
-            negatives="global" if gathers(point.strategy) else "per rank", peak_max_bytes=max(peaks),
-            peak_mean_bytes=statistics.mean(peaks), rank_peak_bytes=tuple(peaks),
-            rank_median_s=tuple(r.measured.timing.median_s for r in ranks), threads_per_rank=ranks[0].threads)
+            record.distributed,
+            local_batch_size=point.batch_size // len(ranks),
+            negatives="global" if gathers(point.strategy) else "per rank",
+            peak_max_bytes=max(peaks),
+            peak_mean_bytes=statistics.mean(peaks),
+            rank_peak_bytes=tuple(peaks),
+            rank_median_s=tuple(r.measured.timing.median_s for r in ranks),
+            threads_per_rank=ranks[0].threads,
+        )
         results = [r.equivalence for r in ranks]
         if all(r is not None for r in results):
             notes = [r for r in results if isinstance(r, str)]
@@ -217,8 +263,7 @@ def _measure_rank(info: RankInfo, experiment: Experiment, point: Point) -> RankM
     limit_cuda_memory(info.device, sweep.memory_budget)
     step = distribute_step(build_step(experiment.step_config(point), info.device))
     buckets = UntrackedBaseline("DDP gradient buckets", ddp_bucket_bytes(step.strategy.objective.encoders))
-    measured = measure_step(step, sweep.warmup, sweep.repeats, untracked=buckets,
-                            before_each=lambda: _barrier(info))
+    measured = measure_step(step, sweep.warmup, sweep.repeats, untracked=buckets, before_each=lambda: _barrier(info))
     del step
     release_memory(info.device)
     equivalence = _rank_equivalence(experiment, point, info.device) if sweep.equivalence else None
@@ -236,7 +281,7 @@ def _rank_equivalence(experiment: Experiment, point: Point, device: torch.device
     grads, loss = distributed_gradients(config, device)
     try:
         ref_grads, ref_loss = reference_gradients(config, device)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         if not is_out_of_memory(error):
             raise
         release_memory(device)

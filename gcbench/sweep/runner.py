@@ -12,8 +12,8 @@ import json
 import multiprocessing
 import re
 import signal
-import tempfile
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,11 @@ from gcbench.errors import EstimateError, UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment import Experiment
 from gcbench.results.environment import git_commit
-from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record
+from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record, Status
 from gcbench.results.store import ResultsStore
 from gcbench.results.table import records_frame
 from gcbench.results.units import format_bytes
-from gcbench.sweep.point import bare_record, now
+from gcbench.sweep.point import bare_record
 from gcbench.typed import dump
 
 PREDICTED_SKIP_MARGIN = 1.25  # with --predict, a point predicted over budget x this is not run
@@ -55,8 +55,15 @@ class SweepEvents:
     on_record: Callable[[Record], None] = lambda record: None
 
 
-def run_sweep(experiment: Experiment, out_dir: Path, *, fresh: bool = False, retry_failed: bool = False,
-              events: SweepEvents | None = None, on_ready: Callable[[], None] | None = None) -> SweepOutcome:
+def run_sweep(
+    experiment: Experiment,
+    out_dir: Path,
+    *,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    events: SweepEvents | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> SweepOutcome:
     """Measure every point not yet in ``out_dir``'s results; ``fresh``: discard them first; ``retry_failed``:
     measure again the points that ended in error or timeout (their old records stay in the file, superseded).
 
@@ -112,19 +119,26 @@ def _load_previous(store: ResultsStore, experiment: Experiment) -> dict[str, Rec
     records = store.load()
     others = {r.fingerprint for r in records} - {experiment.fingerprint}
     if others:
-        raise UsageError(f"{store.path} holds results of a different experiment (fingerprint {others.pop()}, this one "
-                         f"{experiment.fingerprint}); use --fresh to replace them or --out for another folder")
+        raise UsageError(
+            f"{store.path} holds results of a different experiment (fingerprint {others.pop()}, this one "
+            f"{experiment.fingerprint}); use --fresh to replace them or --out for another folder"
+        )
     return {r.point.id: r for r in records}
 
 
-def _skip_reason(experiment: Experiment, point: Point, done: dict[str, Record],
-                 prediction: Prediction | None) -> str | None:
+def _skip_reason(
+    experiment: Experiment, point: Point, done: dict[str, Record], prediction: Prediction | None
+) -> str | None:
     """Why ``point`` is not worth running: a smaller batch of its series ran out of memory, or the
     prediction is far over the budget."""
     for record in done.values():
         p = record.point
-        if (record.status == "oom" and p.strategy == point.strategy and p.chunk_sizes == point.chunk_sizes
-                and p.batch_size < point.batch_size):
+        if (
+            record.status == "oom"
+            and p.strategy == point.strategy
+            and p.chunk_sizes == point.chunk_sizes
+            and p.batch_size < point.batch_size
+        ):
             return f"{p.series} ran out of memory at batch {p.batch_size}"
     budget = experiment.sweep.memory_budget
     peak = prediction.peak_bytes if prediction else None
@@ -139,8 +153,9 @@ def _predictor(experiment: Experiment) -> Callable[[Point], Prediction]:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--predict: no memory model for {device.type} devices (cpu and cuda have one)")
     try:
-        estimator = Estimator(experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed,
-                              experiment.optimizer)
+        estimator = Estimator(
+            experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed, experiment.optimizer
+        )
     except EstimateError as error:
         raise EstimateError(f"--predict: {error}") from None
 
@@ -153,7 +168,7 @@ def _predictor(experiment: Experiment) -> Callable[[Point], Prediction]:
     return predict
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         # The optimizer's first step imports torch._dynamo (and sympy): a second per point if not preloaded.
@@ -171,8 +186,9 @@ def run_point_process(experiment: Experiment, point: Point, git: str | None, log
     log_path = logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", point.id) + ".log")
     with tempfile.TemporaryDirectory(prefix="gcbench-point-") as scratch:
         result_path = Path(scratch) / "record.json"
-        process = _context().Process(target=child_main, args=(experiment.to_dict(), dump(point), git,
-                                                               str(result_path), str(log_path)))
+        process = _context().Process(
+            target=child_main, args=(experiment.to_dict(), dump(point), git, str(result_path), str(log_path))
+        )
         process.start()
         timed_out = False
         try:
@@ -184,6 +200,7 @@ def run_point_process(experiment: Experiment, point: Point, git: str | None, log
                 process.join()
         if result_path.exists():
             return Record.from_dict(json.loads(result_path.read_text()))
+    status: Status
     if timed_out:
         status, reason = "timeout", f"exceeded the {experiment.sweep.timeout:g} s point timeout"
     else:

@@ -7,6 +7,7 @@ record with the exception's first line, and the full traceback stays in the poin
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -22,8 +23,9 @@ from gcbench.sweep.point import bare_record, measurer
 from gcbench.typed import load
 
 
-def child_main(experiment_data: dict[str, Any], point_data: dict[str, Any], git_commit: str | None,
-               result_path: str, log_path: str) -> None:
+def child_main(
+    experiment_data: dict[str, Any], point_data: dict[str, Any], git_commit: str | None, result_path: str, log_path: str
+) -> None:
     """Entry point of a point's process: output to a log, the record to ``result_path``."""
     _die_with_parent()
     gc.freeze()  # what the fork server imported stays put: each gc.collect() here skips it
@@ -33,7 +35,7 @@ def child_main(experiment_data: dict[str, Any], point_data: dict[str, Any], git_
     experiment, point = Experiment.from_dict(experiment_data), load(Point, point_data)
     try:
         record = measurer(experiment, git_commit).measure(point)
-    except BaseException as error:  # noqa: BLE001 - a crash is a result too
+    except BaseException as error:
         traceback.print_exc()
         record = bare_record(experiment, point, "error", first_line(error), git_commit)
     sys.stdout.flush()
@@ -48,7 +50,5 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass

@@ -4,5 +4,15 @@ from gcbench.workloads.config import FEATURE_KIND, TEXT_TOWERS, WORKLOADS, Model
 from gcbench.workloads.models import MLPEncoder, TransformerEncoder
 from gcbench.workloads.tasks import Workload, build_workload
 
-__all__ = ["FEATURE_KIND", "MLPEncoder", "ModelConfig", "TEXT_TOWERS", "TextTower", "TransformerEncoder", "WORKLOADS",
-           "Workload", "WorkloadConfig", "build_workload"]
+__all__ = [
+    "FEATURE_KIND",
+    "TEXT_TOWERS",
+    "WORKLOADS",
+    "MLPEncoder",
+    "ModelConfig",
+    "TextTower",
+    "TransformerEncoder",
+    "Workload",
+    "WorkloadConfig",
+    "build_workload",
+]

@@ -44,6 +44,7 @@ def _known(registry: Callable[[], list[str]]) -> Callable[[str], str]:
         if value not in options:
             raise ValueError(f"unknown value {value!r}; choose from {', '.join(options)}")
         return value
+
     return check
 
 
@@ -59,20 +60,23 @@ WorkloadName = Annotated[str, AfterValidator(_known(lambda: list(WORKLOADS)))]
 class ModelConfig:
     """Sizes of an encoder (``[model]`` in an experiment)."""
 
-    kind: ModelKind = key("transformer: gcbench's BERT-style encoder; mlp: feature vectors; more from extras",
-                          default="transformer")
+    kind: ModelKind = key(
+        "transformer: gcbench's BERT-style encoder; mlp: feature vectors; more from extras", default="transformer"
+    )
     hidden: Int = key("width of the representation and of every layer", default=128, ge=1)
     layers: Int = key("transformer blocks (mlp: hidden layers)", default=2, ge=1)
     heads: Int = key("attention heads; must divide hidden", default=4, ge=1)
     ffn: Int = key("feed-forward width (0: 4 x hidden)", default=0, ge=0)
     vocab: Int = key("vocabulary size of the random token ids", default=30522, ge=2000)
     dropout: Float = key("dropout probability (hidden states and attention)", default=0.1, ge=0.0, lt=1.0)
-    pooling: Literal["cls", "mean"] = key("how a sequence becomes one vector: first token or masked mean",
-                                         default="cls")
+    pooling: Literal["cls", "mean"] = key(
+        "how a sequence becomes one vector: first token or masked mean", default="cls"
+    )
     features: Int = key("input width of mlp towers (image features, SimCLR views)", default=256, ge=1)
     attention: Literal["sdpa", "eager"] = key(
         "sdpa: fused kernels; eager: softmax(QK^T)V spelt out, its probabilities stored, as 2021's BERT did",
-        default="sdpa")
+        default="sdpa",
+    )
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -87,8 +91,11 @@ class ModelConfig:
 class WorkloadConfig:
     """What is trained on what data (``[workload]`` in an experiment; ``[model]`` is its ``model``)."""
 
-    name: WorkloadName = key("dpr (queries and passages), clip (texts and image features), simclr (two views)",
-                             flag="--workload", default="dpr")
+    name: WorkloadName = key(
+        "dpr (queries and passages), clip (texts and image features), simclr (two views)",
+        flag="--workload",
+        default="dpr",
+    )
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     query_length: Int = key("tokens per query (dpr), caption (clip) or view (simclr on text)", default=32, ge=1)
     passage_length: Int = key("tokens per passage (dpr)", default=128, ge=1)

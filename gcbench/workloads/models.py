@@ -8,6 +8,8 @@ checkpointing through their ``gradient_checkpointing`` attribute.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,7 +104,7 @@ class MLPEncoder(nn.Module):
         super().__init__()
         widths = [config.features] + [config.hidden] * config.layers
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), nn.GELU(), nn.Dropout(config.dropout)) for a, b in zip(widths, widths[1:])
+            nn.Sequential(nn.Linear(a, b), nn.GELU(), nn.Dropout(config.dropout)) for a, b in itertools.pairwise(widths)
         )
         self.head = nn.Linear(widths[-1], out_features or config.hidden)
         self.gradient_checkpointing = False

@@ -25,6 +25,7 @@ from gcbench.workloads.config import FEATURE_KIND, TEXT_TOWERS, WORKLOADS, Model
 from gcbench.workloads.models import MLPEncoder, TransformerEncoder
 
 CLS_ID, FIRST_WORD_ID = 101, 1000
+Inputs = Tensor | dict[str, Tensor]  # what a workload feeds an encoder: features, or token ids and their mask
 
 
 def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -36,7 +37,7 @@ def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-TEXT_TOWERS["transformer"] = TextTower(lambda config, length: TransformerEncoder(config, length), random_tokens)
+TEXT_TOWERS["transformer"] = TextTower(TransformerEncoder, random_tokens)
 
 
 @dataclass
@@ -45,11 +46,12 @@ class Workload:
 
     config: WorkloadConfig
     objective: Objective
-    make_batches: Callable[[int, torch.Generator], list[Batch]]
+    make_batches: Callable[[int, torch.Generator], list[Inputs]]
     rows_per_example: tuple[int, ...]
 
-    def batches(self, batch_size: int, seed: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> list[Batch]:
+    def batches(
+        self, batch_size: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> list[Batch]:
         """The batch of ``batch_size`` examples for ``seed``: the same on every device and call."""
         generator = torch.Generator().manual_seed(seed)
         return [_to(batch, device, dtype) for batch in self.make_batches(batch_size, generator)]
@@ -58,7 +60,7 @@ class Workload:
         return [batch_size * r for r in self.rows_per_example]
 
 
-def _to(batch: Batch, device: torch.device | str, dtype: torch.dtype) -> Batch:
+def _to(batch: Inputs, device: torch.device | str, dtype: torch.dtype) -> Inputs:
     def move(t: Tensor) -> Tensor:
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
@@ -83,7 +85,7 @@ def _encoder(config: ModelConfig, length: int) -> nn.Module:
     return MLPEncoder(config) if config.kind == FEATURE_KIND else _text_tower(config).build(config, length)
 
 
-def _inputs(config: ModelConfig, length: int) -> Callable[[int, torch.Generator], Batch]:
+def _inputs(config: ModelConfig, length: int) -> Callable[[int, torch.Generator], Inputs]:
     """Generator of an encoder's inputs: feature vectors for ``mlp``, token ids otherwise."""
     if config.kind == FEATURE_KIND:
         return lambda rows, g: _features(config, rows, g)
@@ -102,7 +104,7 @@ def build_dpr(config: WorkloadConfig) -> Workload:
         passage_encoder = _encoder(config.model, config.passage_length)
     loss = InBatchSoftmax(config.temperature or 1.0)
 
-    def make(batch_size: int, g: torch.Generator) -> list[Batch]:
+    def make(batch_size: int, g: torch.Generator) -> list[Inputs]:
         return [queries(batch_size, g), passages(batch_size * group, g)]
 
     return Workload(config, Objective([query_encoder, passage_encoder], loss), make, (1, group))
@@ -115,7 +117,7 @@ def build_clip(config: WorkloadConfig) -> Workload:
     image_encoder = MLPEncoder(replace(config.model, kind=FEATURE_KIND), out_features=text_config.hidden)
     loss = SymmetricInfoNCE(config.temperature or 0.07)
 
-    def make(batch_size: int, g: torch.Generator) -> list[Batch]:
+    def make(batch_size: int, g: torch.Generator) -> list[Inputs]:
         return [texts(batch_size, g), _features(config.model, batch_size, g)]
 
     return Workload(config, Objective([text_encoder, image_encoder], loss), make, (1, 1))
@@ -126,7 +128,7 @@ def build_simclr(config: WorkloadConfig) -> Workload:
     originals = _inputs(config.model, config.query_length)
     loss = NTXent(config.temperature or 0.5)
 
-    def view(batch: Batch, g: torch.Generator) -> Batch:
+    def view(batch: Inputs, g: torch.Generator) -> Inputs:
         """Features with Gaussian noise, or token ids with 15% of the words replaced."""
         if isinstance(batch, Tensor):
             return batch + 0.1 * torch.randn(batch.shape, generator=g)
@@ -136,7 +138,7 @@ def build_simclr(config: WorkloadConfig) -> Workload:
         words = torch.randint(FIRST_WORD_ID, config.model.vocab, ids.shape, generator=g)
         return {**batch, "input_ids": torch.where(swap, words, ids)}
 
-    def make(batch_size: int, g: torch.Generator) -> list[Batch]:
+    def make(batch_size: int, g: torch.Generator) -> list[Inputs]:
         base = originals(batch_size, g)
         return [view(base, g), view(base, g)]
 
@@ -146,8 +148,9 @@ def build_simclr(config: WorkloadConfig) -> Workload:
 WORKLOADS.update(dpr=build_dpr, clip=build_clip, simclr=build_simclr)
 
 
-def build_workload(config: WorkloadConfig, *, seed: int = 0, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> Workload:
+def build_workload(
+    config: WorkloadConfig, *, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Workload:
     """Build the workload's modules from ``seed`` (same weights every time) on ``device`` in ``dtype``."""
     try:
         builder = WORKLOADS[config.name]

@@ -1,0 +1,43 @@
+"""The documentation says what the code and the committed reports say: tested, so it cannot drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gcbench.experiment.schema import KEYS_BEGIN, KEYS_END, key_table
+from gcbench.report import load_runs
+from gcbench.report.data import ReportData
+from gcbench.report.headline import headline
+from gcbench.results import parse_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_key_table_is_the_schema_s() -> None:
+    page = (REPO / "docs" / "experiments.md").read_text()
+    shown = page.split(KEYS_BEGIN, 1)[1].split(KEYS_END, 1)[0].strip()
+    assert shown == key_table(), "docs/experiments.md is out of date: run make docs"
+
+
+def test_the_readme_quotes_the_headline_of_the_committed_quick_report() -> None:
+    data = ReportData.of(load_runs([REPO / "reports" / "quick"]), parse_bytes("256MiB", "budget"))
+    readme = (REPO / "README.md").read_text()
+    for line in headline(data):
+        assert f"- {line}" in readme, f"README does not quote: {line}"
+
+
+def test_the_readme_is_a_door_and_its_links_resolve() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert readme.startswith("# gcbench\n\n```sh\nmake demo") and "make test" in readme.splitlines()[4]
+    assert len(readme.splitlines()) <= 150
+    for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = page.read_text()
+        for target in _links(text):
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def _links(text: str) -> list[str]:
+    import re
+
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not t.startswith(("http", "#", "mailto:"))]
