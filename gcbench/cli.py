@@ -92,6 +92,13 @@ def cli(ctx: click.Context) -> None:
     help="Max relative gradient error [default: 1e-10 float64, 1e-5 float32, 3e-2 bf16, 3e-3 fp16].",
 )
 @click.option("--dropout", type=float, default=None, help="Dropout of the test models [default: 0.1; 0 with --nproc].")
+@click.option(
+    "--loss-tile",
+    type=int,
+    default=0,
+    show_default=True,
+    help=f"{help_of('workload.loss_tile')}; the reference always computes it whole.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help=help_of("sweep.seed"))
 @click.option(
     "--nproc",
@@ -116,6 +123,7 @@ def verify(
     chunk_sizes: str,
     tolerance: float | None,
     dropout: float | None,
+    loss_tile: int,
     seed: int,
     nproc: int,
     backend: str,
@@ -133,6 +141,7 @@ def verify(
         "chunk_sizes": settings,
         "tolerance": tolerance,
         "seed": seed,
+        "loss_tile": loss_tile,
     }
     from gcbench.distributed import RankError
 
@@ -142,7 +151,10 @@ def verify(
         console.print(f"[red]distributed check failed[/red]: {error}", highlight=False)
         return 1
     ranks = f", {nproc} ranks vs 1 process" if nproc > 1 else ""
-    table = Table(title=f"gradient equivalence vs full batch ({precision}{ranks}, tolerance {results[0].tolerance:g})")
+    tiled = f", loss in tiles of {loss_tile} vs whole" if loss_tile else ""
+    table = Table(
+        title=f"gradient equivalence vs full batch ({precision}{ranks}{tiled}, tolerance {results[0].tolerance:g})"
+    )
     for column in (
         "workload",
         "strategy",

@@ -141,9 +141,7 @@ class NTXent(ContrastiveLoss):
         if _whole(rows, columns):
             every_view = views
         else:
-            every_view = F.normalize(
-                torch.cat([_column(columns, 0, "NTXent"), _column(columns, 1, "NTXent")]), dim=-1
-            )
+            every_view = F.normalize(torch.cat([_column(columns, 0, "NTXent"), _column(columns, 1, "NTXent")]), dim=-1)
         total = every_view.shape[0] // 2
         k = start + torch.arange(n, device=first.device)
         partners = torch.cat([total + k, k])
@@ -277,7 +275,7 @@ def _score_tile(scaled_rows: Tensor, columns: Tensor, i: slice, j: slice, exclud
     """Tile ``(i, j)`` of the scores; entries on an excluded diagonal are -inf (only tiles it crosses are touched)."""
     scores = scaled_rows[i] @ columns[j].T
     for first_row, first_column, length in exclude:
-        # rows r of this tile on the diagonal: first_row <= r < first_row + length, column first_column + r - first_row in j
+        # the tile's rows r with first_row <= r < first_row + length whose column first_column + r - first_row is in j
         low = max(first_row, i.start, first_row + j.start - first_column)
         high = min(first_row + length, i.stop, first_row + j.stop - first_column)
         if low < high:
@@ -293,7 +291,7 @@ class _TiledLogSumExp(torch.autograd.Function):
     front (``rows * scale``: O(B·d)), so a tile costs one product and no pass to scale it."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         rows: Tensor,
         columns: Tensor,
@@ -317,7 +315,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, columns, scale, scaled_rows, row_lse, column_lse = ctx.saved_tensors
         with _full_precision(rows):
             row_sums, column_sums = torch.zeros_like(rows), torch.zeros_like(columns)
@@ -336,9 +334,7 @@ class _TiledNegatives(torch.autograd.Function):
     the other side added to both sides' gradients (``d/dl -log sigmoid(-l) = sigmoid(l)``)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, rows: Tensor, columns: Tensor, scale: Tensor, bias: Tensor, tile_size: int
-    ) -> Tensor:
+    def forward(ctx: Any, rows: Tensor, columns: Tensor, scale: Tensor, bias: Tensor, tile_size: int) -> Tensor:
         with _full_precision(rows):
             scaled_rows = rows * scale
             total = rows.new_zeros(())
@@ -350,7 +346,7 @@ class _TiledNegatives(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, columns, scale, bias, scaled_rows = ctx.saved_tensors
         with _full_precision(rows):
             row_sums, column_sums = torch.zeros_like(rows), torch.zeros_like(columns)

@@ -99,6 +99,7 @@ class Strategy(ABC):
     caches_representations: ClassVar[bool] = False
     reference: ClassVar[bool] = False
     global_negatives: ClassVar[bool | None] = None
+    objective_loss: ClassVar[bool] = True  # its loss is the objective's ``loss_fn`` (a peer's computes its own)
 
     @classmethod
     def traits(cls) -> StrategyTraits:

@@ -1,7 +1,9 @@
 """GradCache on several processes (sec. 3.4 of the paper) and the baselines to compare it with.
 
-- :func:`all_gather_with_grad` / :class:`GatherLoss`: the loss over the global batch on every rank,
-  gradients back to the local representations only, scaled so DDP's average is the full gradient;
+- :class:`LocalLoss`: each rank scores its own rows against every rank's columns (gcbench's losses);
+  with DDP's average, the gradient of the global batch's loss (the default for the built-in losses);
+- :func:`all_gather_with_grad` / :class:`GatherLoss`: the loss over the global batch on every rank (any
+  loss), gradients back to the local representations only, scaled so DDP's average is the full gradient;
 - :func:`distribute`: any :class:`~gcbench.cache.Objective` as a W-rank one (DDP encoders, and the
   gathered loss for the strategies with global negatives); :func:`shard`: rank r's rows of a global batch;
 - :func:`launch`: run a function on W ranks; a failing or hanging rank ends the run.
@@ -12,10 +14,13 @@ point in :mod:`gcbench.sweep.point`.
 
 from gcbench.distributed.gather import GatherLoss, all_gather_with_grad, check_equal_rows, gather_rows
 from gcbench.distributed.launch import RankError, RankInfo, launch, resolve_backend
-from gcbench.distributed.objective import distribute, distribute_step, gathers, shard
+from gcbench.distributed.local import LocalLoss, RankCollectives
+from gcbench.distributed.objective import distribute, distribute_step, gathers, rank_loss, shard
 
 __all__ = [
     "GatherLoss",
+    "LocalLoss",
+    "RankCollectives",
     "RankError",
     "RankInfo",
     "all_gather_with_grad",
@@ -25,6 +30,7 @@ __all__ = [
     "gather_rows",
     "gathers",
     "launch",
+    "rank_loss",
     "resolve_backend",
     "shard",
 ]

@@ -72,6 +72,7 @@ class PeerStrategy(Strategy):
     """One step through a sentence-transformers loss built on the objective's encoders."""
 
     exact = True
+    objective_loss = False
 
     def __init__(
         self,
@@ -109,6 +110,11 @@ class PeerStrategy(Strategy):
             raise UsageError(f"sweep.strategies: {cls.name} feeds token ids; model.kind 'mlp' has none")
         if use.nproc > 1:
             raise UsageError(f"sweep.strategies: {cls.name} runs in one process here; set sweep.nproc = 1")
+        if workload.loss_tile:
+            raise UsageError(
+                f"workload.loss_tile: {cls.name} computes sentence-transformers' own loss, not gcbench's "
+                "tiled one; set workload.loss_tile = 0"
+            )
         if use.equivalence and workload.hard_negatives:
             raise UsageError(
                 f"sweep.equivalence: {cls.name} embeds hard negatives column by column, an order "
