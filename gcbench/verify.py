@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gcbench.device import check_precision
+from gcbench.distributed import ranks_wanted
 from gcbench.errors import UsageError
 from gcbench.measure.equivalence import GradComparison, check_strategy
 from gcbench.measure.ranks import check_distributed
@@ -76,9 +77,11 @@ def verify(
 
     One process (``nproc=1``): against the mask-consistent full-batch reference, dropout 0.1 by default.
     W ranks: all cases in one launch, ``batch_size`` the global batch (each rank gets ``batch_size / nproc``,
-    chunk sizes apply to each rank's rows), dropout 0 (see :mod:`gcbench.measure.ranks`).
+    chunk sizes apply to each rank's rows), dropout 0 (see :mod:`gcbench.measure.ranks`). Under torchrun
+    ``nproc`` 1 means torchrun's ranks.
     """
     settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
+    nproc = ranks_wanted(nproc)
     dropout = (0.1 if nproc == 1 else 0.0) if dropout is None else dropout
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
