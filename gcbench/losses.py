@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 Scale = Tensor | float
 
@@ -260,10 +261,12 @@ def _blocks(size: int, tile_size: int) -> list[slice]:
     return [slice(start, min(start + tile_size, size)) for start in range(0, size, tile_size)]
 
 
-def _tiles(rows: Tensor, columns: Tensor, tile_size: int) -> Iterator[tuple[slice, slice]]:
-    for i in _blocks(rows.shape[0], tile_size):
-        for j in _blocks(columns.shape[0], tile_size):
-            yield i, j
+def _tiles(rows: Tensor, columns: Tensor, tile_size: int) -> list[tuple[slice, slice]]:
+    """Every tile, row block by row block. Under fake tensors (the estimate: shapes, no values) only the
+    first, the largest: each tile runs in a function of its own, so its temporaries are gone before the
+    next one's, and the memory of the loop is that of its largest tile whichever tiles run."""
+    tiles = [(i, j) for i in _blocks(rows.shape[0], tile_size) for j in _blocks(columns.shape[0], tile_size)]
+    return tiles[:1] if is_fake(rows) else tiles
 
 
 def _full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -305,28 +308,53 @@ class _TiledLogSumExp(torch.autograd.Function):
             row_lse = rows.new_full((rows.shape[0],), -math.inf)
             column_lse = rows.new_full((columns.shape[0] if columns_too else 0,), -math.inf)
             for i, j in _tiles(rows, columns, tile_size):
-                scores = _score_tile(scaled_rows, columns, i, j, exclude)
-                row_lse[i] = torch.logaddexp(row_lse[i], scores.logsumexp(1))
-                if columns_too:
-                    column_lse[j] = torch.logaddexp(column_lse[j], scores.logsumexp(0))
+                _TiledLogSumExp.forward_tile(scaled_rows, columns, i, j, exclude, row_lse, column_lse)
             total = row_lse.sum() + column_lse.sum()
         ctx.save_for_backward(rows, columns, scale, scaled_rows, row_lse, column_lse)
-        ctx.tile_size, ctx.exclude, ctx.columns_too = tile_size, exclude, columns_too
+        ctx.tile_size, ctx.exclude = tile_size, exclude
         return total
+
+    @staticmethod
+    def forward_tile(
+        scaled_rows: Tensor,
+        columns: Tensor,
+        i: slice,
+        j: slice,
+        exclude: tuple[Diagonal, ...],
+        row_lse: Tensor,
+        column_lse: Tensor,
+    ) -> None:
+        scores = _score_tile(scaled_rows, columns, i, j, exclude)
+        row_lse[i] = torch.logaddexp(row_lse[i], scores.logsumexp(1))
+        if column_lse.numel():
+            column_lse[j] = torch.logaddexp(column_lse[j], scores.logsumexp(0))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, columns, scale, scaled_rows, row_lse, column_lse = ctx.saved_tensors
         with _full_precision(rows):
-            row_sums, column_sums = torch.zeros_like(rows), torch.zeros_like(columns)
+            sums = (torch.zeros_like(rows), torch.zeros_like(columns))
             for i, j in _tiles(rows, columns, ctx.tile_size):
-                scores = _score_tile(scaled_rows, columns, i, j, ctx.exclude)
-                weights = (scores - column_lse[None, j]).exp_() if ctx.columns_too else None
-                by_row = scores.sub_(row_lse[i, None]).exp_()  # in place: the scores are not needed after this
-                weights = by_row if weights is None else weights.add_(by_row)
-                row_sums[i].addmm_(weights, columns[j])  # d/d rows_i = scale * sum_j w_ij columns_j
-                column_sums[j].addmm_(weights.T, scaled_rows[i])  # d/d columns_j = sum_i w_ij scale * rows_i
-        return _gradients(ctx, grad, rows, scale, row_sums, column_sums)
+                _TiledLogSumExp.backward_tile(scaled_rows, columns, i, j, ctx.exclude, row_lse, column_lse, sums)
+        return _gradients(ctx, grad, rows, scale, *sums)
+
+    @staticmethod
+    def backward_tile(
+        scaled_rows: Tensor,
+        columns: Tensor,
+        i: slice,
+        j: slice,
+        exclude: tuple[Diagonal, ...],
+        row_lse: Tensor,
+        column_lse: Tensor,
+        sums: tuple[Tensor, Tensor],
+    ) -> None:
+        scores = _score_tile(scaled_rows, columns, i, j, exclude)
+        by_column = (scores - column_lse[None, j]).exp_() if column_lse.numel() else None
+        weights = scores.sub_(row_lse[i, None]).exp_()  # in place: the scores are not needed after this
+        if by_column is not None:
+            weights.add_(by_column)
+        _add_tile(sums, weights, scaled_rows, columns, i, j)
 
 
 class _TiledNegatives(torch.autograd.Function):
@@ -339,25 +367,48 @@ class _TiledNegatives(torch.autograd.Function):
             scaled_rows = rows * scale
             total = rows.new_zeros(())
             for i, j in _tiles(rows, columns, tile_size):
-                logits = _score_tile(scaled_rows, columns, i, j).add_(bias)
-                total -= F.logsigmoid(logits.neg_()).sum()
+                _TiledNegatives.forward_tile(scaled_rows, columns, bias, i, j, total)
         ctx.save_for_backward(rows, columns, scale, bias, scaled_rows)
         ctx.tile_size = tile_size
         return total
 
     @staticmethod
+    def forward_tile(scaled_rows: Tensor, columns: Tensor, bias: Tensor, i: slice, j: slice, total: Tensor) -> None:
+        logits = _score_tile(scaled_rows, columns, i, j).add_(bias)
+        total.sub_(F.logsigmoid(logits.neg_()).sum())
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, columns, scale, bias, scaled_rows = ctx.saved_tensors
         with _full_precision(rows):
-            row_sums, column_sums = torch.zeros_like(rows), torch.zeros_like(columns)
+            sums = (torch.zeros_like(rows), torch.zeros_like(columns))
             bias_grad = rows.new_zeros(())
             for i, j in _tiles(rows, columns, ctx.tile_size):
-                weights = _score_tile(scaled_rows, columns, i, j).add_(bias).sigmoid_()
-                bias_grad += weights.sum()
-                row_sums[i].addmm_(weights, columns[j])
-                column_sums[j].addmm_(weights.T, scaled_rows[i])
-        rows_grad, columns_grad, scale_grad = _gradients(ctx, grad, rows, scale, row_sums, column_sums)[:3]
+                _TiledNegatives.backward_tile(scaled_rows, columns, bias, i, j, sums, bias_grad)
+        rows_grad, columns_grad, scale_grad = _gradients(ctx, grad, rows, scale, *sums)[:3]
         return rows_grad, columns_grad, scale_grad, bias_grad * grad if ctx.needs_input_grad[3] else None, None
+
+    @staticmethod
+    def backward_tile(
+        scaled_rows: Tensor,
+        columns: Tensor,
+        bias: Tensor,
+        i: slice,
+        j: slice,
+        sums: tuple[Tensor, Tensor],
+        bias_grad: Tensor,
+    ) -> None:
+        weights = _score_tile(scaled_rows, columns, i, j).add_(bias).sigmoid_()
+        bias_grad.add_(weights.sum())
+        _add_tile(sums, weights, scaled_rows, columns, i, j)
+
+
+def _add_tile(
+    sums: tuple[Tensor, Tensor], weights: Tensor, scaled_rows: Tensor, columns: Tensor, i: slice, j: slice
+) -> None:
+    """Add a tile's ``d loss / d s_ij`` (``weights``) times the other side to both sides' sums."""
+    sums[0][i].addmm_(weights, columns[j])  # d/d rows_i = scale * sum_j w_ij columns_j
+    sums[1][j].addmm_(weights.T, scaled_rows[i])  # d/d columns_j = sum_i w_ij scale * rows_i
 
 
 def _gradients(

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from gcbench.cache import GradCache, contrastive_loss
 from gcbench.losses import ContrastiveLoss, InBatchSoftmax, NTXent, SigmoidLoss, SymmetricInfoNCE, tiled_lse_sum
@@ -191,11 +192,27 @@ def peak_bytes(loss: ContrastiveLoss, reps: list[Tensor]) -> int:
 
 @pytest.mark.parametrize("name", ["clip", "simclr", "dpr", "siglip"])
 def test_tiled_memory_grows_with_the_batch_not_its_square(name):
-    """O(B·d + tile²): 8x the batch, the tiled loss's own memory grows at most about 8x (untiled: 64x)."""
+    """O(B·d + tile²): 8x the batch, the tiled loss's own memory grows at most about 8x (untiled: 64x).
+    Under fake tensors, which give the real peak (the test below)."""
     width, tile = 16, 64
-    small, large = (representations(name, b, 1, width, torch.float32, 0) for b in (256, 2048))
-    tiled = [peak_bytes(LOSSES[name](0.1, tile), reps) for reps in (small, large)]
-    untiled = [peak_bytes(LOSSES[name](0.1, None), reps) for reps in (small, large)]
+
+    def peak(batch: int, tile_size: int | None) -> int:
+        with FakeTensorMode() as mode:
+            reps = [mode.from_tensor(r) for r in representations(name, batch, 1, width, torch.float32, 0)]
+            return peak_bytes(LOSSES[name](0.1, tile_size), reps)
+
+    tiled = [peak(batch, tile) for batch in (512, 4096)]
+    untiled = [peak(batch, None) for batch in (512, 4096)]
     assert tiled[1] <= 9 * tiled[0], tiled
     assert untiled[1] >= 40 * untiled[0], untiled
     assert tiled[1] * 10 < untiled[1], (tiled, untiled)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_under_fake_tensors_one_tile_gives_the_peak_of_all(name):
+    """The estimate runs only the first tile under fake tensors; the peak is the same to the byte."""
+    reps = representations(name, 100, 2, 8, torch.float32, 0)  # tiles of 16: 7 per side, the last short
+    real = peak_bytes(LOSSES[name](0.1, 16), reps)
+    with FakeTensorMode() as mode:
+        fake = peak_bytes(LOSSES[name](0.1, 16), [mode.from_tensor(r) for r in reps])
+    assert fake == real
