@@ -95,6 +95,12 @@ def safe_advice(
         return ChunkAdvice(strategy, batch_size, device_memory, None, None, (), str(error))
 
 
+def _chunkless_floor(prediction: Prediction) -> int:
+    """A peak no chunk size goes below: what the step starts from plus the loss's own peak (the loss runs
+    over every representation with all of that held; neither depends on the chunk size)."""
+    return (prediction.baseline_bytes or 0) + (prediction.loss_peak_bytes or 0)
+
+
 def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[int, ...]]:
     """Chunk settings in the experiment's proportions (16/8 -> 2:1), smallest first, up to whole inputs."""
     base = base * len(rows) if len(base) == 1 else base
@@ -142,8 +148,17 @@ def recommend_chunks(
         middle = (low + high + 1) // 2
         if peak(candidates[middle]) <= device_memory:
             low = middle
-        else:
-            high = middle - 1
+            continue
+        high = middle - 1
+        floor = _chunkless_floor(tried[candidates[middle]])
+        if floor > device_memory:  # what the step holds anyway, and the loss, whatever the chunk size
+            loss = tried[candidates[middle]].loss_peak_bytes or 0
+            return advice(
+                None,
+                f"nothing fits {format_bytes(device_memory)} at any chunk size: the step starts from "
+                f"{format_bytes(floor - loss)} and the loss alone needs {format_bytes(loss)} more"
+                + ("" if experiment.workload.loss_tile else " (workload.loss_tile computes it in tiles)"),
+            )
     if low < 0:
         smallest = candidates[0]
         held = sum(tried[smallest].peak_breakdown.get(k, 0) for k in ("parameters", "gradients", "optimizer"))
