@@ -274,6 +274,13 @@ def _full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
+def _logsumexp(scores: Tensor, dim: int) -> Tensor:
+    """``scores.logsumexp(dim)``, overwriting ``scores``: no temporary of the tile's size, and every
+    allocation made by an op the memory tracker sees (``torch.logsumexp`` hides a tile-sized one)."""
+    top = scores.amax(dim, keepdim=True).nan_to_num_(neginf=0.0)  # a row left out whole stays -inf
+    return scores.sub_(top).exp_().sum(dim).log_().add_(top.squeeze(dim))
+
+
 def _score_tile(scaled_rows: Tensor, columns: Tensor, i: slice, j: slice, exclude: Sequence[Diagonal] = ()) -> Tensor:
     """Tile ``(i, j)`` of the scores; entries on an excluded diagonal are -inf (only tiles it crosses are touched)."""
     scores = scaled_rows[i] @ columns[j].T
@@ -325,9 +332,9 @@ class _TiledLogSumExp(torch.autograd.Function):
         column_lse: Tensor,
     ) -> None:
         scores = _score_tile(scaled_rows, columns, i, j, exclude)
-        row_lse[i] = torch.logaddexp(row_lse[i], scores.logsumexp(1))
         if column_lse.numel():
-            column_lse[j] = torch.logaddexp(column_lse[j], scores.logsumexp(0))
+            column_lse[j] = torch.logaddexp(column_lse[j], _logsumexp(scores.clone(), 0))
+        row_lse[i] = torch.logaddexp(row_lse[i], _logsumexp(scores, 1))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
