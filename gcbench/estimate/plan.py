@@ -54,6 +54,11 @@ class EstimatePlan:
     def series(self) -> list[str]:
         return list(dict.fromkeys(r.point.series for r in self.rows))
 
+    def stopper(self, series: str, device_memory: int) -> EstimateRow | None:
+        """The smallest batch of ``series`` that does not fit (what stops it), if one was predicted."""
+        rows = sorted((r for r in self.rows if r.point.series == series), key=lambda r: r.point.batch_size)
+        return next((r for r in rows if r.prediction is not None and r.prediction.peak > device_memory), None)
+
 
 def estimate_experiment(
     experiment: Experiment, target: str, device_memories: Sequence[int], advice_batch: int | None = None
