@@ -23,6 +23,7 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -263,7 +264,7 @@ def _blocks(size: int, tile_size: int) -> list[slice]:
 
 def _tiles(rows: Tensor, columns: Tensor, tile_size: int) -> list[tuple[slice, slice]]:
     """Every tile, row block by row block. Under fake tensors (the estimate: shapes, no values) only the
-    first, the largest: each tile runs in a function of its own, so its temporaries are gone before the
+    first, the largest: each tile runs in a method of its own, so its temporaries are gone before the
     next one's, and the memory of the loop is that of its largest tile whichever tiles run."""
     tiles = [(i, j) for i in _blocks(rows.shape[0], tile_size) for j in _blocks(columns.shape[0], tile_size)]
     return tiles[:1] if is_fake(rows) else tiles
@@ -295,6 +296,35 @@ def _score_tile(scaled_rows: Tensor, columns: Tensor, i: slice, j: slice, exclud
     return scores
 
 
+@dataclass(frozen=True)
+class _LogSumExpTiles:
+    """What every tile of the log-sum-exp needs: the scaled rows, the columns, the exclusions, and the
+    running statistics (per row, and per column when there are any: an empty tensor otherwise)."""
+
+    scaled_rows: Tensor
+    columns: Tensor
+    exclude: tuple[Diagonal, ...]
+    row_lse: Tensor
+    column_lse: Tensor
+
+    def scores(self, i: slice, j: slice) -> Tensor:
+        return _score_tile(self.scaled_rows, self.columns, i, j, self.exclude)
+
+    def forward_tile(self, i: slice, j: slice) -> None:
+        scores = self.scores(i, j)
+        if self.column_lse.numel():
+            self.column_lse[j] = torch.logaddexp(self.column_lse[j], _logsumexp(scores.clone(), 0))
+        self.row_lse[i] = torch.logaddexp(self.row_lse[i], _logsumexp(scores, 1))
+
+    def backward_tile(self, i: slice, j: slice, sums: tuple[Tensor, Tensor]) -> None:
+        scores = self.scores(i, j)
+        by_column = (scores - self.column_lse[None, j]).exp_() if self.column_lse.numel() else None
+        weights = scores.sub_(self.row_lse[i, None]).exp_()  # in place: the scores are not needed after this
+        if by_column is not None:
+            weights.add_(by_column)
+        _add_tile(sums, weights, self.scaled_rows, self.columns, i, j)
+
+
 class _TiledLogSumExp(torch.autograd.Function):
     """Forward: a running log-sum-exp per row (and column), tile by tile. Backward: each tile again, its
     softmax ``exp(s - lse)`` times the other side added to both sides' gradients. Rows are scaled once, up
@@ -311,57 +341,29 @@ class _TiledLogSumExp(torch.autograd.Function):
         columns_too: bool,
     ) -> Tensor:
         with _full_precision(rows):
-            scaled_rows = rows * scale
-            row_lse = rows.new_full((rows.shape[0],), -math.inf)
-            column_lse = rows.new_full((columns.shape[0] if columns_too else 0,), -math.inf)
+            tiles = _LogSumExpTiles(
+                rows * scale,
+                columns,
+                exclude,
+                rows.new_full((rows.shape[0],), -math.inf),
+                rows.new_full((columns.shape[0] if columns_too else 0,), -math.inf),
+            )
             for i, j in _tiles(rows, columns, tile_size):
-                _TiledLogSumExp.forward_tile(scaled_rows, columns, i, j, exclude, row_lse, column_lse)
-            total = row_lse.sum() + column_lse.sum()
-        ctx.save_for_backward(rows, columns, scale, scaled_rows, row_lse, column_lse)
+                tiles.forward_tile(i, j)
+            total = tiles.row_lse.sum() + tiles.column_lse.sum()
+        ctx.save_for_backward(rows, columns, scale, tiles.scaled_rows, tiles.row_lse, tiles.column_lse)
         ctx.tile_size, ctx.exclude = tile_size, exclude
         return total
-
-    @staticmethod
-    def forward_tile(
-        scaled_rows: Tensor,
-        columns: Tensor,
-        i: slice,
-        j: slice,
-        exclude: tuple[Diagonal, ...],
-        row_lse: Tensor,
-        column_lse: Tensor,
-    ) -> None:
-        scores = _score_tile(scaled_rows, columns, i, j, exclude)
-        if column_lse.numel():
-            column_lse[j] = torch.logaddexp(column_lse[j], _logsumexp(scores.clone(), 0))
-        row_lse[i] = torch.logaddexp(row_lse[i], _logsumexp(scores, 1))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, columns, scale, scaled_rows, row_lse, column_lse = ctx.saved_tensors
         with _full_precision(rows):
+            tiles = _LogSumExpTiles(scaled_rows, columns, ctx.exclude, row_lse, column_lse)
             sums = (torch.zeros_like(rows), torch.zeros_like(columns))
             for i, j in _tiles(rows, columns, ctx.tile_size):
-                _TiledLogSumExp.backward_tile(scaled_rows, columns, i, j, ctx.exclude, row_lse, column_lse, sums)
+                tiles.backward_tile(i, j, sums)
         return _gradients(ctx, grad, rows, scale, *sums)
-
-    @staticmethod
-    def backward_tile(
-        scaled_rows: Tensor,
-        columns: Tensor,
-        i: slice,
-        j: slice,
-        exclude: tuple[Diagonal, ...],
-        row_lse: Tensor,
-        column_lse: Tensor,
-        sums: tuple[Tensor, Tensor],
-    ) -> None:
-        scores = _score_tile(scaled_rows, columns, i, j, exclude)
-        by_column = (scores - column_lse[None, j]).exp_() if column_lse.numel() else None
-        weights = scores.sub_(row_lse[i, None]).exp_()  # in place: the scores are not needed after this
-        if by_column is not None:
-            weights.add_(by_column)
-        _add_tile(sums, weights, scaled_rows, columns, i, j)
 
 
 class _TiledNegatives(torch.autograd.Function):
