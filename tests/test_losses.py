@@ -242,3 +242,19 @@ def test_the_tracker_sees_every_allocation_of_the_tiled_loss(name):
     loss = LOSSES[name](0.1, tile)
     loss(*[r.clone().requires_grad_() for r in reps]).backward()  # parameters' gradients exist, as in a step
     assert abs(allocator_peak_bytes(loss, reps) - peak_bytes(loss, reps)) < tile * tile * 4 / 4
+
+
+def test_the_loss_memory_of_a_step_is_measured_as_the_strategy_calls_the_loss():
+    """At the rows the loss sees at once (accumulate: one micro-batch), and predicted as measured."""
+    from gcbench.estimate import Estimator
+    from gcbench.measure.loss import loss_memory
+    from gcbench.training import StepConfig, build_step
+    from gcbench.workloads import ModelConfig, WorkloadConfig
+
+    workload = WorkloadConfig(name="simclr", model=ModelConfig(kind="mlp", hidden=16, features=8), loss_tile=8)
+    measured = {}
+    for strategy in ("cache", "accumulate"):
+        config = StepConfig(workload, strategy, 64, (16,))
+        measured[strategy] = loss_memory(build_step(config, torch.device("cpu")))
+        assert Estimator(workload, "float32", "cpu").predict(config).loss_peak_bytes == measured[strategy]
+    assert 0 < measured["accumulate"] < measured["cache"]

@@ -21,26 +21,27 @@ from gcbench.measure.tracker import MemoryTracker
 from gcbench.training import TrainingStep
 
 
-def representations(step: TrainingStep) -> list[Tensor]:
-    """Random representations of the step's shapes and dtypes: one row of each input encoded (no graph,
-    random state left as it was) gives the width and dtype, the step's batch the rows."""
+def representations(step: TrainingStep, rows: list[int]) -> list[Tensor]:
+    """Random representations of ``rows`` rows each, of the step's widths and dtypes: one row of each input
+    encoded (no graph, random state left as it was) gives the width and dtype."""
     objective = step.strategy.objective
     reps = []
     with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []), torch.no_grad():
-        for i, (encoder, batch) in enumerate(zip(objective.encoders, step.batches)):
+        for i, (encoder, batch, count) in enumerate(zip(objective.encoders, step.batches, rows)):
             with autocast(step.config.precision, step.device):
                 one = encode(unwrap_ddp(encoder), slice_batch(batch, 0, 1), objective.get_rep, f"encoders[{i}]")
-            shape = (batch_size(batch, f"batches[{i}]"), *one.shape[1:])
-            reps.append(torch.randn(shape, dtype=one.dtype, device=one.device))
+            reps.append(torch.randn((count, *one.shape[1:]), dtype=one.dtype, device=one.device))
     return reps
 
 
 def loss_memory(step: TrainingStep, block_size: int = 1) -> int | None:
-    """Peak bytes of the step's loss, forward and backward, above the representations it is given; None for
-    a strategy that computes a loss of its own (a peer's)."""
-    if not step.strategy.objective_loss:
+    """Peak bytes of the step's loss, forward and backward, above the representations it is given, at the
+    rows the strategy gives it at once (``accumulate``: a micro-batch); None for a strategy that computes a
+    loss of its own (a peer's)."""
+    rows = step.strategy.loss_rows([batch_size(b, f"batches[{i}]") for i, b in enumerate(step.batches)])
+    if rows is None:
         return None
-    reps = [rep.requires_grad_() for rep in representations(step)]
+    reps = [rep.requires_grad_() for rep in representations(step, rows)]
     tracker = MemoryTracker(block_size=block_size)
     tracker.register(reps, "inputs")
     tracker.reset_peak()

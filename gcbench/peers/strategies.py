@@ -72,7 +72,6 @@ class PeerStrategy(Strategy):
     """One step through a sentence-transformers loss built on the objective's encoders."""
 
     exact = True
-    objective_loss = False
 
     def __init__(
         self,
@@ -95,6 +94,10 @@ class PeerStrategy(Strategy):
     @abstractmethod
     def make_loss(self, model: nn.Module, **similarity: Any) -> nn.Module:
         """The peer's loss on ``model`` with gcbench's similarity (``scale``, ``similarity_fct``)."""
+
+    def loss_rows(self, sizes: Sequence[int]) -> None:
+        """None: the peer computes its own loss (in mini-batches of rows), not the objective's."""
+        return None
 
     @classmethod
     def check_use(cls, use: StrategyUse) -> None:
