@@ -158,10 +158,13 @@ def recommend_chunks(
         floor = _chunkless_floor(tried[candidates[middle]])
         if floor > device_memory:  # what the step holds anyway, and the loss, whatever the chunk size
             loss = tried[candidates[middle]].loss_peak_bytes or 0
+            start = f"parameters, gradients and optimizer state and the inputs take {format_bytes(floor - loss)}"
+            if floor - loss > device_memory:
+                return advice(None, f"nothing fits {format_bytes(device_memory)} at any chunk size: {start}")
             return advice(
                 None,
-                f"nothing fits {format_bytes(device_memory)} at any chunk size: the step starts from "
-                f"{format_bytes(floor - loss)} and the loss alone needs {format_bytes(loss)} more"
+                f"nothing fits {format_bytes(device_memory)} at any chunk size: {start}, and the loss alone "
+                f"needs {format_bytes(loss)} more"
                 + ("" if experiment.workload.loss_tile else " (workload.loss_tile computes it in tiles)"),
             )
     if low < 0:
