@@ -92,6 +92,13 @@ def cli(ctx: click.Context) -> None:
     help="Max relative gradient error [default: 1e-10 float64, 1e-5 float32, 3e-2 bf16, 3e-3 fp16].",
 )
 @click.option("--dropout", type=float, default=None, help="Dropout of the test models [default: 0.1; 0 with --nproc].")
+@click.option(
+    "--loss-tile",
+    type=int,
+    default=0,
+    show_default=True,
+    help=f"{help_of('workload.loss_tile')}; the reference always computes it whole.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help=help_of("sweep.seed"))
 @click.option(
     "--nproc",
@@ -116,6 +123,7 @@ def verify(
     chunk_sizes: str,
     tolerance: float | None,
     dropout: float | None,
+    loss_tile: int,
     seed: int,
     nproc: int,
     backend: str,
@@ -133,16 +141,24 @@ def verify(
         "chunk_sizes": settings,
         "tolerance": tolerance,
         "seed": seed,
+        "loss_tile": loss_tile,
     }
-    from gcbench.distributed import RankError
+    from gcbench.distributed import RankError, is_leader, ranks_wanted
 
+    nproc = ranks_wanted(nproc)  # under torchrun: its ranks
     try:
         results = run_verify(workloads, names, **options, dropout=dropout, nproc=nproc, backend=backend)
     except (RankError, TimeoutError) as error:
         console.print(f"[red]distributed check failed[/red]: {error}", highlight=False)
         return 1
+    failed = sum(not r.passed for r in results)
+    if not is_leader():  # under torchrun rank 0 speaks for all; every rank exits alike
+        return 1 if failed else 0
     ranks = f", {nproc} ranks vs 1 process" if nproc > 1 else ""
-    table = Table(title=f"gradient equivalence vs full batch ({precision}{ranks}, tolerance {results[0].tolerance:g})")
+    tiled = f", loss in tiles of {loss_tile} vs whole" if loss_tile else ""
+    table = Table(
+        title=f"gradient equivalence vs full batch ({precision}{ranks}{tiled}, tolerance {results[0].tolerance:g})"
+    )
     for column in (
         "workload",
         "strategy",
@@ -170,7 +186,6 @@ def verify(
             verdict,
         )
     console.print(table)
-    failed = sum(not r.passed for r in results)
     if failed:
         console.print(f"[red]{failed} of {len(results)} checks failed[/red]")
     return 1 if failed else 0
@@ -249,6 +264,7 @@ def sweep(
     **flags: Any,
 ) -> int:
     """Measure strategies across batch and chunk sizes, one process per point; resumes."""
+    from gcbench.distributed import is_leader
     from gcbench.sweep.display import make_progress, progress_events, quiet_events, summary_tables
     from gcbench.sweep.runner import run_sweep
 
@@ -256,6 +272,9 @@ def sweep(
         raise UsageError("--retry-failed: keeps earlier results, --fresh discards them; give one of the two")
     chosen = load_with_overrides(experiment, settings, flags)
     out_dir = out or Path("reports") / chosen.name
+    if not is_leader():  # one of torchrun's ranks other than 0: it measures, rank 0 keeps and shows
+        run_sweep(chosen, out_dir, fresh=fresh, retry_failed=retry_failed)
+        return 0
     title = f"sweep [bold]{chosen.name}[/] ({len(chosen.points())} points) -> {out_dir}"
     display = contextlib.nullcontext(None) if quiet else make_progress(console)
     with display as progress:

@@ -137,6 +137,11 @@ class Strategy(ABC):
     def release(self) -> None:
         """Undo what the strategy changed on the model (the estimator reuses one model for many points)."""
 
+    def loss_rows(self, sizes: Sequence[int]) -> list[int] | None:
+        """Rows of each input the objective's loss sees at once (here the whole batch); None for a strategy
+        that computes a loss of its own. The loss's own memory is measured at these sizes."""
+        return list(sizes)
+
     @classmethod
     def check_use(cls, use: StrategyUse) -> None:
         """Raise UsageError, before any work, for a use this strategy cannot run (built-ins: none)."""
@@ -301,6 +306,9 @@ class Accumulate(Strategy):
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         return [(i, r) for rows in self.micro_batches(sizes) for i, r in enumerate(rows)]
+
+    def loss_rows(self, sizes: Sequence[int]) -> list[int]:
+        return [rows.stop - rows.start for rows in self.micro_batches(sizes)[0]]
 
 
 def _no_sync(encoders: Sequence[nn.Module], skip: bool) -> contextlib.ExitStack:

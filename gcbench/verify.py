@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gcbench.device import check_precision
+from gcbench.distributed import ranks_wanted
 from gcbench.errors import UsageError
 from gcbench.measure.equivalence import GradComparison, check_strategy
 from gcbench.measure.ranks import check_distributed
@@ -42,10 +43,15 @@ class VerifyResult:
         return self.comparison.passes(self.tolerance)
 
 
-def workload_config(name: str, dropout: float, tied: bool = False) -> WorkloadConfig:
+def workload_config(name: str, dropout: float, tied: bool = False, loss_tile: int = 0) -> WorkloadConfig:
     """The small default model of each workload, big enough to exercise masks, pooling and chunking."""
     return WorkloadConfig(
-        name=name, model=replace(VERIFY_MODEL, dropout=dropout), query_length=16, passage_length=24, tied=tied
+        name=name,
+        model=replace(VERIFY_MODEL, dropout=dropout),
+        query_length=16,
+        passage_length=24,
+        tied=tied,
+        loss_tile=loss_tile,
     )
 
 
@@ -63,17 +69,24 @@ def verify(
     nproc: int = 1,
     backend: str = "auto",
     timeout: float = 600.0,
+    loss_tile: int = 0,
 ) -> list[VerifyResult]:
     """One comparison per workload, strategy and chunk setting (one size, or one per input).
 
+    ``loss_tile`` > 0: the strategies compute the loss in tiles, the reference whole (as always).
+
     One process (``nproc=1``): against the mask-consistent full-batch reference, dropout 0.1 by default.
     W ranks: all cases in one launch, ``batch_size`` the global batch (each rank gets ``batch_size / nproc``,
-    chunk sizes apply to each rank's rows), dropout 0 (see :mod:`gcbench.measure.ranks`).
+    chunk sizes apply to each rank's rows), dropout 0 (see :mod:`gcbench.measure.ranks`). Under torchrun
+    ``nproc`` 1 means torchrun's ranks.
     """
     settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
+    nproc = ranks_wanted(nproc)
     dropout = (0.1 if nproc == 1 else 0.0) if dropout is None else dropout
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
+    if loss_tile < 0:
+        raise UsageError(f"--loss-tile must be >= 0 (0: the whole score matrix), got {loss_tile}")
     if nproc > 1 and batch_size % nproc:
         raise UsageError(f"--batch-size {batch_size} must split evenly over --nproc {nproc} ranks")
     if nproc > 1 and dropout != 0.0:
@@ -90,19 +103,22 @@ def verify(
     if nproc == 1:
         comparisons = [
             check_strategy(
-                workload_config(name, dropout),
+                workload_config(name, dropout, loss_tile=loss_tile),
                 strategy,
                 batch_size,
                 chunks,
                 precision=precision,
                 device=device,
                 seed=seed,
+                reference_workload=workload_config(name, dropout),
             )
             for name, strategy, chunks in cases
         ]
     else:
         steps = [
-            StepConfig(workload_config(name, 0.0), strategy, batch_size, chunks, precision, seed=seed)
+            StepConfig(
+                workload_config(name, 0.0, loss_tile=loss_tile), strategy, batch_size, chunks, precision, seed=seed
+            )
             for name, strategy, chunks in cases
         ]
         comparisons = check_distributed(steps, nproc, device=device, backend=backend, timeout=timeout)

@@ -23,17 +23,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.distributed import (
     GatherLoss,
+    LocalLoss,
+    RankCollectives,
     RankError,
     RankInfo,
     all_gather_with_grad,
     distribute_step,
+    gather_rows,
     gathers,
     launch,
+    rank_loss,
     resolve_backend,
     shard,
 )
 from gcbench.errors import UsageError
 from gcbench.experiment import build_experiment
+from gcbench.losses import InBatchSoftmax, NTXent, SigmoidLoss, SymmetricInfoNCE
 from gcbench.measure.equivalence import GradComparison, compare
 from gcbench.measure.ranks import check_distributed, distributed_gradients, reference_gradients, worst
 from gcbench.results import DistributedResult, Point, Record
@@ -134,6 +139,99 @@ def test_three_ranks_through_verify_distributed():
     ]
     for r in results:
         assert r.passed and r.comparison.max_rel_err <= F64, r
+
+
+# The local loss ---------------------------------------------------------------------------------
+
+
+def test_tiled_local_loss_on_two_and_three_ranks_equals_one_process_whole():
+    """Each rank its own rows, in tiles that do not divide them, against one process computing the whole loss."""
+    for nproc, batch, tile in ((2, 12, 4), (3, 9, 2)):
+        cases = [
+            replace(c, workload=replace(c.workload, loss_tile=tile))
+            for c in (
+                case(name, strategy, batch=batch, chunks=(2, 2))
+                for name in ("dpr", "clip", "simclr")
+                for strategy in ("cache", "full")
+            )
+        ]
+        for config, comparison in zip(cases, check_distributed(cases, nproc)):
+            label = f"{nproc} ranks {config.workload.name} {config.strategy}"
+            assert comparison.max_rel_err <= F64, (label, comparison)
+            assert comparison.loss_diff <= F64 * abs(comparison.reference_loss), (label, comparison)
+
+
+LOCAL_LOSSES = {
+    "dpr": lambda tile: InBatchSoftmax(0.5, tile_size=tile),
+    "clip": lambda tile: SymmetricInfoNCE(0.2, tile_size=tile),
+    "simclr": lambda tile: NTXent(0.5, tile_size=tile),
+    "siglip": lambda tile: SigmoidLoss(0.2, -1.0, tile_size=tile),
+}
+
+
+class _KeepOwnRows(RankCollectives):
+    """GatherLoss's backward (this rank's rows, times W) under the local loss: right only if every rank's
+    loss were the same, which the local loss's are not."""
+
+    def gather(self, tensors):
+        return gather_rows(tensors, self.group)
+
+    def total(self, part):
+        return part
+
+
+def _local_loss_rank(info: RankInfo) -> dict[str, float]:
+    """Per loss and way: the worst relative error of this rank's loss, representation gradients (times 1/W,
+    as DDP's mean will) and loss-parameter gradients against one process over the global batch."""
+    generator = torch.Generator().manual_seed(0)
+    batch, width, world = 6 * info.world_size, 5, info.world_size
+    errors: dict[str, float] = {}
+    for name, make in LOCAL_LOSSES.items():
+        rows = [batch, 2 * batch if name == "dpr" else batch]
+        everything = [torch.randn(n, width, generator=generator, dtype=torch.float64) for n in rows]
+        reference = make(None).double()
+        leaves = [t.clone().requires_grad_() for t in everything]
+        expected = reference(*leaves)
+        expected.backward()
+        for way, tile in (("local", None), ("local tiled", 4), ("gathered", None), ("own rows only", None)):
+            loss = make(tile).double()
+            if way == "gathered":
+                wrapped = rank_loss(loss, local=False)
+            else:
+                wrapped = LocalLoss(loss, collectives=_KeepOwnRows() if way == "own rows only" else None)
+            local = [t.clone().requires_grad_() for t in shard(everything, info.rank, world)]
+            value = wrapped(*local)
+            value.backward()
+            mine = [leaf.grad.tensor_split(world)[info.rank] for leaf in leaves]
+            errors[f"{name} {way}"] = max(
+                float((value.detach() - expected.detach()).abs() / expected.detach().abs()),
+                *(float((g.grad / world - m).abs().max() / m.abs().max()) for g, m in zip(local, mine)),
+                *(
+                    float((p.grad - q.grad).abs().max() / q.grad.abs().max())
+                    for p, q in zip(loss.parameters(), reference.parameters())
+                ),
+            )
+    return errors
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_the_local_loss_and_the_gathered_one_give_the_global_gradients(nproc):
+    """Every built-in loss, untiled and tiled; the temperature's gradient too. A local loss that sends back
+    only this rank's rows (GatherLoss's backward) is wrong: the reduce-scatter is what makes it exact."""
+    for rank, errors in enumerate(launch(_local_loss_rank, nproc)):
+        for label, error in errors.items():
+            if label.endswith("own rows only"):
+                assert error > 1e-3, (rank, label, error)
+            else:
+                assert error <= 1e-12, (rank, label, error)
+    assert_no_rank_left()
+
+
+def test_the_local_loss_takes_losses_split_by_rows():
+    with pytest.raises(TypeError, match="LocalLoss needs a loss split by rows"):
+        LocalLoss(lambda q, p: (q @ p.T).sum())  # type: ignore[arg-type]
+    assert isinstance(rank_loss(lambda q, p: (q @ p.T).sum()), GatherLoss)
+    assert isinstance(rank_loss(NTXent()), LocalLoss) and isinstance(rank_loss(NTXent(), local=False), GatherLoss)
 
 
 # All-reduce count, accumulate, the gather's checks: one launch ------------------------------------

@@ -41,3 +41,18 @@ def _links(text: str) -> list[str]:
     import re
 
     return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not t.startswith(("http", "#", "mailto:"))]
+
+
+def test_the_tiled_loss_chapter_quotes_the_committed_estimate() -> None:
+    """Every 'step peak / the loss's own' pair in docs/tiled-loss.md is in the committed estimate."""
+    import json
+    import re
+
+    folder = REPO / "reports" / "tiled-loss" / "clip-loss-estimate"
+    page = (REPO / "docs" / "tiled-loss.md").read_text()
+    for name, label in (("whole.json", "whole matrix"), ("tiled-8192.json", "tiles of 8192")):
+        predictions = json.loads((folder / name).read_text())["predictions"]
+        committed = {f"{p['peak_bytes'] / 2**30:.2f} / {p['loss_peak_bytes'] / 2**30:.2f} GiB" for p in predictions}
+        (row,) = [line for line in page.splitlines() if line.startswith(f"| {label}:")]
+        quoted = re.findall(r"[\d.]+ / [\d.]+ GiB", row)
+        assert quoted and set(quoted) <= committed, (label, set(quoted) - committed)

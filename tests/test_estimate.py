@@ -12,7 +12,7 @@ from torch import nn
 from gcbench.cli import main
 from gcbench.estimate import EstimateError, Estimator
 from gcbench.estimate.plan import chunk_candidates, recommend_chunks
-from gcbench.experiment import load_experiment
+from gcbench.experiment import build_experiment, load_experiment
 from gcbench.measure.memory import measure_step_memory
 from gcbench.results import Point
 from gcbench.sweep import run_sweep
@@ -140,6 +140,18 @@ def test_chunk_advice_picks_the_largest_that_fits(quick, quick_cpu_estimator):
     assert all(tried[c] > 40 * 2**20 for c in bigger) and bigger, "a larger chunk was tried and did not fit"
     nothing = recommend_chunks(quick_cpu_estimator, quick, "cache", 256, 10 * 2**20)
     assert nothing.chunk_sizes is None and "parameters, gradients and optimizer state" in nothing.reason
+
+
+def test_chunk_advice_blames_the_whole_loss_at_once():
+    """No chunk size shrinks the score matrix: the advice says so after one probe, and names the tiled loss."""
+    raw = {"workload": {"name": "simclr"}, "model": {"kind": "mlp", "hidden": 16, "features": 8}}
+    raw["sweep"] = {"strategies": ["cache"], "batch_sizes": [4096], "chunk_sizes": [64]}
+    for tile, hint in ((0, True), (256, False)):
+        experiment = build_experiment({**raw, "workload": {"name": "simclr", "loss_tile": tile}}, "loss", {})
+        estimator = Estimator(experiment.workload, "float32", "cpu")
+        advice = recommend_chunks(estimator, experiment, "cache", 4096, 2**20 if tile else 64 * 2**20)
+        assert advice.chunk_sizes is None and "the loss alone needs" in advice.reason, advice.reason
+        assert ("workload.loss_tile" in advice.reason) == hint and len(advice.tried) == 1
 
 
 def run_cli(capsys, *args):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 # torch 2.13 renames all_gather_into_tensor (and warns on the old name); the project supports older torch too.
-_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def check_equal_rows(tensors: Sequence[Tensor], group: ProcessGroup | None = None) -> None:
@@ -34,7 +34,7 @@ def check_equal_rows(tensors: Sequence[Tensor], group: ProcessGroup | None = Non
     """
     local = torch.tensor([t.shape[0] for t in tensors], device=tensors[0].device)
     sizes = local.new_empty(dist.get_world_size(group) * len(tensors))
-    _all_gather_into(sizes, local, group=group)
+    all_gather_into(sizes, local, group=group)
     sizes = sizes.view(-1, len(tensors))  # (rank, input)
     differing = [i for i in range(len(tensors)) if bool((sizes[:, i] != sizes[0, i]).any())]
     if differing:
@@ -55,7 +55,7 @@ class _GatherRows(torch.autograd.Function):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         rows = tensor.shape[0]
         gathered = tensor.new_empty((world * rows, *tensor.shape[1:]))
-        _all_gather_into(gathered, tensor.contiguous(), group=group)
+        all_gather_into(gathered, tensor.contiguous(), group=group)
         ctx.rows, ctx.world = slice(rank * rows, (rank + 1) * rows), world
         return gathered
 

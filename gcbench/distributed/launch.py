@@ -16,10 +16,18 @@ comes back through a file, in rank order. Failure ends the whole run:
 - a rank ends the moment the process that launched it ends, however it ends (a watcher thread on
   a pidfd), so a killed sweep leaves no rank behind. ``PR_SET_PDEATHSIG`` is not enough: a forkserver's
   ranks are the server's children, and their inherited end of its "alive" pipe keeps it running.
+
+Under torch's own launcher (``torchrun``, one or several nodes) the ranks exist already: :func:`launch`
+then runs the function in this process as the rank torchrun made it, in the group torchrun's
+``env://`` variables describe (joined once per process), and every rank gets every rank's result. A
+failing rank's error reaches every rank as a :class:`RankError` once the others reach the exchange of
+results; a rank that dies inside a collective leaves its peers to the collective's timeout, and
+ending the processes is torchrun's job.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import pickle
@@ -99,6 +107,60 @@ class _Spec:
         return Path(self.folder) / f"rank{rank}.pickle"
 
 
+@dataclass(frozen=True)
+class LaunchedRanks:
+    """This process as one of the ranks another launcher started (torchrun sets torch's ``env://`` variables)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @classmethod
+    def from_environment(cls) -> LaunchedRanks | None:
+        """The ranks torchrun (or a launcher setting the same variables) started; None when there are none."""
+        names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        if not all(name in os.environ for name in names):
+            return None
+        try:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        except ValueError:
+            raise UsageError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers") from None
+        return cls(rank, world_size, local_rank, local_world_size)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_wanted(nproc: int) -> int:
+    """``nproc``, or under torchrun with ``nproc`` 1 (the default) torchrun's world size. (torchrun's own
+    parser takes ``--nproc`` after the module for its ``--nproc-per-node``, so it is best left out there.)"""
+    launched = LaunchedRanks.from_environment()
+    return launched.world_size if launched is not None and nproc == 1 else nproc
+
+
+def is_leader() -> bool:
+    """Whether this process speaks for the run: always, unless it is one of torchrun's ranks other than 0."""
+    launched = LaunchedRanks.from_environment()
+    return launched is None or launched.leader
+
+
+def join_launched_group(backend: str, timeout: float) -> None:
+    """Join the process group torchrun's variables describe (once per process; left at exit)."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout))
+    atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """``auto``: nccl on CUDA, gloo otherwise; nccl needs CUDA."""
     device = torch.device(device)
@@ -133,6 +195,9 @@ def launch(
         raise UsageError(f"--nproc must be >= 1, got {nproc}")
     device = torch.device(device)
     backend = resolve_backend(backend, device)
+    launched = LaunchedRanks.from_environment()
+    if launched is not None:
+        return _run_as_launched(launched, fn, nproc, args, device, backend, collective_timeout or timeout, threads)
     if device.type == "cuda" and (device.index or 0) + nproc > torch.cuda.device_count():
         raise UsageError(
             f"--nproc: {nproc} ranks need {nproc} CUDA devices from {device}, "
@@ -163,6 +228,59 @@ def launch(
         return [_read(spec.result_path(rank)) for rank in range(nproc)]
 
 
+def _run_as_launched(
+    launched: LaunchedRanks,
+    fn: Callable[..., T],
+    nproc: int,
+    args: Sequence[Any],
+    device: torch.device,
+    backend: str,
+    collective_timeout: float,
+    threads: int,
+) -> list[T]:
+    """``fn`` in this process as torchrun's rank; every rank's result (or the first failure) on every rank."""
+    if nproc != launched.world_size:
+        raise UsageError(
+            f"--nproc: {nproc} ranks asked for, but torchrun started {launched.world_size} (WORLD_SIZE); "
+            f"pass --nproc {launched.world_size}"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", (device.index or 0) + launched.local_rank)
+        torch.cuda.set_device(device)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // launched.local_world_size))
+    join_launched_group(backend, collective_timeout)
+    outcome: Any
+    try:
+        outcome = fn(RankInfo(launched.rank, launched.world_size, device, backend), *args)
+    except Exception as error:
+        outcome = _failure(launched.rank, error)
+    everyone: list[Any] = [None] * launched.world_size
+    dist.all_gather_object(everyone, outcome)
+    failures = [result for result in everyone if isinstance(result, _Failure)]
+    if failures:
+        raise _error_of(min(failures, key=lambda f: f.at))
+    return everyone
+
+
+def _failure(rank: int, error: BaseException) -> _Failure:
+    """What a failed rank reports: its message, its traceback and, where it pickles, the exception."""
+    try:
+        pickled: bytes | None = pickle.dumps(error)
+    except Exception:
+        pickled = None
+    return _Failure(rank, time.time(), f"{type(error).__name__}: {error}", traceback.format_exc(), pickled)
+
+
+def _error_of(failure: _Failure) -> RankError:
+    exception = None
+    if failure.exception is not None:
+        try:
+            exception = pickle.loads(failure.exception)
+        except Exception:
+            exception = None
+    return RankError(failure.rank, failure.message, failure.traceback, exception)
+
+
 def _start_method() -> str:
     if "forkserver" in multiprocessing.get_all_start_methods():
         multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)  # no effect once it runs
@@ -187,14 +305,7 @@ def _rank_error(spec: _Spec, error: ProcessException) -> RankError:
     failures = [report for report in reports if isinstance(report, _Failure)]
     if not failures:
         return RankError(error.error_index, str(error).strip())
-    failure = min(failures, key=lambda f: f.at)
-    exception = None
-    if failure.exception is not None:
-        try:
-            exception = pickle.loads(failure.exception)
-        except Exception:
-            exception = None
-    return RankError(failure.rank, failure.message, failure.traceback, exception)
+    return _error_of(min(failures, key=lambda f: f.at))
 
 
 def _read(path: Path) -> Any:
@@ -227,13 +338,9 @@ def _rank_main(rank: int, spec: _Spec, fn: Callable[..., Any], args: tuple[Any, 
         )
         _write(spec.result_path(rank), fn(RankInfo(rank, spec.world_size, device, spec.backend), *args))
     except BaseException as error:
-        at, text = time.time(), traceback.format_exc()
-        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-        try:
-            pickled: bytes | None = pickle.dumps(error)
-        except Exception:
-            pickled = None
-        _write(spec.result_path(rank), _Failure(rank, at, f"{type(error).__name__}: {error}", text, pickled))
+        failure = _failure(rank, error)
+        print(f"[rank {rank}] {failure.traceback}", file=sys.stderr, flush=True)
+        _write(spec.result_path(rank), failure)
         sys.stdout.flush()
         os._exit(1)  # not a clean exit: tearing down a group whose peers wait in a collective can hang
     dist.destroy_process_group()

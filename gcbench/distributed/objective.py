@@ -2,14 +2,15 @@
 
 :func:`distribute` wraps each distinct encoder in DDP once (a tied encoder used for two inputs is one
 DDP module, so it all-reduces once) and, for strategies whose loss sees the whole batch, wraps the
-loss in :class:`GatherLoss`. The strategies themselves run unchanged: GradCache and ``accumulate`` use
-``no_sync`` on every backward but the last of each DDP module, ``full`` and ``checkpoint`` have one.
+loss in :class:`LocalLoss` (gcbench's losses: each rank its own rows) or :class:`GatherLoss` (any
+loss). The strategies themselves run unchanged: GradCache and ``accumulate`` use ``no_sync`` on every
+backward but the last of each DDP module, ``full`` and ``checkpoint`` have one.
 :func:`shard` is the one place that splits a global batch over the ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch.utils._pytree import tree_map_only
 from gcbench.cache.batching import Batch, batch_size, slice_batch
 from gcbench.cache.objective import Objective
 from gcbench.distributed.gather import GatherLoss
+from gcbench.distributed.local import LocalLoss, RankCollectives
+from gcbench.losses import ContrastiveLoss
 from gcbench.strategies import make_strategy, resolve_strategy
 from gcbench.training import TrainingStep
 
@@ -37,15 +40,35 @@ def gathers(strategy: str) -> bool:
     return resolve_strategy(strategy).traits().global_negatives
 
 
+def rank_loss(
+    loss_fn: Callable[..., Tensor],
+    group: ProcessGroup | None = None,
+    *,
+    local: bool = True,
+    gather_kwargs: Sequence[str] = (),
+    collectives: RankCollectives | None = None,
+) -> nn.Module:
+    """What a rank computes so that DDP's average is the global batch's gradient: the :class:`LocalLoss`
+    (its own rows against every rank's columns) where ``loss_fn`` splits by rows (gcbench's losses) and
+    ``local`` allows it, else :class:`GatherLoss` (the whole loss over the gathered batch, any loss).
+    ``collectives``: a stand-in for the process group (the estimator's)."""
+    if local and isinstance(loss_fn, ContrastiveLoss) and not gather_kwargs:
+        return LocalLoss(loss_fn, group, collectives)
+    stand_in = None if collectives is None else lambda tensors, _: collectives.gather(tensors)
+    return GatherLoss(loss_fn, group, gather_kwargs, gather=stand_in)
+
+
 def distribute(
     objective: Objective,
     group: ProcessGroup | None = None,
     *,
     gather: bool = True,
+    local_loss: bool = True,
     gather_kwargs: Sequence[str] = (),
     ddp_options: Mapping[str, Any] | None = None,
 ) -> Objective:
-    """The same objective with DDP encoders (each distinct module wrapped once) and, if ``gather``, a GatherLoss.
+    """The same objective with DDP encoders (each distinct module wrapped once) and, if ``gather``, the loss
+    over the global batch (:func:`rank_loss`: local where the loss allows and ``local_loss``, else gathered).
 
     ``ddp_options`` go to every ``DistributedDataParallel``; already wrapped encoders are kept.
     """
@@ -57,7 +80,11 @@ def distribute(
                 if isinstance(encoder, DistributedDataParallel)
                 else DistributedDataParallel(encoder, process_group=group, **(ddp_options or {}))
             )
-    loss = GatherLoss(objective.loss_fn, group, gather_kwargs) if gather else objective.loss_fn
+    loss = (
+        rank_loss(objective.loss_fn, group, local=local_loss, gather_kwargs=gather_kwargs)
+        if gather
+        else objective.loss_fn
+    )
     return replace(objective, encoders=[wrapped[id(e)] for e in objective.encoders], loss_fn=loss)
 
 

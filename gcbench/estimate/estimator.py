@@ -23,6 +23,7 @@ from gcbench.errors import EstimateError
 from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
 from gcbench.estimate.target import Target, target
+from gcbench.measure.loss import loss_memory
 from gcbench.measure.memory import track_step
 from gcbench.results.records import Prediction
 from gcbench.training import OptimizerConfig, StepConfig, make_optimizer, step_on
@@ -74,19 +75,21 @@ class Estimator:
             step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
             try:
                 baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
+                loss = loss_memory(step, self.target.block_size)
             finally:
                 step.strategy.release()
                 step.zero_grad()
         breakdown = {**tracked.breakdown, "gradients": tracked.breakdown["gradients"] + buckets}
         return Prediction(
-            self.target.name,
-            tracked.total + buckets,
-            baseline + buckets,
-            tracked.phase_peaks["forward_backward"] + buckets,
-            tracked.phase_peaks["optimizer"] + buckets,
-            breakdown,
-            time.perf_counter() - started,
-            world_size,
+            target=self.target.name,
+            peak_bytes=tracked.total + buckets,
+            baseline_bytes=baseline + buckets,
+            forward_backward_peak_bytes=tracked.phase_peaks["forward_backward"] + buckets,
+            optimizer_peak_bytes=tracked.phase_peaks["optimizer"] + buckets,
+            breakdown=breakdown,
+            loss_peak_bytes=loss,
+            seconds=time.perf_counter() - started,
+            world_size=world_size,
         )
 
 

@@ -54,6 +54,11 @@ class EstimatePlan:
     def series(self) -> list[str]:
         return list(dict.fromkeys(r.point.series for r in self.rows))
 
+    def stopper(self, series: str, device_memory: int) -> EstimateRow | None:
+        """The smallest batch of ``series`` that does not fit (what stops it), if one was predicted."""
+        rows = sorted((r for r in self.rows if r.point.series == series), key=lambda r: r.point.batch_size)
+        return next((r for r in rows if r.prediction is not None and r.prediction.peak > device_memory), None)
+
 
 def estimate_experiment(
     experiment: Experiment, target: str, device_memories: Sequence[int], advice_batch: int | None = None
@@ -93,6 +98,12 @@ def safe_advice(
         return recommend_chunks(estimator, experiment, strategy, batch_size, device_memory)
     except EstimateError as error:
         return ChunkAdvice(strategy, batch_size, device_memory, None, None, (), str(error))
+
+
+def _chunkless_floor(prediction: Prediction) -> int:
+    """A peak no chunk size goes below: what the step starts from plus the loss's own peak (the loss runs
+    over every representation with all of that held; neither depends on the chunk size)."""
+    return (prediction.baseline_bytes or 0) + (prediction.loss_peak_bytes or 0)
 
 
 def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[int, ...]]:
@@ -142,8 +153,20 @@ def recommend_chunks(
         middle = (low + high + 1) // 2
         if peak(candidates[middle]) <= device_memory:
             low = middle
-        else:
-            high = middle - 1
+            continue
+        high = middle - 1
+        floor = _chunkless_floor(tried[candidates[middle]])
+        if floor > device_memory:  # what the step holds anyway, and the loss, whatever the chunk size
+            loss = tried[candidates[middle]].loss_peak_bytes or 0
+            start = f"parameters, gradients and optimizer state and the inputs take {format_bytes(floor - loss)}"
+            if floor - loss > device_memory:
+                return advice(None, f"nothing fits {format_bytes(device_memory)} at any chunk size: {start}")
+            return advice(
+                None,
+                f"nothing fits {format_bytes(device_memory)} at any chunk size: {start}, and the loss alone "
+                f"needs {format_bytes(loss)} more"
+                + ("" if experiment.workload.loss_tile else " (workload.loss_tile computes it in tiles)"),
+            )
     if low < 0:
         smallest = candidates[0]
         held = sum(tried[smallest].peak_breakdown.get(k, 0) for k in ("parameters", "gradients", "optimizer"))

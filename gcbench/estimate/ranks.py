@@ -2,7 +2,8 @@
 
 A rank's step differs from a single process's in three ways that cost memory: its encoders see
 ``B / W`` rows; the exact strategies' loss sees all ``B`` rows, gathered (``W x B/W x d`` per input,
-and the logits over the global batch); DDP holds gradient-sized buffers. The first is the local batch
+and its own rows' logits against them, or for a loss that cannot split by rows all of them); DDP holds
+gradient-sized buffers. The first is the local batch
 size, the second a stand-in for the all-gather with the same allocations (no process group needed),
 the third is added as :data:`DDP_GRADIENT_COPIES` copies of the encoders' gradients: measured with
 gloo on CPU, a rank held its buckets (allocated when DDP wraps the model) and a second
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor
 
 from gcbench.cache.objective import Objective
-from gcbench.distributed.gather import GatherLoss
+from gcbench.distributed.local import RankCollectives
+from gcbench.distributed.objective import rank_loss
 
 DDP_GRADIENT_COPIES = 2
 
@@ -38,10 +40,31 @@ class _GatherStandIn(torch.autograd.Function):
         return grad[: ctx.rows] * ctx.world, None
 
 
+class _StandInCollectives(RankCollectives):
+    """Rank 0 of ``world_size``, no process group: the gathers allocate as the real ones do."""
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        self.world_size = world_size
+
+    def rank(self) -> int:
+        return 0
+
+    def check(self, tensors: Sequence[Tensor]) -> None:
+        pass
+
+    def gather(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [_GatherStandIn.apply(t, self.world_size) for t in tensors]
+
+    def total(self, part: Tensor) -> Tensor:
+        return part
+
+    def averaged(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return list(tensors)
+
+
 def gathering_objective(objective: Objective, world_size: int) -> Objective:
-    """``objective`` whose loss sees ``world_size`` times the rows, as a rank's gathered loss does."""
-
-    def gather(tensors: Sequence[Tensor], group: object) -> list[Tensor]:
-        return [_GatherStandIn.apply(t, world_size) for t in tensors]
-
-    return Objective(objective.encoders, GatherLoss(objective.loss_fn, gather=gather), objective.get_rep)
+    """``objective`` with the loss a rank computes (:func:`~gcbench.distributed.rank_loss`: the local loss
+    for gcbench's losses, the gathered one for others) over ``world_size`` ranks' stand-in columns."""
+    loss = rank_loss(objective.loss_fn, collectives=_StandInCollectives(world_size))
+    return Objective(objective.encoders, loss, objective.get_rep)

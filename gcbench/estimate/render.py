@@ -23,6 +23,7 @@ def plan_frame(plan: EstimatePlan) -> pd.DataFrame:
                 "series": r.point.series,
                 "target": plan.target,
                 "peak_bytes": r.prediction.peak_bytes if r.prediction else None,
+                "loss_peak_bytes": r.prediction.loss_peak_bytes if r.prediction else None,
                 **{
                     f"fits_{format_bytes(m).replace(' ', '')}": (r.prediction.peak <= m) if r.prediction else None
                     for m in plan.device_memories
@@ -44,6 +45,10 @@ def plan_dict(plan: EstimatePlan) -> dict[str, Any]:
         "device_memories": list(plan.device_memories),
         "predictions": plan_frame(plan).to_dict(orient="records"),
         "largest_batch": {s: {str(m): plan.largest_batch(s, m) for m in plan.device_memories} for s in plan.series()},
+        "stopped_at": {
+            s: {str(m): (row.point.batch_size if (row := plan.stopper(s, m)) else None) for m in plan.device_memories}
+            for s in plan.series()
+        },
         "chunk_advice": [
             {
                 "strategy": a.strategy,
@@ -95,6 +100,12 @@ def tables(plan: EstimatePlan) -> list[Table]:
     for series in plan.series():
         largest.add_row(series, *(str(plan.largest_batch(series, m) or "none") for m in memories))
     result = [peaks, largest]
+    losses = [r.prediction.loss_peak_bytes for r in plan.rows if r.prediction and r.prediction.loss_peak_bytes]
+    if losses:
+        result.append(_loss_table(plan, batches, losses))
+    stops = [(series, m, plan.stopper(series, m)) for series in plan.series() for m in memories]
+    if any(row is not None for _, _, row in stops):
+        result.append(_stop_table(stops))
     if plan.advice:
         advice = Table(
             title=f"recommended chunk sizes ({plan.advice[0].strategy}, batch {plan.advice[0].batch_size})",
@@ -119,6 +130,48 @@ def tables(plan: EstimatePlan) -> list[Table]:
             failed.add_row(r.point.id, r.error)
         result.append(failed)
     return result
+
+
+def _loss_table(plan: EstimatePlan, batches: list[int], losses: list[int]) -> Table:
+    unit, size = byte_unit(max(losses))
+    table = Table(
+        title=f"the loss's own peak, forward and backward, above the representations, in {unit}",
+        title_justify="left",
+    )
+    table.add_column("strategy")
+    for batch in batches:
+        table.add_column(str(batch), justify="right")
+    for series in plan.series():
+        cells = {r.point.batch_size: r.prediction for r in plan.rows if r.point.series == series}
+        table.add_row(
+            series,
+            *(
+                f"{p.loss_peak_bytes / size:.2f}" if p is not None and p.loss_peak_bytes is not None else ""
+                for p in (cells.get(b) for b in batches)
+            ),
+        )
+    return table
+
+
+def _stop_table(stops: list[tuple[str, int, EstimateRow | None]]) -> Table:
+    """Per series and memory, the first batch over it and what its peak is made of."""
+    table = Table(title="what stops each series: the first batch that does not fit", title_justify="left")
+    for column in ("strategy", "device memory", "batch", "peak", "of which the loss", "largest part at the peak"):
+        table.add_column(column)
+    for series, memory, row in stops:
+        if row is None or row.prediction is None:
+            continue
+        p = row.prediction
+        part, held = max(p.peak_breakdown.items(), key=lambda item: item[1])
+        table.add_row(
+            series,
+            format_bytes(memory),
+            str(row.point.batch_size),
+            format_bytes(p.peak),
+            format_bytes(p.loss_peak_bytes) if p.loss_peak_bytes is not None else "-",
+            f"{part} {format_bytes(held)}",
+        )
+    return table
 
 
 def _cell(row: EstimateRow | None, memories: tuple[int, ...], unit_size: int) -> str:

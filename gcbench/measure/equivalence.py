@@ -76,13 +76,19 @@ def check_strategy(
     precision: str = "float32",
     device: torch.device | str = "cpu",
     seed: int = 0,
+    reference_workload: WorkloadConfig | None = None,
 ) -> GradComparison:
-    """One step of ``strategy`` against the mask-consistent full-batch reference, same weights and data."""
+    """One step of ``strategy`` against the mask-consistent full-batch reference, same weights and data.
+
+    ``reference_workload``: the reference's own config (the same weights: ``gcbench verify`` gives the
+    untiled loss there, so that a tiled one is checked too); default ``config``.
+    """
     device = torch.device(device)
     order: list[EncodeStep] = []
 
     def run(role: str) -> tuple[list[Tensor], float]:
-        workload = build_workload(config, seed=seed, device=device, dtype=param_dtype(precision))
+        built = config if role == "strategy" else reference_workload or config
+        workload = build_workload(built, seed=seed, device=device, dtype=param_dtype(precision))
         batches = workload.batches(batch_size, seed=seed + 1, device=device, dtype=param_dtype(precision))
         objective = workload.objective
         for module in objective.modules():

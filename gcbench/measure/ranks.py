@@ -32,6 +32,11 @@ from gcbench.training import StepConfig, TrainingStep, build_step
 REFERENCE = "single-process full over the global batch, dropout off"
 
 
+def whole_loss(config: StepConfig) -> StepConfig:
+    """``config`` with its loss computed over the whole score matrix (the reference for a tiled loss)."""
+    return replace(config, workload=replace(config.workload, loss_tile=0))
+
+
 def step_gradients(step: TrainingStep) -> tuple[list[Tensor], float]:
     """One forward+backward of ``step`` from zero gradients: float64 copies, unscaled, and the loss."""
     step.zero_grad()
@@ -87,7 +92,7 @@ def _check_cases(info: RankInfo, cases: list[StepConfig], reference: str | None)
     results = []
     for config in cases:
         grads, loss = distributed_gradients(config, info.device)
-        ref_grads, ref_loss = reference_gradients(config, info.device, reference or config.strategy)
+        ref_grads, ref_loss = reference_gradients(whole_loss(config), info.device, reference or config.strategy)
         results.append(compare(grads, ref_grads, loss, ref_loss))
     return results
 
@@ -101,7 +106,8 @@ def check_distributed(
     timeout: float = 600.0,
     reference: str | None = Full.name,
 ) -> list[GradComparison]:
-    """Each case (its ``batch_size`` is the global batch) on ``nproc`` ranks in one launch, against one process.
+    """Each case (its ``batch_size`` is the global batch) on ``nproc`` ranks in one launch, against one process
+    computing its loss whole (so a tiled loss is checked too).
 
     ``reference``: the single-process strategy to compare with; ``None``: the case's own strategy
     (``accumulate`` on W ranks equals one-process ``accumulate`` when each rank's rows split into

@@ -95,6 +95,10 @@ class PeerStrategy(Strategy):
     def make_loss(self, model: nn.Module, **similarity: Any) -> nn.Module:
         """The peer's loss on ``model`` with gcbench's similarity (``scale``, ``similarity_fct``)."""
 
+    def loss_rows(self, sizes: Sequence[int]) -> None:
+        """None: the peer computes its own loss (in mini-batches of rows), not the objective's."""
+        return None
+
     @classmethod
     def check_use(cls, use: StrategyUse) -> None:
         """UsageError, before any work, for what the peer cannot run or gcbench cannot check."""
@@ -109,6 +113,11 @@ class PeerStrategy(Strategy):
             raise UsageError(f"sweep.strategies: {cls.name} feeds token ids; model.kind 'mlp' has none")
         if use.nproc > 1:
             raise UsageError(f"sweep.strategies: {cls.name} runs in one process here; set sweep.nproc = 1")
+        if workload.loss_tile:
+            raise UsageError(
+                f"workload.loss_tile: {cls.name} computes sentence-transformers' own loss, not gcbench's "
+                "tiled one; set workload.loss_tile = 0"
+            )
         if use.equivalence and workload.hard_negatives:
             raise UsageError(
                 f"sweep.equivalence: {cls.name} embeds hard negatives column by column, an order "

@@ -35,6 +35,15 @@ class Run:
         return names.most_common(1)[0][0] if names else None
 
     @property
+    def loss(self) -> str | None:
+        """How the loss was computed, where the records say: whole, or in tiles of N (most points' way)."""
+        tiles = Counter(r.loss_tile for r in self.records if r.loss_tile is not None)
+        if not tiles:
+            return None
+        tile = tiles.most_common(1)[0][0]
+        return f"loss tile {tile}" if tile else "whole loss"
+
+    @property
     def origin(self) -> str:
         """The file's own name, or its folder's when it has the standard name (sweep folders)."""
         return self.source.parent.name if self.source.name == RESULTS_FILE else self.source.stem
@@ -64,8 +73,9 @@ def read_records(path: Path) -> tuple[Record, ...]:
 
 
 def load_runs(sources: Sequence[Path], labels: Sequence[str] | None = None) -> list[Run]:
-    """Read every source; label each run by its experiment, adding the device name or the folder
-    (or a number) only where runs would otherwise share a label. ``labels`` overrides that."""
+    """Read every source; label each run by its experiment, adding how its loss was computed, the device
+    name or the folder (or a number) only where runs would otherwise share a label. ``labels`` overrides
+    that."""
     if not sources:
         raise UsageError("no results given: name a results.jsonl file or a sweep folder")
     if labels is not None and len(labels) != len(sources):
@@ -79,7 +89,11 @@ def load_runs(sources: Sequence[Path], labels: Sequence[str] | None = None) -> l
 
 def _distinct_labels(runs: Sequence[Run]) -> list[str]:
     labels = [run.experiment for run in runs]
-    details: tuple[Callable[[Run], str | None], ...] = (lambda run: run.device_name, lambda run: run.origin)
+    details: tuple[Callable[[Run], str | None], ...] = (
+        lambda run: run.loss,
+        lambda run: run.device_name,
+        lambda run: run.origin,
+    )
     for label, count in Counter(labels).items():
         if count == 1:
             continue

@@ -103,10 +103,14 @@ def summary(data: ReportData) -> ReportTable:
 
 
 def every_point(data: ReportData) -> ReportTable:
-    """Every point measured (repeats merged into medians), with predictions where there are any."""
+    """Every point measured (repeats merged into medians), with predictions where there are any, and the
+    loss's own peak (measured, and predicted for points that did not run) where the records have it."""
     points = data.points
     unit = MemoryUnit.of(points["peak"])
     peak, predicted = f"peak memory ({unit.name})", f"predicted peak ({unit.name})"
+    losses = points[["loss_peak_bytes", "predicted_loss_peak_bytes"]].astype(float)
+    loss_unit = MemoryUnit.of(losses.stack())
+    loss_peak, predicted_loss = f"loss peak ({loss_unit.name})", f"predicted loss peak ({loss_unit.name})"
     frame = pd.DataFrame(
         {
             "run": points["run"],
@@ -123,11 +127,16 @@ def every_point(data: ReportData) -> ReportTable:
             "grad rel err": points["grad_max_rel_err"],
             predicted: unit(points["predicted_peak_bytes"]),
             "prediction error (%)": points["prediction_error"] * 100,
+            "loss tile": points["loss_tile"],
+            loss_peak: loss_unit(losses["loss_peak_bytes"]),
+            predicted_loss: loss_unit(losses["predicted_loss_peak_bytes"]),
             "runs": points["runs"],
         }
     )
     if not data.predicted:
         frame = frame.drop(columns=[predicted, "prediction error (%)"])
+    said = [column for column in ("loss tile", loss_peak, predicted_loss) if frame[column].notna().any()]
+    frame = frame.drop(columns=[c for c in ("loss tile", loss_peak, predicted_loss) if c not in said])
     formats = {
         peak: ",.1f",
         "step time (ms)": ",.1f",
@@ -136,6 +145,9 @@ def every_point(data: ReportData) -> ReportTable:
         "grad rel err": ".1e",
         predicted: ",.1f",
         "prediction error (%)": "+.1f",
+        "loss tile": ".0f",
+        loss_peak: ",.1f",
+        predicted_loss: ",.1f",
     }
     return ReportTable("points", "Every point", _drop_unneeded(data, frame), formats)
 

@@ -57,6 +57,7 @@ class MemoryResult:
     reserved_bytes: Int | None = None
     breakdown: dict[str, Int] | None = None  # at the dispatch tracker's peak, absolute
     tracked_peak_bytes: Int | None = None
+    loss_peak_bytes: Int | None = None  # the loss's own forward and backward, above the representations
 
 
 @typed
@@ -92,6 +93,7 @@ class Prediction:
     forward_backward_peak_bytes: Int | None = None
     optimizer_peak_bytes: Int | None = None
     breakdown: dict[str, Int] | None = None
+    loss_peak_bytes: Int | None = None  # the loss's own forward and backward, above the representations
     seconds: Float | None = None
     world_size: Int = 1  # > 1: one rank's peak (DDP buckets and gathered representations included)
     error: Str | None = None
@@ -161,6 +163,7 @@ class Record:
     equivalence: EquivalenceResult | None = None
     prediction: Prediction | None = None
     distributed: DistributedResult | None = None
+    loss_tile: Int | None = None  # the loss's tile size (workload.loss_tile; 0: the whole score matrix); None: not said
     env: Environment = Environment()
     finished_at: Str = ""
     wall_s: Float | None = None

@@ -19,6 +19,7 @@ MEMORY_COLUMNS = (
     "optimizer_peak_bytes",
     "reserved_bytes",
     "tracked_peak_bytes",
+    "loss_peak_bytes",
 )
 
 
@@ -35,10 +36,12 @@ def record_row(record: Record) -> dict[str, Any]:
         "series": p.series,
         "status": record.status,
         "reason": record.reason,
+        "loss_tile": record.loss_tile,
         **{column: getattr(memory, column, None) if memory else None for column in MEMORY_COLUMNS},
         **{f"memory_{category}": breakdown.get(category) for category in CATEGORIES},
         "memory_method": memory.method if memory else None,
         "predicted_peak_bytes": prediction.peak_bytes if prediction else None,
+        "predicted_loss_peak_bytes": prediction.loss_peak_bytes if prediction else None,
         "time_median_s": time.median_s if time else None,
         "time_q1_s": time.q1_s if time else None,
         "time_q3_s": time.q3_s if time else None,

@@ -31,12 +31,11 @@ from gcbench.distributed.objective import ddp_bucket_bytes, distribute_step, gat
 from gcbench.errors import UsageError, first_line
 from gcbench.experiment import Experiment
 from gcbench.measure.equivalence import REFERENCE, GradComparison, check_strategy, compare
-from gcbench.measure.memory import MemoryMeasurement, is_out_of_memory, limit_cuda_memory, release_memory
+from gcbench.measure.memory import is_out_of_memory, limit_cuda_memory, release_memory
 from gcbench.measure.ranks import REFERENCE as RANKS_REFERENCE
 from gcbench.measure.ranks import distributed_gradients, reference_gradients, worst
 from gcbench.measure.step import StepMeasurement, UntrackedBaseline, measure_step
 from gcbench.measure.timing import Timing
-from gcbench.measure.tracker import TrackedPeak
 from gcbench.results.environment import environment
 from gcbench.results.records import (
     DistributedResult,
@@ -74,13 +73,16 @@ def bare_record(
         status,
         traits=traits,
         reason=reason,
+        loss_tile=experiment.workload.loss_tile,
         env=Environment(git_commit=git_commit),
         finished_at=now(),
     )
 
 
-def memory_result(measured: MemoryMeasurement, tracked: TrackedPeak) -> MemoryResult:
-    """A record's memory: the allocator-level peak, and the tracker's breakdown of another run of the step."""
+def memory_result(step: StepMeasurement) -> MemoryResult:
+    """A record's memory: the allocator-level peak, the tracker's breakdown of another run of the step, and
+    the loss's own peak."""
+    measured, tracked = step.memory, step.tracked
     return MemoryResult(
         method=measured.method,
         peak_bytes=measured.peak_bytes,
@@ -91,6 +93,7 @@ def memory_result(measured: MemoryMeasurement, tracked: TrackedPeak) -> MemoryRe
         reserved_bytes=measured.reserved_bytes,
         breakdown=tracked.breakdown,
         tracked_peak_bytes=tracked.total,
+        loss_peak_bytes=step.loss_peak_bytes,
     )
 
 
@@ -126,6 +129,7 @@ class PointMeasurer(ABC):
             point,
             "ok",
             traits=resolve_strategy(point.strategy).traits(),
+            loss_tile=self.experiment.workload.loss_tile,
             env=environment(device, self.git_commit),
         )
         self.run(point, device, record)
@@ -168,7 +172,7 @@ class InProcess(PointMeasurer):
             record.memory = MemoryResult("cuda max_memory_allocated" if peak else "n/a", peak)
             release_memory(device)
             return
-        record.memory = memory_result(measured.memory, measured.tracked)
+        record.memory = memory_result(measured)
         record.time = time_result(measured.timing, point.batch_size)
         release_memory(device)
         within = sweep.memory_budget is None or (record.memory.peak_bytes or 0) <= sweep.memory_budget
@@ -239,7 +243,7 @@ class OnRanks(PointMeasurer):
         peaks = [r.measured.memory.peak_bytes for r in ranks]
         # A repeat ends when its slowest rank does.
         timing = Timing(tuple(max(samples) for samples in zip(*(r.measured.timing.samples_s for r in ranks))))
-        record.memory = memory_result(ranks[0].measured.memory, ranks[0].measured.tracked)
+        record.memory = memory_result(ranks[0].measured)
         record.time = time_result(timing, point.batch_size)
         record.distributed = replace(
             record.distributed,

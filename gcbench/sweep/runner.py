@@ -4,6 +4,11 @@ A point's process is forked from a server that has imported torch and gcbench bu
 point starts in milliseconds, not the second and more of a fresh interpreter, and no thread pool is
 inherited); allocator state, peak statistics and a crash stay with that point. Finished points are
 kept across interruptions: running the same sweep again resumes.
+
+Under ``torchrun`` every rank runs the sweep and each point runs on all of torchrun's ranks (an
+experiment's ``nproc`` of 1 means that many): it is measured in the rank's own process (the ranks exist
+already, so there is no process per point and no point timeout but the collectives'), rank 0 decides
+what is done already and keeps the results, and the other ranks keep nothing.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch.distributed as dist
+
 from gcbench.device import resolve_device
+from gcbench.distributed import LaunchedRanks, join_launched_group, ranks_wanted, resolve_backend
 from gcbench.errors import EstimateError, UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment import Experiment
@@ -28,6 +36,7 @@ from gcbench.results.store import ResultsStore
 from gcbench.results.table import records_frame
 from gcbench.results.units import format_bytes
 from gcbench.sweep.point import bare_record
+from gcbench.sweep.worker import measured_record
 from gcbench.typed import dump
 
 PREDICTED_SKIP_MARGIN = 1.25  # with --predict, a point predicted over budget x this is not run
@@ -72,19 +81,32 @@ def run_sweep(
     (UsageError), and whether ``out_dir`` can be made (UsageError naming it).
     """
     events = events or SweepEvents()
-    resolve_device(experiment.sweep.device)
+    device = resolve_device(experiment.sweep.device)
+    launched = LaunchedRanks.from_environment()
+    if launched is not None:  # each point runs on all of torchrun's ranks
+        if ranks_wanted(experiment.sweep.nproc) != launched.world_size:
+            raise UsageError(
+                f"sweep.nproc: torchrun started {launched.world_size} ranks (WORLD_SIZE) and each point runs on "
+                f"all of them; leave sweep.nproc at 1 or set it to {launched.world_size}, not {experiment.sweep.nproc}"
+            )
+        experiment = replace(experiment, sweep=replace(experiment.sweep, nproc=launched.world_size))
+    keeps = launched is None or launched.leader  # the process that keeps the results
     predict = _predictor(experiment) if experiment.sweep.predict else None
     store = ResultsStore(out_dir / RESULTS_FILE)
-    done = {} if fresh else _load_previous(store, experiment)
+    done = {} if fresh or not keeps else _load_previous(store, experiment)
     if retry_failed:
         done = {key: record for key, record in done.items() if record.status not in FAILED}
     logs = out_dir / "logs"
-    try:
-        logs.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out: cannot write results to {out_dir} ({error.strerror or error})") from None
-    if fresh:
-        store.reset()
+    if keeps:
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out: cannot write results to {out_dir} ({error.strerror or error})") from None
+        if fresh:
+            store.reset()
+    if launched is not None:
+        join_launched_group(resolve_backend(experiment.sweep.backend, device), experiment.sweep.timeout)
+        done = _from_rank_zero(done)
     if on_ready is not None:
         on_ready()
     outcome = SweepOutcome(out_dir, list(done.values()), resumed=len(done))
@@ -100,18 +122,30 @@ def run_sweep(
             reason = _skip_reason(experiment, point, done, prediction)
             if reason is not None:
                 record = bare_record(experiment, point, "skipped", reason, commit)
+            elif launched is not None:
+                record = measured_record(experiment, point, commit)
+                outcome.ran += 1
             else:
                 record = run_point_process(experiment, point, commit, logs)
                 outcome.ran += 1
             record.prediction = prediction
-            store.append(record)
+            if keeps:
+                store.append(record)
             done[point.id] = record
             outcome.records.append(record)
             events.on_record(record)
     except KeyboardInterrupt:
         outcome.interrupted = True
-    write_csv(outcome.records, out_dir / "results.csv")
+    if keeps:
+        write_csv(outcome.records, out_dir / "results.csv")
     return outcome
+
+
+def _from_rank_zero(done: dict[str, Record]) -> dict[str, Record]:
+    """Rank 0's finished points on every rank, so that all ranks run (and skip) the same points."""
+    shared: list[object] = [done]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]  # type: ignore[return-value]
 
 
 def _load_previous(store: ResultsStore, experiment: Experiment) -> dict[str, Record]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from gcbench.errors import first_line
 from gcbench.experiment import Experiment
-from gcbench.results.records import Point
+from gcbench.results.records import Point, Record
 from gcbench.sweep.point import bare_record, measurer
 from gcbench.typed import load
 
@@ -34,8 +34,8 @@ def child_main(
     os.dup2(log, 2)
     experiment, point = Experiment.from_dict(experiment_data), load(Point, point_data)
     try:
-        record = measurer(experiment, git_commit).measure(point)
-    except BaseException as error:
+        record = measured_record(experiment, point, git_commit)
+    except BaseException as error:  # interrupted or ended: the record still says how
         traceback.print_exc()
         record = bare_record(experiment, point, "error", first_line(error), git_commit)
     sys.stdout.flush()
@@ -43,6 +43,15 @@ def child_main(
     temporary = Path(result_path + ".tmp")
     temporary.write_text(record.to_json())
     temporary.replace(result_path)
+
+
+def measured_record(experiment: Experiment, point: Point, git_commit: str | None) -> Record:
+    """The point's record; an ``error`` record with the exception's first line when measuring raises."""
+    try:
+        return measurer(experiment, git_commit).measure(point)
+    except Exception as error:
+        traceback.print_exc()
+        return bare_record(experiment, point, "error", first_line(error), git_commit)
 
 
 def _die_with_parent() -> None:

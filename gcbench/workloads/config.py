@@ -102,3 +102,15 @@ class WorkloadConfig:
     hard_negatives: Int = key("hard-negative passages per query (dpr)", default=1, ge=0)
     tied: Bool = key("dpr: one encoder for queries and passages", default=False)
     temperature: Float | None = key("softmax temperature (none: the workload's usual value)", default=None, gt=0.0)
+    loss_tile: Int = key(
+        "compute the loss in tiles of this many rows and columns of the score matrix, never holding it whole: "
+        "memory O(batch x width + tile^2) instead of O(batch^2), same gradients (0: the whole matrix)",
+        flag="--loss-tile",
+        default=0,
+        ge=0,
+    )
+
+    @property
+    def loss_tile_size(self) -> int | None:
+        """``tile_size`` for the loss modules: None for the whole score matrix."""
+        return self.loss_tile or None

@@ -102,7 +102,7 @@ def build_dpr(config: WorkloadConfig) -> Workload:
     else:
         query_encoder = _encoder(config.model, config.query_length)
         passage_encoder = _encoder(config.model, config.passage_length)
-    loss = InBatchSoftmax(config.temperature or 1.0)
+    loss = InBatchSoftmax(config.temperature or 1.0, tile_size=config.loss_tile_size)
 
     def make(batch_size: int, g: torch.Generator) -> list[Inputs]:
         return [queries(batch_size, g), passages(batch_size * group, g)]
@@ -115,7 +115,7 @@ def build_clip(config: WorkloadConfig) -> Workload:
     text_encoder = _encoder(text_config, config.query_length)
     texts = _inputs(text_config, config.query_length)
     image_encoder = MLPEncoder(replace(config.model, kind=FEATURE_KIND), out_features=text_config.hidden)
-    loss = SymmetricInfoNCE(config.temperature or 0.07)
+    loss = SymmetricInfoNCE(config.temperature or 0.07, tile_size=config.loss_tile_size)
 
     def make(batch_size: int, g: torch.Generator) -> list[Inputs]:
         return [texts(batch_size, g), _features(config.model, batch_size, g)]
@@ -126,7 +126,7 @@ def build_clip(config: WorkloadConfig) -> Workload:
 def build_simclr(config: WorkloadConfig) -> Workload:
     encoder = _encoder(config.model, config.query_length)
     originals = _inputs(config.model, config.query_length)
-    loss = NTXent(config.temperature or 0.5)
+    loss = NTXent(config.temperature or 0.5, tile_size=config.loss_tile_size)
 
     def view(batch: Inputs, g: torch.Generator) -> Inputs:
         """Features with Gaussian noise, or token ids with 15% of the words replaced."""
