@@ -21,6 +21,7 @@ name, so a strategy added later (an extra, a user's class) is treated by what it
 from __future__ import annotations
 
 import contextlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from gcbench.cache.engine import GradCache, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
 from gcbench.errors import UsageError
+from gcbench.imports import import_object, is_import_path
 from gcbench.typed import Bool, typed
 from gcbench.workloads.config import WorkloadConfig
 
@@ -322,11 +324,29 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, Cache, 
 
 
 def resolve_strategy(name: str) -> type[Strategy]:
-    """The strategy class a name stands for; a UsageError listing the known names otherwise."""
+    """The strategy class a name stands for, or a user's by import path (``package.module:ClassName``, a
+    :class:`Strategy` subclass); a UsageError listing the known names, or saying why the class cannot be used."""
+    if is_import_path(name):
+        return _user_strategy(name)
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+        raise UsageError(
+            f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}, or your own as package.module:ClassName"
+        ) from None
+
+
+def _user_strategy(path: str) -> type[Strategy]:
+    found = import_object(path, f"strategy {path}")
+    if not (isinstance(found, type) and issubclass(found, Strategy)):
+        raise UsageError(f"strategy {path}: not a subclass of gcbench.Strategy")
+    if inspect.isabstract(found):
+        missing = ", ".join(sorted(getattr(found, "__abstractmethods__", ())))
+        raise UsageError(f"strategy {path}: {found.__name__} does not implement {missing}")
+    for trait in ("exact", "uses_chunks"):
+        if not isinstance(getattr(found, trait, None), bool):
+            raise UsageError(f"strategy {path}: {found.__name__} must declare {trait} = True or False (a trait)")
+    return found
 
 
 def make_strategy(
