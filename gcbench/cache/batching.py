@@ -80,7 +80,15 @@ def chunk_bounds(size: int, chunk_size: int) -> list[tuple[int, int]]:
 def call_encoder(encoder: Callable[..., Any], batch: Batch) -> Any:
     """Mapping -> ``encoder(**batch)``, tuple/list -> ``encoder(*batch)``, anything else -> ``encoder(batch)``."""
     if isinstance(batch, Mapping):
-        return encoder(**batch)
+        try:
+            return encoder(**batch)
+        except TypeError as error:
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(
+                    "gcbench called encoder(**batch): a mapping's keys become keyword arguments. If the encoder's "
+                    "forward takes the mapping itself (a SentenceTransformer does), pass the batch as (batch,)."
+                )
+            raise
     if isinstance(batch, (tuple, list)):
         return encoder(*batch)
     return encoder(batch)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from gcbench.errors import UsageError
 from gcbench.peers.extras import PEERS, REAL, require
@@ -329,21 +330,49 @@ class HFImageTower(ImageTower):
 
 
 def build_sentence_transformer(config: ModelConfig, max_length: int) -> nn.Module:
-    """The folder's modules as sentence-transformers loads them; under fake tensors, their shapes only."""
+    """The folder's modules as sentence-transformers loads them; under fake tensors, their fake copies."""
     require(f"model.kind {config.kind!r}", PEERS, ST_MODULES)
     from sentence_transformers import SentenceTransformer
 
     folder = _st_folder(config)
     inner = _st_transformer_config(folder)
-    dropouts = {key: config.dropout for key in inner if key == "dropout" or key.endswith(_DROPOUT_SUFFIXES)}
-    model = SentenceTransformer(
-        folder,
-        device="cpu",
-        local_files_only=True,
-        config_kwargs={k: v for k, v in dropouts.items() if isinstance(inner[k], (int, float))},
-        model_kwargs={"attn_implementation": config.attention},
-    )
-    return SentenceTransformerEncoder(model)
+    dropouts = {
+        key: config.dropout
+        for key, value in inner.items()
+        if (key == "dropout" or key.endswith(_DROPOUT_SUFFIXES)) and isinstance(value, (int, float))
+    }
+    options: dict[str, Any] = {
+        "device": "cpu",
+        "local_files_only": True,
+        "config_kwargs": dropouts,
+        "model_kwargs": {"attn_implementation": config.attention},
+    }
+    mode = detect_fake_mode()
+    if mode is None:
+        return SentenceTransformerEncoder(SentenceTransformer(folder, **options))
+    with unset_fake_temporarily():  # it reads its weights whatever the mode: read them, then keep fake copies
+        return SentenceTransformerEncoder(fake_copy(SentenceTransformer(folder, **options), mode))
+
+
+def fake_copy(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """``module`` with every parameter and buffer replaced by a fake tensor of its shape (shared ones stay shared);
+    called outside the fake mode."""
+    fakes: dict[int, Tensor] = {}
+
+    def fake(tensor: Tensor) -> Tensor:
+        if id(tensor) not in fakes:
+            copy = mode.from_tensor(tensor.detach())
+            fakes[id(tensor)] = nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
+        return fakes[id(tensor)]
+
+    for owner in module.modules():
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is not None:
+                owner._parameters[name] = fake(parameter)  # type: ignore[assignment]
+        for name, value in list(owner._buffers.items()):
+            if value is not None:
+                owner._buffers[name] = fake(value)
+    return module
 
 
 def st_tokens(config: ModelConfig, rows: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:

@@ -74,9 +74,13 @@ class Workload:
     def batches(
         self, batch_size: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> list[Batch]:
-        """The batch of ``batch_size`` examples for ``seed``: the same on every device and call."""
+        """The batch of ``batch_size`` examples for ``seed``: the same on every device and call (also when a
+        user's ``make_batches`` draws from torch's global generator instead of the one it is given)."""
         generator = torch.Generator().manual_seed(seed)
-        return [_to(batch, device, dtype) for batch in self.make_batches(batch_size, generator)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            made = self.make_batches(batch_size, generator)
+        return [_to(batch, device, dtype) for batch in made]
 
     def rows(self, batch_size: int) -> list[int]:
         return [batch_size * r for r in self.rows_per_example]

@@ -81,7 +81,8 @@ def make_user_workload(factory: str, seed: int, what: str = "workload.factory") 
 
 def example_rows(made: UserWorkload, examples: int, seed: int, what: str = "workload.factory") -> list[int]:
     """Rows of each input in a batch of ``examples``; a UsageError for the wrong count of batches or ragged ones."""
-    batches = made.make_batches(examples, torch.Generator().manual_seed(seed))
+    with torch.random.fork_rng(devices=[]):
+        batches = made.make_batches(examples, torch.Generator().manual_seed(seed))
     count = len(as_encoder_list(made.encoders))
     call = f"make_batches({examples}, generator)"
     if not isinstance(batches, (list, tuple)):
