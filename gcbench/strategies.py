@@ -204,9 +204,9 @@ def set_checkpointing(module: nn.Module, enabled: bool) -> None:
     elif hasattr(module, "gradient_checkpointing"):
         # torch types Module.__setattr__ for tensors and modules only; a plain attribute takes any value
         module.gradient_checkpointing = enabled  # type: ignore[assignment]
-    else:
-        raise TypeError(
-            f"{type(module).__name__} has no per-layer activation checkpointing "
+    else:  # a user's model, say: the checkpoint strategy cannot run it
+        raise UsageError(
+            f"strategy checkpoint: {type(module).__name__} has no per-layer activation checkpointing "
             "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)"
         )
 

@@ -271,3 +271,17 @@ def test_an_image_text_experiment_file(tmp_path):
     experiment = load_experiment(str(path))
     assert experiment.workload.image.config["model_type"] == "vit"
     assert experiment.workload.model.config["model_type"] == "clip_text_model"
+
+
+def test_one_value_of_an_inline_config_is_set_from_the_command_line(tmp_path):
+    from gcbench.cli import load_with_overrides
+
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        '[workload]\nname = "dpr"\npassage_length = 24\n[model]\nkind = "hf"\n[model.config]\n'
+        + "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**SIZES, **TEXT["bert"]}.items())
+    )
+    experiment = load_with_overrides(str(path), ["model.config.num_hidden_layers=1", "model.pooling=mean"], {})
+    assert experiment.workload.model.config == {**SIZES, **TEXT["bert"], "num_hidden_layers": 1}
+    with pytest.raises(UsageError, match="unknown key 'model.hidden.x'"):
+        load_with_overrides(str(path), ["model.hidden.x=1"], {})

@@ -363,3 +363,23 @@ def test_an_experiment_file_finds_its_modules_in_its_own_folder(user_folder, tmp
     loaded = load_experiment(str(experiment))
     assert loaded.workload.user_factory == "user_encoders:pairs"
     assert [p.strategy for p in loaded.points()] == ["user_cache:ReplayingCache"] * 3
+
+
+def test_estimate_takes_a_factory_by_the_workload_flag(user_folder, monkeypatch, capsys):
+    monkeypatch.chdir(user_folder)
+    code, out, err = run(
+        capsys,
+        "estimate",
+        "quick",
+        "--workload",
+        "user_encoders:pairs",
+        "--format",
+        "json",
+        "--batch-sizes",
+        "8,32",
+        "--strategies",
+        "full,cache",
+    )
+    assert code == 0, err
+    plan = json.loads(out)
+    assert {row["batch_size"] for row in plan["predictions"]} == {8, 32} and plan["chunk_advice"]

@@ -162,8 +162,12 @@ def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str
             raise UsageError(f"{source}: unknown key {name!r}; known: {', '.join([*TOP_LEVEL, *SECTIONS])}")
     for dotted, (value, label) in overrides.items():
         section, _, name = dotted.partition(".")
+        name, _, inner = name.partition(".")  # model.config.hidden_size: one value of a table-valued key
         if section not in SECTIONS or name not in section_keys(section):
             raise UsageError(f"{label}: unknown key {dotted!r}")
+        if inner:
+            table = entries[section].get(name, (None, ""))[0]
+            value = {**(table if isinstance(table, dict) else {}), inner: value}
         entries[section][name] = (value, label)
     built: dict[str, Any] = {}
     for section in ("model", "image", "workload", "optimizer", "sweep"):

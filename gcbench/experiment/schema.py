@@ -173,6 +173,11 @@ class Key:
         return _bare(self.field.annotation) is bool
 
     @property
+    def is_table(self) -> bool:
+        """A key whose value is a table of its own (``model.config``), set as a whole or value by value."""
+        return get_origin(_bare(self.field.annotation)) is dict
+
+    @property
     def default(self) -> Any:
         if self.field.default_factory is not None:
             return None
@@ -193,7 +198,15 @@ def keys() -> Iterator[Key]:
 
 
 def find_key(dotted: str) -> Key | None:
-    return next((k for k in keys() if k.dotted == dotted), None)
+    """The key ``section.name``; for ``section.name.inner``, the table-valued key it sets a value of
+    (``model.config.hidden_size``: ``model.config``)."""
+    found = next((k for k in keys() if k.dotted == dotted), None)
+    section, _, rest = dotted.partition(".")
+    name, _, inner = rest.partition(".")
+    if found is None and inner:
+        table = find_key(f"{section}.{name}")
+        return table if table is not None and table.is_table else None
+    return found
 
 
 def flag_keys() -> dict[str, Key]:

@@ -1,0 +1,104 @@
+"""reports/embedders-estimate/: peak memory of today's embedders' training steps on 24, 80 and 141 GiB, predicted.
+
+Each experiment here has the published sizes of one model (cited in its file); ``gcbench estimate`` runs its
+training step under fake tensors, so the result is the same on any machine and needs no GPU. Per model this
+writes ``NAME.txt`` (the tables ``gcbench estimate`` prints) and ``NAME.json`` (``--format json``, without the
+seconds each prediction took, so that the files do not change from run to run), and then ``report.md``, the
+summary across models.
+
+    .venv/bin/python experiments/embedders/estimate_report.py              # all of them
+    .venv/bin/python experiments/embedders/estimate_report.py bge-base     # one, then the summary again
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from gcbench.estimate.plan import estimate_experiment
+from gcbench.estimate.render import plan_dict, tables
+from gcbench.experiment import load_experiment
+from gcbench.results.units import format_bytes, parse_bytes
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE.parents[1] / "reports" / "embedders-estimate"
+MODELS = ("bge-base", "modernbert-base", "qwen3-embedding-0.6b", "qwen3-embedding-8b", "clip-vit-b16", "siglip-so400m")
+MEMORIES = tuple(parse_bytes(text, "memory") for text in ("24GiB", "80GiB", "141GiB"))
+ADVICE_BATCH = 4096  # the batch the chunk advice is for
+
+
+def estimate(name: str) -> None:
+    experiment = load_experiment(str(HERE / f"{name}.toml"))
+    plan = estimate_experiment(experiment, "cuda", MEMORIES, ADVICE_BATCH)
+    data = plan_dict(plan)
+    for row in data["predictions"]:
+        row.pop("seconds", None)  # how long a prediction took is not what the report is about
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    with (OUT / f"{name}.txt").open("w") as file:
+        console = Console(file=file, width=120, no_color=True, highlight=False)
+        for table in tables(plan):
+            console.print(table)
+    print(f"{name}: done", flush=True)
+
+
+def largest(data: dict, series: str, memory: int) -> str:
+    """The largest batch of ``series`` that fits; ">= N" when that is the largest tried."""
+    batch = data["largest_batch"][series][str(memory)]
+    tried = max(row["batch_size"] for row in data["predictions"] if row["series"] == series)
+    if batch is None:
+        return "none"
+    return f">= {batch}" if batch == tried else str(batch)
+
+
+def summary() -> str:
+    lines = [
+        "# Embedders on 24, 80 and 141 GiB, predicted",
+        "",
+        "Made by `experiments/embedders/estimate_report.py` under fake tensors (`gcbench estimate`, target `cuda`:",
+        "512-byte blocks, foreach AdamW, the fused attention kernel), bf16 autocast with float32 weights and AdamW",
+        "state, full fine-tuning on one device. Text: queries of 64 tokens, passages of 512, one hard negative per",
+        "query, one tied encoder; image-text: CLIP's 77 and SigLIP's 64 text tokens, 224 and 384 pixel images.",
+        f"Chunk advice for a batch of {ADVICE_BATCH}: the largest chunks whose predicted peak fits.",
+        "",
+        "| model | parameters (float32) | device | largest batch, full | largest batch, cache | chunks for "
+        f"batch {ADVICE_BATCH} | predicted peak there |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in MODELS:
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        cache = next(s for s in data["largest_batch"] if s.startswith("cache"))
+        held = next(row["memory_parameters"] for row in data["predictions"] if row["memory_parameters"] is not None)
+        advice = {a["device_memory"]: a for a in data["chunk_advice"]}
+        for memory in MEMORIES:
+            chosen = advice[memory]
+            chunks = "/".join(map(str, chosen["chunk_sizes"])) if chosen["chunk_sizes"] else "none fit"
+            peak = format_bytes(chosen["peak_bytes"]) if chosen["peak_bytes"] else "-"
+            lines.append(
+                f"| [{name}]({name}.txt) | {format_bytes(held)} | {format_bytes(memory)} | "
+                f"{largest(data, 'full', memory)} | {largest(data, cache, memory)} ({cache}) | {chunks} | {peak} |"
+            )
+    lines += [
+        "",
+        '"none": even the smallest batch tried does not fit; ">= N": N is the largest batch tried. The chunk',
+        "sizes are queries/passages (one size per input). Each model's tables (every batch's predicted peak) are",
+        "in its `.txt`, its numbers in its `.json`; its experiment file cites the published config.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(names: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in names or MODELS:
+        estimate(name)
+    (OUT / "report.md").write_text(summary())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
