@@ -88,6 +88,15 @@ def whole_batches(sizes: Sequence[int]) -> list[EncodeStep]:
     return [(i, slice(0, size)) for i, size in enumerate(sizes)]
 
 
+def chunk_order(sizes: Sequence[int], chunk_sizes: Sequence[int]) -> list[EncodeStep]:
+    """Every chunk of input 0 in order, then of input 1, ...: GradCache's first pass (and most cached losses')."""
+    return [
+        (i, slice(start, stop))
+        for i, (size, chunk) in enumerate(zip(sizes, chunk_sizes))
+        for start, stop in chunk_bounds(size, chunk)
+    ]
+
+
 class Strategy(ABC):
     """One way to compute the gradients of a contrastive loss over a batch.
 
@@ -240,11 +249,7 @@ class Cache(Strategy):
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         assert self.chunk_sizes is not None
-        return [
-            (i, slice(start, stop))
-            for i, (size, chunk) in enumerate(zip(sizes, self.chunk_sizes))
-            for start, stop in chunk_bounds(size, chunk)
-        ]
+        return chunk_order(sizes, self.chunk_sizes)
 
 
 class CacheRerun(Cache):

@@ -164,9 +164,12 @@ def test_an_hf_model_that_cannot_work_is_refused_before_any_work(model, message)
         build_experiment(raw, "exp.toml", {})
 
 
-def test_an_hf_image_tower_needs_a_vision_config():
+def test_an_hf_image_tower_needs_a_vision_config_and_an_image_workload():
     raw = {"workload": {"name": "clip"}, "image": {"kind": "hf", "config": {**TEXT["bert"], **SIZES}}}
     with pytest.raises(UsageError, match="no image_size"):
+        build_experiment(raw, "exp.toml", {})
+    raw = {"workload": {"name": "dpr"}, "image": {"kind": "hf", "config": {**SIZES, **VISION["vit"]}}}
+    with pytest.raises(UsageError, match="image: workload 'dpr' has no image tower"):
         build_experiment(raw, "exp.toml", {})
 
 

@@ -383,3 +383,19 @@ def test_estimate_takes_a_factory_by_the_workload_flag(user_folder, monkeypatch,
     assert code == 0, err
     plan = json.loads(out)
     assert {row["batch_size"] for row in plan["predictions"]} == {8, 32} and plan["chunk_advice"]
+
+
+def test_a_module_s_own_tensors_stay_real_after_the_check(tmp_path, isolated):
+    write_module(
+        tmp_path,
+        "user_globals",
+        "TABLE = torch.randn(4, 2)\n"
+        "def build(seed):\n    m = nn.Linear(2, 2)\n"
+        "    return UserWorkload([m, m], lambda n, g: [TABLE[:1].repeat(n, 1), torch.randn(n, 2, generator=g)])\n",
+    )
+    sys.path.insert(0, str(tmp_path))
+    check_user_workload(WorkloadConfig(factory="user_globals:build"))
+    import user_globals
+
+    assert type(user_globals.TABLE) is torch.Tensor
+    assert build_workload(WorkloadConfig(factory="user_globals:build")).batches(3, seed=1)[0].shape == (3, 2)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from gcbench import Strategy
 from gcbench.cache import Objective, batch_size, call_encoder, chunk_bounds, slice_batch
+from gcbench.strategies import chunk_order
 
 
 class CachedLoss:
@@ -99,11 +100,7 @@ class ForgetfulCache(Strategy):
     def encode_order(self, sizes: Sequence[int]) -> list[tuple[int, slice]]:
         """Its first pass: every mini-batch of input 0, then of input 1 (the reference draws the same masks)."""
         assert self.chunk_sizes is not None
-        return [
-            (i, slice(start, stop))
-            for i, (size, chunk) in enumerate(zip(sizes, self.chunk_sizes))
-            for start, stop in chunk_bounds(size, chunk)
-        ]
+        return chunk_order(sizes, self.chunk_sizes)
 
 
 class ReplayingCache(ForgetfulCache):

@@ -41,6 +41,7 @@ from gcbench.workloads import (
     IMAGE_TEXT,
     IMAGE_TOWERS,
     TEXT_TOWERS,
+    ImageConfig,
     WorkloadConfig,
     check_user_workload,
 )
@@ -203,6 +204,8 @@ def _from_file(key: str, value: Any, source: str) -> Any:
 
 def check_workload(workload: WorkloadConfig, seed: int = 0) -> int:
     """UsageError, before any work, for towers or a user's factory that cannot be used; the number of inputs."""
+    if workload.image != ImageConfig() and (workload.user_factory is not None or workload.name not in IMAGE_TEXT):
+        raise UsageError(f"image: workload {workload.user_factory or workload.name!r} has no image tower to configure")
     if workload.user_factory is not None:
         return check_user_workload(workload, seed)
     if workload.name in IMAGE_TEXT and workload.model.kind == FEATURE_KIND:

@@ -114,6 +114,7 @@ def check_user_workload(config: WorkloadConfig, seed: int = 0, what: str = "work
     """
     factory = config.user_factory
     assert factory is not None
+    import_object(factory, what)  # outside fake tensors: what the module makes when imported stays real
     try:
         with shapes_only():
             return _check(factory, seed, what)
