@@ -8,6 +8,7 @@ summary across models.
 
     .venv/bin/python experiments/embedders/estimate_report.py              # all of them
     .venv/bin/python experiments/embedders/estimate_report.py bge-base     # one, then the summary again
+    .venv/bin/python experiments/embedders/estimate_report.py --render     # the .txt and report.md from the .json
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from gcbench.estimate.plan import estimate_experiment
+from gcbench.estimate.plan import ChunkAdvice, EstimatePlan, EstimateRow, estimate_experiment
 from gcbench.estimate.render import plan_dict, tables
 from gcbench.experiment import load_experiment
+from gcbench.results.records import Point, Prediction
 from gcbench.results.units import format_bytes, parse_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -32,16 +34,44 @@ ADVICE_BATCH = 4096  # the batch the chunk advice is for
 
 def estimate(name: str) -> None:
     experiment = load_experiment(str(HERE / f"{name}.toml"))
-    plan = estimate_experiment(experiment, "cuda", MEMORIES, ADVICE_BATCH)
-    data = plan_dict(plan)
+    data = plan_dict(estimate_experiment(experiment, "cuda", MEMORIES, ADVICE_BATCH))
     for row in data["predictions"]:
         row.pop("seconds", None)  # how long a prediction took is not what the report is about
     (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    with (OUT / f"{name}.txt").open("w") as file:
-        console = Console(file=file, width=120, no_color=True, highlight=False)
-        for table in tables(plan):
-            console.print(table)
+    render(name)
     print(f"{name}: done", flush=True)
+
+
+def render(name: str) -> None:
+    """``NAME.txt``: the tables ``gcbench estimate`` prints, from ``NAME.json`` (wide enough for every batch)."""
+    with (OUT / f"{name}.txt").open("w") as file:
+        console = Console(file=file, width=200, no_color=True, highlight=False)
+        for table in tables(plan_from(json.loads((OUT / f"{name}.json").read_text()))):
+            console.print(table)
+
+
+def plan_from(data: dict) -> EstimatePlan:
+    """The plan a ``--format json`` output describes (what its tables need: peaks, errors, advice)."""
+    rows = []
+    for row in data["predictions"]:
+        chunks = None if row["chunk_sizes"] == "-" else tuple(int(c) for c in row["chunk_sizes"].split("/"))
+        breakdown = {k.removeprefix("memory_"): v for k, v in row.items() if k.startswith("memory_") and v is not None}
+        prediction = Prediction(data["target"], row["peak_bytes"], breakdown=breakdown) if row["peak_bytes"] else None
+        rows.append(EstimateRow(Point(row["strategy"], row["batch_size"], chunks), prediction, row["error"]))
+    advice = tuple(
+        ChunkAdvice(
+            a["strategy"],
+            a["batch_size"],
+            a["device_memory"],
+            tuple(a["chunk_sizes"]) if a["chunk_sizes"] else None,
+            a["peak_bytes"],
+            tuple((tuple(c), p) for c, p in a["tried"]),
+            a["reason"],
+        )
+        for a in data["chunk_advice"]
+    )
+    memories = tuple(data["device_memories"])
+    return EstimatePlan(data["experiment"], data["target"], data["world_size"], memories, tuple(rows), advice)
 
 
 def largest(data: dict, series: str, memory: int) -> str:
@@ -95,8 +125,13 @@ def summary() -> str:
 
 def main(names: list[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for name in names or MODELS:
-        estimate(name)
+    if names == ["--render"]:
+        for name in MODELS:
+            if (OUT / f"{name}.json").exists():
+                render(name)
+    else:
+        for name in names or MODELS:
+            estimate(name)
     (OUT / "report.md").write_text(summary())
 
 

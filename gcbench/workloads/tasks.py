@@ -137,7 +137,7 @@ def representation_width(encoder: nn.Module, inputs: Inputs) -> int:
     encoder.eval()
     try:
         with torch.no_grad():
-            return int(encode(encoder, inputs, None, "the text tower").shape[-1])
+            return int(encode(encoder, inputs, None, type(encoder).__name__).shape[-1])
     finally:
         encoder.train(training)
 
