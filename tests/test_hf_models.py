@@ -288,3 +288,32 @@ def test_one_value_of_an_inline_config_is_set_from_the_command_line(tmp_path):
     assert experiment.workload.model.config == {**SIZES, **TEXT["bert"], "num_hidden_layers": 1}
     with pytest.raises(UsageError, match="unknown key 'model.hidden.x'"):
         load_with_overrides(str(path), ["model.hidden.x=1"], {})
+
+
+@pytest.mark.slow
+def test_an_hf_model_from_a_config_alone_runs_through_a_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    from gcbench.results import ResultsStore
+
+    experiment = tmp_path / "qwen.toml"
+    experiment.write_text(
+        '[workload]\nname = "dpr"\nquery_length = 8\npassage_length = 12\ntied = true\n'
+        '[model]\nkind = "hf"\npooling = "last"\n[model.config]\n'
+        + "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**SIZES, **TEXT["qwen3"]}.items())
+        + '\n[sweep]\nstrategies = ["full", "cache", "checkpoint"]\nbatch_sizes = [4, 16]\nchunk_sizes = [4]\n'
+        'device = "cpu"\nrepeats = 1\n'
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "gcbench", "sweep", str(experiment), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    records = {r.point.id: r for r in ResultsStore(out / "results.jsonl").load()}
+    assert all(r.status == "ok" for r in records.values()) and len(records) == 6, done.stdout
+    assert records["cache batch=16 chunks=4"].equivalence.max_rel_err < 1e-5
+    assert records["checkpoint batch=16 chunks=-"].equivalence.max_rel_err < 1e-5
