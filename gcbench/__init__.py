@@ -10,18 +10,20 @@ from gcbench import peers
 from gcbench.cache import GradCache, Objective
 from gcbench.strategies import STRATEGIES, Strategy, StrategyTraits, StrategyUse, make_strategy, resolve_strategy
 from gcbench.version import __version__
-from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
+from gcbench.workloads import ImageConfig, ModelConfig, UserWorkload, WorkloadConfig, build_workload
 
 peers.register()  # optional model kinds and strategies by name; their extras are imported only when chosen
 
 __all__ = [
     "STRATEGIES",
     "GradCache",
+    "ImageConfig",
     "ModelConfig",
     "Objective",
     "Strategy",
     "StrategyTraits",
     "StrategyUse",
+    "UserWorkload",
     "WorkloadConfig",
     "__version__",
     "build_workload",

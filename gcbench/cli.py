@@ -68,12 +68,18 @@ def cli(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--workload", default="dpr,clip,simclr", show_default=True, help="Workloads, comma-separated.")
+@click.option(
+    "--workload",
+    default="dpr,clip,siglip,simclr",
+    show_default=True,
+    help="Workloads, comma-separated: built-in names, or your own as package.module:function.",
+)
 @click.option(
     "--strategies",
     default="cache",
     show_default=True,
-    help="Strategies to check against the full-batch reference, comma-separated.",
+    help="Strategies to check against the full-batch reference, comma-separated: built-in names, or your own "
+    "as package.module:ClassName (a gcbench.Strategy subclass).",
 )
 @click.option("--precision", default="float32", show_default=True, help=help_of("sweep.precision"))
 @click.option("--device", default="auto", show_default=True, help=help_of("sweep.device"))
@@ -170,7 +176,9 @@ def verify(
         "loss diff",
         "result",
     ):
-        table.add_column(column, justify="left" if column in ("workload", "strategy") else "right")
+        table.add_column(  # a user's workload or strategy is an import path: shown whole, folded if need be
+            column, justify="left" if column in ("workload", "strategy") else "right", overflow="fold"
+        )
     for r in results:
         c = r.comparison
         verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"

@@ -21,6 +21,7 @@ name, so a strategy added later (an extra, a user's class) is treated by what it
 from __future__ import annotations
 
 import contextlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from gcbench.cache.engine import GradCache, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
 from gcbench.errors import UsageError
+from gcbench.imports import import_object, is_import_path
 from gcbench.typed import Bool, typed
 from gcbench.workloads.config import WorkloadConfig
 
@@ -84,6 +86,15 @@ def backward_in_order(
 
 def whole_batches(sizes: Sequence[int]) -> list[EncodeStep]:
     return [(i, slice(0, size)) for i, size in enumerate(sizes)]
+
+
+def chunk_order(sizes: Sequence[int], chunk_sizes: Sequence[int]) -> list[EncodeStep]:
+    """Every chunk of input 0 in order, then of input 1, ...: GradCache's first pass (and most cached losses')."""
+    return [
+        (i, slice(start, stop))
+        for i, (size, chunk) in enumerate(zip(sizes, chunk_sizes))
+        for start, stop in chunk_bounds(size, chunk)
+    ]
 
 
 class Strategy(ABC):
@@ -207,9 +218,9 @@ def set_checkpointing(module: nn.Module, enabled: bool) -> None:
     elif hasattr(module, "gradient_checkpointing"):
         # torch types Module.__setattr__ for tensors and modules only; a plain attribute takes any value
         module.gradient_checkpointing = enabled  # type: ignore[assignment]
-    else:
-        raise TypeError(
-            f"{type(module).__name__} has no per-layer activation checkpointing "
+    else:  # a user's model, say: the checkpoint strategy cannot run it
+        raise UsageError(
+            f"strategy checkpoint: {type(module).__name__} has no per-layer activation checkpointing "
             "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)"
         )
 
@@ -243,11 +254,7 @@ class Cache(Strategy):
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         assert self.chunk_sizes is not None
-        return [
-            (i, slice(start, stop))
-            for i, (size, chunk) in enumerate(zip(sizes, self.chunk_sizes))
-            for start, stop in chunk_bounds(size, chunk)
-        ]
+        return chunk_order(sizes, self.chunk_sizes)
 
 
 class CacheRerun(Cache):
@@ -330,11 +337,29 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, Cache, 
 
 
 def resolve_strategy(name: str) -> type[Strategy]:
-    """The strategy class a name stands for; a UsageError listing the known names otherwise."""
+    """The strategy class a name stands for, or a user's by import path (``package.module:ClassName``, a
+    :class:`Strategy` subclass); a UsageError listing the known names, or saying why the class cannot be used."""
+    if is_import_path(name):
+        return _user_strategy(name)
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+        raise UsageError(
+            f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}, or your own as package.module:ClassName"
+        ) from None
+
+
+def _user_strategy(path: str) -> type[Strategy]:
+    found = import_object(path, f"strategy {path}")
+    if not (isinstance(found, type) and issubclass(found, Strategy)):
+        raise UsageError(f"strategy {path}: not a subclass of gcbench.Strategy")
+    if inspect.isabstract(found):
+        missing = ", ".join(sorted(getattr(found, "__abstractmethods__", ())))
+        raise UsageError(f"strategy {path}: {found.__name__} does not implement {missing}")
+    for trait in ("exact", "uses_chunks"):
+        if not isinstance(getattr(found, trait, None), bool):
+            raise UsageError(f"strategy {path}: {found.__name__} must declare {trait} = True or False (a trait)")
+    return found
 
 
 def make_strategy(

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from gcbench.cache.batching import Batch
+from gcbench.cache.batching import Batch, tensors
 from gcbench.cache.objective import Objective
 from gcbench.device import autocast, grad_scaler, param_dtype
 from gcbench.errors import UsageError
@@ -104,7 +104,7 @@ class TrainingStep:
             "parameters": [*self.parameters(), *(b for m in modules for b in m.buffers())],
             "gradients": [p.grad for p in self.parameters() if p.grad is not None],
             "optimizer": list(_optimizer_tensors(self.optimizer)),
-            "inputs": [t for batch in self.batches for t in _batch_tensors(batch)],
+            "inputs": [t for batch in self.batches for _, t in tensors(batch)],
         }
 
 
@@ -113,13 +113,6 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
         for value in state.values():
             if isinstance(value, Tensor):
                 yield value
-
-
-def _batch_tensors(batch: Batch) -> Iterator[Tensor]:
-    values = [batch] if isinstance(batch, Tensor) else batch.values() if isinstance(batch, dict) else batch
-    for value in values:
-        if isinstance(value, Tensor):
-            yield value
 
 
 def build_step(config: StepConfig, device: torch.device) -> TrainingStep:

@@ -3,11 +3,16 @@
 One process: each strategy's one step against the mask-consistent full-batch reference
 (:func:`gcbench.measure.equivalence.check_strategy`). W ranks: the W-rank gradients after DDP's
 all-reduce against one process over the global batch (:mod:`gcbench.measure.ranks`).
+
+Workloads and strategies may be a user's own, by import path (``mylib.cached:MyCachedLoss``): a maintainer
+of a GradCache-style implementation wraps it in a :class:`~gcbench.strategies.Strategy` and runs ``gcbench
+verify --strategies mylib.cached:MyCachedLoss`` in CI, which exits 1 with the error figures when its
+gradients are wrong.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,11 +21,12 @@ import torch
 from gcbench.device import check_precision
 from gcbench.distributed import ranks_wanted
 from gcbench.errors import UsageError
+from gcbench.imports import is_import_path
 from gcbench.measure.equivalence import GradComparison, check_strategy
 from gcbench.measure.ranks import check_distributed
 from gcbench.strategies import resolve_strategy
 from gcbench.training import StepConfig
-from gcbench.workloads import WORKLOADS, ModelConfig, WorkloadConfig
+from gcbench.workloads import WORKLOADS, ModelConfig, WorkloadConfig, check_user_workload
 
 # Half precision: the reference itself rounds at bf16/fp16 (autocast sums the chunks' weight
 # gradients in half precision there, in float32 here), so the bound is a few units of its epsilon.
@@ -43,11 +49,21 @@ class VerifyResult:
         return self.comparison.passes(self.tolerance)
 
 
-def workload_config(name: str, dropout: float, tied: bool = False, loss_tile: int = 0) -> WorkloadConfig:
-    """The small default model of each workload, big enough to exercise masks, pooling and chunking."""
+def workload_config(name: str, dropout: float | None, tied: bool = False, loss_tile: int = 0) -> WorkloadConfig:
+    """The small default model of each built-in workload, big enough to exercise masks, pooling and chunking;
+    a user's workload (an import path) as its factory makes it (``dropout`` None: the model's own)."""
+    if is_import_path(name):
+        if dropout is not None:
+            raise UsageError(f"--dropout: {name} is your own workload; its model's dropout is its own")
+        return WorkloadConfig(factory=name, loss_tile=loss_tile)
+    if name not in WORKLOADS:
+        raise UsageError(
+            f"--workload: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}, or your own as "
+            "package.module:function"
+        )
     return WorkloadConfig(
         name=name,
-        model=replace(VERIFY_MODEL, dropout=dropout),
+        model=replace(VERIFY_MODEL, dropout=0.1 if dropout is None else dropout),
         query_length=16,
         passage_length=24,
         tied=tied,
@@ -78,32 +94,37 @@ def verify(
     One process (``nproc=1``): against the mask-consistent full-batch reference, dropout 0.1 by default.
     W ranks: all cases in one launch, ``batch_size`` the global batch (each rank gets ``batch_size / nproc``,
     chunk sizes apply to each rank's rows), dropout 0 (see :mod:`gcbench.measure.ranks`). Under torchrun
-    ``nproc`` 1 means torchrun's ranks.
+    ``nproc`` 1 means torchrun's ranks. A user's workload (``package.module:function``) keeps its model's own
+    dropout.
     """
-    settings = check_arguments(workloads, strategies, precision, batch_size, chunk_sizes, tolerance)
     nproc = ranks_wanted(nproc)
-    dropout = (0.1 if nproc == 1 else 0.0) if dropout is None else dropout
-    if not 0.0 <= dropout < 1.0:
+    if dropout is not None and not 0.0 <= dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
     if loss_tile < 0:
         raise UsageError(f"--loss-tile must be >= 0 (0: the whole score matrix), got {loss_tile}")
     if nproc > 1 and batch_size % nproc:
         raise UsageError(f"--batch-size {batch_size} must split evenly over --nproc {nproc} ranks")
-    if nproc > 1 and dropout != 0.0:
+    if nproc > 1 and dropout:
         raise UsageError(
             "--dropout: the distributed check runs with dropout 0 (ranks draw masks from their own "
             f"random streams, which one process cannot replay); got {dropout}"
         )
+    built_in_dropout = (0.1 if nproc == 1 else 0.0) if dropout is None else dropout
+    configs = {
+        name: workload_config(name, dropout if is_import_path(name) else built_in_dropout, loss_tile=loss_tile)
+        for name in workloads
+    }
+    settings = check_arguments(configs, strategies, precision, batch_size, chunk_sizes, tolerance, seed)
     cases = [
         (name, strategy, chunks)
         for name in workloads
         for strategy in strategies
-        for chunks in _settings_for(strategy, settings)
+        for chunks in _settings_for(strategy, settings[name])
     ]
     if nproc == 1:
         comparisons = [
             check_strategy(
-                workload_config(name, dropout, loss_tile=loss_tile),
+                configs[name],
                 strategy,
                 batch_size,
                 chunks,
@@ -116,9 +137,7 @@ def verify(
         ]
     else:
         steps = [
-            StepConfig(
-                workload_config(name, 0.0, loss_tile=loss_tile), strategy, batch_size, chunks, precision, seed=seed
-            )
+            StepConfig(configs[name], strategy, batch_size, chunks, precision, seed=seed)
             for name, strategy, chunks in cases
         ]
         comparisons = check_distributed(steps, nproc, device=device, backend=backend, timeout=timeout)
@@ -142,18 +161,20 @@ def _settings_for(strategy: str, settings: list[tuple[int, ...]]) -> list[tuple[
 
 
 def check_arguments(
-    workloads: Sequence[str],
+    workloads: Mapping[str, WorkloadConfig],
     strategies: Sequence[str],
     precision: str,
     batch_size: int,
     chunk_sizes: Sequence[Sequence[int]] | Sequence[int],
     tolerance: float | None = None,
-) -> list[tuple[int, ...]]:
-    """UsageError naming the flag for a bad value; the chunk settings, each with one size per input."""
+    seed: int = 0,
+) -> dict[str, list[tuple[int, ...]]]:
+    """UsageError naming the flag for a bad value; by workload, the chunk settings with one size per input."""
     check_precision(precision)
-    for name in workloads:
-        if name not in WORKLOADS:
-            raise UsageError(f"--workload: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    inputs = {
+        name: check_user_workload(config, seed, "--workload") if config.user_factory is not None else 2
+        for name, config in workloads.items()
+    }
     if not strategies:
         raise UsageError("--strategies: name at least one strategy")
     for name in strategies:
@@ -171,14 +192,17 @@ def check_arguments(
             given = [[size for size in chunk_sizes if isinstance(size, int)]]
             break
         given.append(item)
-    settings = []
-    for setting in given:
-        sizes = tuple(setting)
-        if not sizes or len(sizes) > 2 or any(c < 1 for c in sizes):
-            raise UsageError(
-                f"--chunk-sizes: one size, or one per input (2), each >= 1; got {'/'.join(map(str, sizes))}"
-            )
-        settings.append(sizes * (2 // len(sizes)))
-    if not settings:
+    if not given:
         raise UsageError("--chunk-sizes: give at least one chunk setting, e.g. 5 or 8/4")
+    settings: dict[str, list[tuple[int, ...]]] = {}
+    for name, count in inputs.items():
+        settings[name] = []
+        for setting in given:
+            sizes = tuple(setting)
+            if not sizes or len(sizes) not in (1, count) or any(c < 1 for c in sizes):
+                raise UsageError(
+                    f"--chunk-sizes: one size, or one per input ({count} for {name}), each >= 1; got "
+                    f"{'/'.join(map(str, sizes))}"
+                )
+            settings[name].append(sizes * (count // len(sizes)))
     return settings

@@ -20,15 +20,15 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def test_float64_passes_on_every_workload(capsys):
     code, out, _ = run(capsys, "verify", "--precision", "float64", "--device", "cpu")
     assert code == 0
-    for workload in ("dpr", "clip", "simclr"):
+    for workload in ("dpr", "clip", "siglip", "simclr"):
         assert workload in out
-    assert "FAIL" not in out and out.count("pass") == 3
+    assert "FAIL" not in out and out.count("pass") == 4
 
 
 def test_accumulate_fails_the_check(capsys):
     code, out, _ = run(capsys, "verify", "--precision", "float64", "--strategies", "accumulate", "--device", "cpu")
     assert code == 1
-    assert out.count("FAIL") == 3
+    assert out.count("FAIL") == 4
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gcbench"
 # Lowest first. The technique, then measurement, results, experiments, the commands' engines, the CLI.
 LAYERS = [
     "errors",
+    "imports",
     "version",
     "typed",
     "device",

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessContext, ProcessException, start_processes
 
 from gcbench.errors import UsageError
+from gcbench.imports import adopt, import_path
 
 T = TypeVar("T")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -98,6 +99,7 @@ class _Spec:
     threads: int
     folder: str
     launcher_pid: int
+    import_path: tuple[str, ...] = ()  # the launcher's sys.path: a user's code imports on every rank
 
     def device_of(self, rank: int) -> torch.device:
         device = torch.device(self.device)
@@ -212,6 +214,7 @@ def launch(
             threads or max(1, (os.cpu_count() or 1) // nproc),
             folder,
             os.getpid(),
+            import_path(),
         )
         context = start_processes(
             _rank_main, args=(spec, fn, tuple(args)), nprocs=nproc, join=False, start_method=_start_method()
@@ -324,6 +327,7 @@ def _write(path: Path, value: Any) -> None:
 def _rank_main(rank: int, spec: _Spec, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """A rank's process: join the group, run ``fn``, leave the result (or the failure) in its file."""
     threading.Thread(target=_end_with, args=(spec.launcher_pid,), name="gcbench-launcher-watch", daemon=True).start()
+    adopt(spec.import_path)
     torch.set_num_threads(spec.threads)
     device = spec.device_of(rank)
     try:

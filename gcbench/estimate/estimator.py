@@ -28,6 +28,7 @@ from gcbench.measure.memory import track_step
 from gcbench.results.records import Prediction
 from gcbench.training import OptimizerConfig, StepConfig, make_optimizer, step_on
 from gcbench.workloads import WorkloadConfig, build_workload
+from gcbench.workloads.shapes import value_free_init
 
 
 class Estimator:
@@ -48,7 +49,7 @@ class Estimator:
         self.optimizer_config = self.target.optimizer(optimizer or OptimizerConfig())
         self.mode = FakeTensorMode()
         self.device = torch.device("cpu")
-        with self.mode, _explained():
+        with self.mode, value_free_init(), _explained():
             self.workload = build_workload(workload, seed=seed, device=self.device, dtype=param_dtype(precision))
             for module in self.workload.objective.modules():
                 module.train()

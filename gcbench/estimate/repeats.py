@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gcbench.cache.batching import map_tensors
 from gcbench.cache.engine import GetRep
 from gcbench.cache.objective import Objective
 from gcbench.strategies import set_checkpointing
@@ -60,8 +61,9 @@ class RepeatSkipper(nn.Module):
         return torch.empty(shape, dtype=dtype, device=device, requires_grad=torch.is_grad_enabled())
 
 
-def _describe(value: Any) -> Any:
-    return tuple(value.shape) if isinstance(value, Tensor) else repr(value)
+def _describe(value: Any) -> str:
+    """What of an argument shapes the call's memory: its tensors' shapes, at any depth, and its other values."""
+    return repr(map_tensors(lambda tensor: tuple(tensor.shape), value))
 
 
 def skipping_objective(objective: Objective) -> Objective:

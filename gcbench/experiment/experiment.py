@@ -4,7 +4,8 @@
 name = "quick"
 description = "..."
 [workload]   # WorkloadConfig
-[model]      # ModelConfig
+[model]      # ModelConfig (the text tower)
+[image]      # ImageConfig (clip's and siglip's image tower)
 [optimizer]  # OptimizerConfig
 [sweep]      # SweepConfig
 ```
@@ -13,7 +14,9 @@ Every key is listed, with its type, default and flag, in ``docs/experiments.md``
 :mod:`gcbench.experiment.schema`). Everything is checked before any work starts: an unknown key or
 name, or an impossible value, is a :class:`~gcbench.errors.UsageError` naming the key and the file or
 flag that set it. Experiments shipped with gcbench live in this package (``gcbench/experiment/shipped``)
-and are found by name.
+and are found by name. A user's code named by import path (a workload factory, a strategy class) is
+imported from the experiment file's folder and the current directory; a relative ``name_or_path`` in the
+file is relative to the file's folder.
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ from typing import Any
 
 from gcbench.errors import UsageError
 from gcbench.experiment.schema import SECTIONS, SUBSECTIONS, TOP_LEVEL, SweepConfig
+from gcbench.imports import search
 from gcbench.results.records import Point
 from gcbench.strategies import StrategyUse, resolve_strategy
 from gcbench.training import OptimizerConfig, StepConfig
 from gcbench.typed import Str, dump, fields_of, load, typed
-from gcbench.workloads import FEATURE_KIND, TEXT_TOWERS, WorkloadConfig
+from gcbench.workloads import (
+    FEATURE_KIND,
+    IMAGE_TEXT,
+    IMAGE_TOWERS,
+    TEXT_TOWERS,
+    ImageConfig,
+    WorkloadConfig,
+    check_user_workload,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,6 +129,7 @@ def find_experiment(name_or_path: str) -> Path:
 def load_experiment(name_or_path: str, overrides: Mapping[str, tuple[Any, str]] | None = None) -> Experiment:
     """Read, override and check an experiment. ``overrides``: ``section.key`` -> (value, flag that set it)."""
     path = find_experiment(name_or_path)
+    search([path.parent, Path.cwd()])  # the user's code it names, by import path, is found there first
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -145,19 +158,23 @@ def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str
             for sub, sub_value in value.items():
                 if sub not in known:
                     raise UsageError(f"{source}: unknown key {name}.{sub}; known: {', '.join(known)}")
-                entries[name][sub] = (sub_value, f"{source}: {name}.{sub}")
+                entries[name][sub] = (_from_file(sub, sub_value, source), f"{source}: {name}.{sub}")
         else:
             raise UsageError(f"{source}: unknown key {name!r}; known: {', '.join([*TOP_LEVEL, *SECTIONS])}")
     for dotted, (value, label) in overrides.items():
         section, _, name = dotted.partition(".")
+        name, _, inner = name.partition(".")  # model.config.hidden_size: one value of a table-valued key
         if section not in SECTIONS or name not in section_keys(section):
             raise UsageError(f"{label}: unknown key {dotted!r}")
+        if inner:
+            table = entries[section].get(name, (None, ""))[0]
+            value = {**(table if isinstance(table, dict) else {}), inner: value}
         entries[section][name] = (value, label)
     built: dict[str, Any] = {}
-    for section in ("model", "workload", "optimizer", "sweep"):
+    for section in ("model", "image", "workload", "optimizer", "sweep"):
         values = {name: value for name, (value, _) in entries[section].items()}
         if section == "workload":
-            values["model"] = built["model"]
+            values["model"], values["image"] = built["model"], built["image"]
         labels = {name: label for name, (_, label) in entries[section].items()}
 
         def where(location: tuple[str | int, ...], section: str = section, labels: dict[str, str] = labels) -> str:
@@ -178,14 +195,39 @@ def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str
     return experiment
 
 
-def check_fit(experiment: Experiment) -> None:
-    """Cross-section checks: what each key allows alone but not together, and what each strategy refuses."""
-    workload, sweep = experiment.workload, experiment.sweep
-    if workload.name == "clip" and workload.model.kind == FEATURE_KIND:
-        raise UsageError("model.kind: clip's text tower needs a text model, not mlp")
+def _from_file(key: str, value: Any, source: str) -> Any:
+    """A value as the file means it: a relative ``name_or_path`` is relative to the file's folder."""
+    if key == "name_or_path" and isinstance(value, str) and not Path(value).is_absolute():
+        return str(Path(source).parent / value)
+    return value
+
+
+def check_workload(workload: WorkloadConfig, seed: int = 0) -> int:
+    """UsageError, before any work, for towers or a user's factory that cannot be used; the number of inputs."""
+    if workload.image != ImageConfig() and (workload.user_factory is not None or workload.name not in IMAGE_TEXT):
+        raise UsageError(f"image: workload {workload.user_factory or workload.name!r} has no image tower to configure")
+    if workload.user_factory is not None:
+        return check_user_workload(workload, seed)
+    if workload.name in IMAGE_TEXT and workload.model.kind == FEATURE_KIND:
+        raise UsageError(f"model.kind: {workload.name}'s text tower needs a text model, not mlp")
     tower = TEXT_TOWERS.get(workload.model.kind)
     if tower is not None:
         tower.check(workload)
+    if workload.name in IMAGE_TEXT:
+        IMAGE_TOWERS[workload.image.kind].check(workload)
+    return 2
+
+
+def check_fit(experiment: Experiment) -> None:
+    """Cross-section checks: what each key allows alone but not together, and what each strategy refuses."""
+    workload, sweep = experiment.workload, experiment.sweep
+    inputs = check_workload(workload, sweep.seed)
+    for setting in sweep.chunk_sizes:
+        if len(setting) not in (1, inputs):
+            raise UsageError(
+                f"sweep.chunk_sizes: {'/'.join(map(str, setting))} gives {len(setting)} sizes for {inputs} inputs; "
+                "give one size, or one per input"
+            )
     use = experiment.strategy_use()
     for name in sweep.strategies:
         resolve_strategy(name).check_use(use)

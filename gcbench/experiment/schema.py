@@ -21,11 +21,12 @@ from pydantic.fields import FieldInfo
 
 from gcbench.device import Precision
 from gcbench.errors import UsageError
+from gcbench.imports import is_import_path
 from gcbench.results.units import bytes_from, format_bytes
 from gcbench.strategies import STRATEGIES, resolve_strategy
 from gcbench.training import OptimizerConfig
 from gcbench.typed import Bool, Float, Int, fields_of, key, typed
-from gcbench.workloads import ModelConfig, WorkloadConfig
+from gcbench.workloads import ImageConfig, ModelConfig, WorkloadConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,8 +37,12 @@ else:  # pragma: no cover
 def _strategy(name: str) -> str:
     try:
         resolve_strategy(name)
-    except UsageError:
-        raise ValueError(f"unknown value {name!r}; choose from {', '.join(STRATEGIES)}") from None
+    except UsageError as error:
+        if is_import_path(name):  # a user's class: why it cannot be used
+            raise ValueError(str(error)) from None
+        raise ValueError(
+            f"unknown value {name!r}; choose from {', '.join(STRATEGIES)}, or package.module:ClassName"
+        ) from None
     return name
 
 
@@ -71,7 +76,11 @@ class SweepConfig:
     """How the grid is measured (``[sweep]`` in an experiment)."""
 
     strategies: tuple[StrategyName, ...] = key(
-        "strategies to measure", flag="--strategies", metavar="full,cache", default=("full", "cache"), min_length=1
+        "strategies to measure: built-in names, or your own as package.module:ClassName",
+        flag="--strategies",
+        metavar="full,cache",
+        default=("full", "cache"),
+        min_length=1,
     )
     batch_sizes: tuple[Annotated[Int, key("", ge=1)], ...] = key(
         "batch sizes (examples per step; global over all ranks), each >= 1",
@@ -123,10 +132,11 @@ class SweepConfig:
 SECTIONS: dict[str, type] = {
     "workload": WorkloadConfig,
     "model": ModelConfig,
+    "image": ImageConfig,
     "optimizer": OptimizerConfig,
     "sweep": SweepConfig,
 }
-SUBSECTIONS = {("workload", "model")}  # fields that are sections of their own in a file
+SUBSECTIONS = {("workload", "model"), ("workload", "image")}  # fields that are sections of their own in a file
 TOP_LEVEL = {"name": "the experiment's name (default: the file's)", "description": "what it is for, in a sentence"}
 
 
@@ -163,6 +173,11 @@ class Key:
         return _bare(self.field.annotation) is bool
 
     @property
+    def is_table(self) -> bool:
+        """A key whose value is a table of its own (``model.config``), set as a whole or value by value."""
+        return get_origin(_bare(self.field.annotation)) is dict
+
+    @property
     def default(self) -> Any:
         if self.field.default_factory is not None:
             return None
@@ -183,7 +198,15 @@ def keys() -> Iterator[Key]:
 
 
 def find_key(dotted: str) -> Key | None:
-    return next((k for k in keys() if k.dotted == dotted), None)
+    """The key ``section.name``; for ``section.name.inner``, the table-valued key it sets a value of
+    (``model.config.hidden_size``: ``model.config``)."""
+    found = next((k for k in keys() if k.dotted == dotted), None)
+    section, _, rest = dotted.partition(".")
+    name, _, inner = rest.partition(".")
+    if found is None and inner:
+        table = find_key(f"{section}.{name}")
+        return table if table is not None and table.is_table else None
+    return found
 
 
 def flag_keys() -> dict[str, Key]:

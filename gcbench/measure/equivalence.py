@@ -98,7 +98,7 @@ def check_strategy(
         with autocast(precision, device):
             if role == "strategy":
                 chosen = make_strategy(strategy, objective, chunk_sizes, scaler)
-                order.extend(chosen.encode_order(workload.rows(batch_size)))
+                order.extend(chosen.encode_order(chosen.check_batches(batches)))
                 loss = chosen.forward_backward(batches)
             else:
                 loss = backward_in_order(objective, batches, order, {}, scaler)

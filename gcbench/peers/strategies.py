@@ -26,7 +26,7 @@ from gcbench.errors import UsageError
 from gcbench.losses import InBatchSoftmax
 from gcbench.peers.extras import PEERS, require
 from gcbench.peers.models import TOWERS
-from gcbench.strategies import STRATEGIES, Cache, EncodeStep, Strategy, StrategyUse, whole_batches
+from gcbench.strategies import STRATEGIES, EncodeStep, Strategy, StrategyUse, chunk_order, whole_batches
 
 ST_MODULES = ("sentence_transformers",)
 ROUTE = "gcbench_input"  # which of the objective's encoders a column goes through
@@ -196,7 +196,8 @@ class SentenceTransformersCached(PeerStrategy):
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         """Column by column in chunks: for pairs exactly ``cache``'s order."""
         _require_pairs(self.name, sizes)
-        return Cache.encode_order(self, sizes)  # type: ignore[arg-type]
+        assert self.chunk_sizes is not None
+        return chunk_order(sizes, self.chunk_sizes)
 
 
 def _require_pairs(name: str, sizes: Sequence[int]) -> None:

@@ -30,6 +30,7 @@ from gcbench.distributed import LaunchedRanks, join_launched_group, ranks_wanted
 from gcbench.errors import EstimateError, UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment import Experiment
+from gcbench.imports import import_path
 from gcbench.results.environment import git_commit
 from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record, Status
 from gcbench.results.store import ResultsStore
@@ -221,7 +222,8 @@ def run_point_process(experiment: Experiment, point: Point, git: str | None, log
     with tempfile.TemporaryDirectory(prefix="gcbench-point-") as scratch:
         result_path = Path(scratch) / "record.json"
         process = _context().Process(
-            target=child_main, args=(experiment.to_dict(), dump(point), git, str(result_path), str(log_path))
+            target=child_main,
+            args=(experiment.to_dict(), dump(point), git, str(result_path), str(log_path), import_path()),
         )
         process.start()
         timed_out = False

@@ -13,21 +13,32 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gcbench.errors import first_line
 from gcbench.experiment import Experiment
+from gcbench.imports import adopt
 from gcbench.results.records import Point, Record
 from gcbench.sweep.point import bare_record, measurer
 from gcbench.typed import load
 
 
 def child_main(
-    experiment_data: dict[str, Any], point_data: dict[str, Any], git_commit: str | None, result_path: str, log_path: str
+    experiment_data: dict[str, Any],
+    point_data: dict[str, Any],
+    git_commit: str | None,
+    result_path: str,
+    log_path: str,
+    parent_path: Sequence[str] = (),
 ) -> None:
-    """Entry point of a point's process: output to a log, the record to ``result_path``."""
+    """Entry point of a point's process: output to a log, the record to ``result_path``.
+
+    ``parent_path``: the sweep's ``sys.path``, so that a user's workload or strategy imports here as it did there.
+    """
     _die_with_parent()
+    adopt(parent_path)
     gc.freeze()  # what the fork server imported stays put: each gc.collect() here skips it
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)

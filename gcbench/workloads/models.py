@@ -1,7 +1,7 @@
 """Encoders built from torch.nn with random weights: weights change neither memory nor speed.
 
 ``transformer`` is a BERT-style text encoder (token + position embeddings, dropout, post-LN blocks
-with masked attention, CLS or mean pooling) that reaches BERT-base at ``hidden=768, layers=12``.
+with masked attention, CLS, mean or last-token pooling) that reaches BERT-base at ``hidden=768, layers=12``.
 ``mlp`` encodes feature vectors (an "image" tower, SimCLR views). Both support per-layer activation
 checkpointing through their ``gradient_checkpointing`` attribute.
 """
@@ -61,14 +61,30 @@ class _Block(nn.Module):
         return self.norm2(x + F.dropout(self.ff_out(F.gelu(self.ff_in(x))), p, self.training))
 
 
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """One vector per row of ``hidden`` (batch, length, width): its first token, the mean of its unmasked ones, or
+    its last unmasked one (a decoder embedder's, padding on either side)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        last = (attention_mask.to(torch.long) * (positions + 1)).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "mean":  # sentence-transformers' mean pooling, to the same clamp
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+    raise ValueError(f"model.pooling must be 'cls', 'mean' or 'last', got {pooling!r}")
+
+
 class TransformerEncoder(nn.Module):
-    """``forward(input_ids, attention_mask)`` -> pooled representation ``(batch, hidden)``."""
+    """``forward(input_ids, attention_mask)`` -> pooled representation ``(batch, hidden)``, L2-normalised if asked."""
 
     def __init__(self, config: ModelConfig, max_length: int) -> None:
         super().__init__()
-        if config.pooling not in ("cls", "mean"):
-            raise ValueError(f"model.pooling must be 'cls' or 'mean', got {config.pooling!r}")
+        if config.pooling not in ("cls", "mean", "last"):
+            raise ValueError(f"model.pooling must be 'cls', 'mean' or 'last', got {config.pooling!r}")
         self.pooling = config.pooling
+        self.normalize = config.normalize
         self.tokens = nn.Embedding(config.vocab, config.hidden)
         self.positions = nn.Embedding(max_length, config.hidden)
         self.norm = nn.LayerNorm(config.hidden)
@@ -91,10 +107,8 @@ class TransformerEncoder(nn.Module):
                 x = checkpoint(block, x, key_mask, use_reentrant=False)
             else:
                 x = block(x, key_mask)
-        if self.pooling == "cls":
-            return x[:, 0]
-        weights = attention_mask.to(x.dtype).unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        rep = pool(x, attention_mask, self.pooling)
+        return F.normalize(rep, dim=-1) if self.normalize else rep
 
 
 class MLPEncoder(nn.Module):

@@ -2,9 +2,11 @@
 
 - ``dpr``: a query and a passage encoder; per query one positive and ``hard_negatives`` passages;
   in-batch softmax over every passage of the batch (the paper's setting).
-- ``clip``: a text transformer and an MLP over "image" features; symmetric InfoNCE with a learnable
-  temperature.
+- ``clip``: a text tower (``[model]``) and an image tower (``[image]``: an MLP over random features, or a
+  Hugging Face vision model on random pixels); symmetric InfoNCE with a learnable temperature.
+- ``siglip``: clip's towers and inputs, SigLIP's pairwise sigmoid loss (learnable temperature and bias).
 - ``simclr``: one encoder, two augmented views per example, NT-Xent.
+- a user's own, by import path: see :mod:`gcbench.workloads.user`.
 
 A workload's batch size counts examples (queries, pairs); an input may have more rows than that
 (``dpr`` passages: ``batch * (1 + hard_negatives)``).
@@ -18,14 +20,25 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from gcbench.cache.batching import Batch
+from gcbench.cache.batching import Batch, map_tensors
+from gcbench.cache.engine import encode
 from gcbench.cache.objective import Objective
-from gcbench.losses import InBatchSoftmax, NTXent, SymmetricInfoNCE
-from gcbench.workloads.config import FEATURE_KIND, TEXT_TOWERS, WORKLOADS, ModelConfig, TextTower, WorkloadConfig
+from gcbench.losses import InBatchSoftmax, NTXent, SigmoidLoss, SymmetricInfoNCE
+from gcbench.workloads.config import (
+    FEATURE_KIND,
+    IMAGE_TOWERS,
+    TEXT_TOWERS,
+    WORKLOADS,
+    ImageTower,
+    ModelConfig,
+    TextTower,
+    WorkloadConfig,
+    image_mlp,
+)
 from gcbench.workloads.models import MLPEncoder, TransformerEncoder
 
 CLS_ID, FIRST_WORD_ID = 101, 1000
-Inputs = Tensor | dict[str, Tensor]  # what a workload feeds an encoder: features, or token ids and their mask
+Inputs = Batch  # what a workload feeds an encoder: features, token ids and their mask, pixels, any nesting
 
 
 def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -37,7 +50,16 @@ def random_tokens(config: ModelConfig, rows: int, length: int, generator: torch.
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
+def _image_features(workload: WorkloadConfig, rows: int, generator: torch.Generator) -> Tensor:
+    return torch.randn(rows, image_mlp(workload).features, generator=generator)
+
+
+def _image_mlp(workload: WorkloadConfig, width: int) -> nn.Module:
+    return MLPEncoder(image_mlp(workload), out_features=width)
+
+
 TEXT_TOWERS["transformer"] = TextTower(TransformerEncoder, random_tokens)
+IMAGE_TOWERS[FEATURE_KIND] = ImageTower(_image_mlp, _image_features)
 
 
 @dataclass
@@ -52,21 +74,20 @@ class Workload:
     def batches(
         self, batch_size: int, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> list[Batch]:
-        """The batch of ``batch_size`` examples for ``seed``: the same on every device and call."""
+        """The batch of ``batch_size`` examples for ``seed``: the same on every device and call (also when a
+        user's ``make_batches`` draws from torch's global generator instead of the one it is given)."""
         generator = torch.Generator().manual_seed(seed)
-        return [_to(batch, device, dtype) for batch in self.make_batches(batch_size, generator)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            made = self.make_batches(batch_size, generator)
+        return [_to(batch, device, dtype) for batch in made]
 
     def rows(self, batch_size: int) -> list[int]:
         return [batch_size * r for r in self.rows_per_example]
 
 
 def _to(batch: Inputs, device: torch.device | str, dtype: torch.dtype) -> Inputs:
-    def move(t: Tensor) -> Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-    if isinstance(batch, Tensor):
-        return move(batch)
-    return {key: move(value) for key, value in batch.items()}
+    return map_tensors(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype), batch)
 
 
 def _features(config: ModelConfig, rows: int, generator: torch.Generator) -> Tensor:
@@ -110,17 +131,47 @@ def build_dpr(config: WorkloadConfig) -> Workload:
     return Workload(config, Objective([query_encoder, passage_encoder], loss), make, (1, group))
 
 
-def build_clip(config: WorkloadConfig) -> Workload:
+def representation_width(encoder: nn.Module, inputs: Inputs) -> int:
+    """How wide ``encoder``'s representation is, from one row in eval mode without a graph (draws no random number)."""
+    training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            return int(encode(encoder, inputs, None, type(encoder).__name__).shape[-1])
+    finally:
+        encoder.train(training)
+
+
+def _image_tower(config: WorkloadConfig) -> ImageTower:
+    try:
+        return IMAGE_TOWERS[config.image.kind]
+    except KeyError:
+        raise ValueError(
+            f"image.kind: unknown model {config.image.kind!r}; choose from {', '.join(IMAGE_TOWERS)}"
+        ) from None
+
+
+def _image_text(config: WorkloadConfig, loss: nn.Module) -> Workload:
+    """clip and siglip: a text tower, an image tower as wide as its representation, ``loss`` over the pairs."""
     text_config = config.model if config.model.kind != FEATURE_KIND else replace(config.model, kind="transformer")
     text_encoder = _encoder(text_config, config.query_length)
     texts = _inputs(text_config, config.query_length)
-    image_encoder = MLPEncoder(replace(config.model, kind=FEATURE_KIND), out_features=text_config.hidden)
-    loss = SymmetricInfoNCE(config.temperature or 0.07, tile_size=config.loss_tile_size)
+    width = representation_width(text_encoder, texts(1, torch.Generator().manual_seed(0)))
+    image = _image_tower(config)
+    image_encoder = image.build(config, width)
 
     def make(batch_size: int, g: torch.Generator) -> list[Inputs]:
-        return [texts(batch_size, g), _features(config.model, batch_size, g)]
+        return [texts(batch_size, g), image.inputs(config, batch_size, g)]
 
     return Workload(config, Objective([text_encoder, image_encoder], loss), make, (1, 1))
+
+
+def build_clip(config: WorkloadConfig) -> Workload:
+    return _image_text(config, SymmetricInfoNCE(config.temperature or 0.07, tile_size=config.loss_tile_size))
+
+
+def build_siglip(config: WorkloadConfig) -> Workload:
+    return _image_text(config, SigmoidLoss(config.temperature or 0.1, tile_size=config.loss_tile_size))
 
 
 def build_simclr(config: WorkloadConfig) -> Workload:
@@ -145,21 +196,4 @@ def build_simclr(config: WorkloadConfig) -> Workload:
     return Workload(config, Objective([encoder, encoder], loss), make, (1, 1))
 
 
-WORKLOADS.update(dpr=build_dpr, clip=build_clip, simclr=build_simclr)
-
-
-def build_workload(
-    config: WorkloadConfig, *, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> Workload:
-    """Build the workload's modules from ``seed`` (same weights every time) on ``device`` in ``dtype``."""
-    try:
-        builder = WORKLOADS[config.name]
-    except KeyError:
-        raise ValueError(f"workload: unknown workload {config.name!r}; choose from {', '.join(WORKLOADS)}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        workload = builder(config)
-    if torch.device(device) != torch.device("cpu") or dtype != torch.get_default_dtype():
-        for module in workload.objective.modules():  # (a no-op move would fail under fake tensors)
-            module.to(device=device, dtype=dtype)
-    return workload
+WORKLOADS.update(dpr=build_dpr, clip=build_clip, siglip=build_siglip, simclr=build_simclr)
