@@ -24,20 +24,27 @@ from gcbench.typed import load
 
 
 def child_main(
-    experiment_data: dict[str, Any], point_data: dict[str, Any], git_commit: str | None, result_path: str, log_path: str
+    experiment_data: dict[str, Any],
+    point_data: dict[str, Any],
+    git_commit: str | None,
+    result_path: str,
+    log_path: str,
+    round: int = 1,
+    reference_data: dict[str, Any] | None = None,
 ) -> None:
-    """Entry point of a point's process: output to a log, the record to ``result_path``."""
+    """Entry point of a point's process (one round of it): output to a log, the record to ``result_path``."""
     _die_with_parent()
     gc.freeze()  # what the fork server imported stays put: each gc.collect() here skips it
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     experiment, point = Experiment.from_dict(experiment_data), load(Point, point_data)
+    reference = load(Point, reference_data) if reference_data is not None else None
     try:
-        record = measurer(experiment, git_commit).measure(point)
+        record = measurer(experiment, git_commit).measure(point, round, reference)
     except BaseException as error:
         traceback.print_exc()
-        record = bare_record(experiment, point, "error", first_line(error), git_commit)
+        record = bare_record(experiment, point, "error", first_line(error), git_commit, round)
     sys.stdout.flush()
     sys.stderr.flush()
     temporary = Path(result_path + ".tmp")
