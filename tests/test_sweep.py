@@ -308,6 +308,7 @@ def test_quick_experiment_cache_memory_grows_far_slower_than_full(tmp_path):
             "sweep.chunk_sizes": ([[16]], "--chunk-sizes"),
             "sweep.equivalence": (False, "--set"),
             "sweep.repeats": (1, "--repeats"),
+            "sweep.rounds": (1, "--rounds"),
         },
     )
     records = {r.point.id: r.memory.peak_bytes for r in run_sweep(experiment, tmp_path).records}
