@@ -170,6 +170,10 @@ def test_a_paired_ratio_settles_while_the_machine_drifts(clock: FakeClock) -> No
     turns = time_in_turns(fns, CPU, policy)
     assert turns.turns == 5 and spread(turns.samples_s["full"]) > 0.05
     assert turns.ratios("cache", "full") == pytest.approx((1.3,) * 5)
+    ratio = turns.estimate("cache", "full")
+    assert ratio.value == pytest.approx(1.3) and ratio.low == pytest.approx(1.3) and ratio.high == pytest.approx(1.3)
+    full = turns.estimate("full")  # its own time: as wide as the drift
+    assert full.value == pytest.approx(0.1 * 1.1**2) and full.high / full.low > 1.2
 
 
 def test_ranks_stop_only_when_all_agree(clock: FakeClock) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gcbench.device import synchronize
-from gcbench.measure.stats import spread
+from gcbench.measure.stats import Estimate, estimate, spread
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ class Turns:
     @property
     def turns(self) -> int:
         return len(next(iter(self.samples_s.values())))
+
+    def estimate(self, name: str, baseline: str | None = None) -> Estimate:
+        """``name``'s median time, or its median ratio to ``baseline``, with a 95% interval (this process
+        only: one round; pool rounds of several processes with :func:`~gcbench.measure.stats.estimate`)."""
+        return estimate([self.ratios(name, baseline) if baseline is not None else self.samples_s[name]])
 
 
 def time_calls(fn: Callable[[], object], repeats: int, device: torch.device) -> Timing:
