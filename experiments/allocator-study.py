@@ -5,8 +5,10 @@ The setting is the one that scattered from 1.02 to 1.31 between processes: two t
 (d=256, 4 layers, sequences of 64 tokens), batch 64, chunk 16, ``cache`` and ``full`` timed in turns
 in one process. Each configuration runs ``--processes`` fresh interpreters (alternating between
 configurations, so a drift of the machine hits all alike); each prints its ratio (the median of its
-turn-by-turn ratios) and both medians. The summary gives, per configuration, the median ratio, the
-spread between processes (max / min - 1) and the standard deviation.
+turn-by-turn ratios), both medians and the minor page faults per turn (pages touched for the first
+time: what a fresh mmap costs every step). The summary gives, per configuration, the median ratio, the
+spread between processes (max / min - 1), the standard deviation and the range of page faults; the
+page faults do not depend on the machine's load, the times do.
 
     .venv/bin/python experiments/allocator-study.py --processes 6 --out reports/allocator-study.md
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,7 +75,9 @@ def child(turns: int) -> None:
              (("cache", (16,)), ("full", None))}  # fmt: skip
     for step in steps.values():
         step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     result = time_in_turns(steps, device, RepeatPolicy.fixed(turns))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     ratios = result.ratios("cache", "full")
     print(
         json.dumps(
@@ -80,6 +85,7 @@ def child(turns: int) -> None:
                 "ratio": statistics.median(ratios),
                 "cache_s": result.timing("cache").median_s,
                 "full_s": result.timing("full").median_s,
+                "page_faults_per_turn": faults / turns,  # minor faults: pages touched for the first time
             }
         )
     )
@@ -112,15 +118,17 @@ def main() -> None:
             print(f"{index + 1}/{args.processes} {name}: {results[name][-1]}", flush=True)
     lines = [
         "| malloc | processes | ratio cache/full: median | per process (min to max) | spread between processes "
-        "| sd | full step (median of processes) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| sd | full step (median of processes) | page faults per turn (min to max) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, runs in results.items():
         ratios = [r["ratio"] for r in runs]
+        faults = [r["page_faults_per_turn"] for r in runs]
         lines.append(
             f"| {name} | {len(runs)} | {statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} "
             f"| {max(ratios) / min(ratios) - 1:.1%} | {statistics.stdev(ratios) if len(ratios) > 1 else 0:.3f} "
-            f"| {statistics.median(r['full_s'] for r in runs) * 1e3:.0f} ms |"
+            f"| {statistics.median(r['full_s'] for r in runs) * 1e3:.0f} ms "
+            f"| {min(faults):.0f} to {max(faults):.0f} |"
         )
     header = (
         f"cache (chunk 16) against full at batch 64, two transformer towers d=256, 4 layers, sequences of 64, "

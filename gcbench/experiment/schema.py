@@ -122,7 +122,7 @@ class SweepConfig:
     )
     malloc: Literal["steady", "default"] = key(
         "glibc's malloc in each point's process: steady (blocks from the heap, kept once freed: later steps fault "
-        "in no new pages) or the platform's default",
+        "in few new pages) or the platform's default",
         flag="--malloc",
         default="steady",
     )

@@ -9,7 +9,7 @@ the threshold the process's history has raised it to, so two processes timing th
 ``steady`` (``sweep.malloc``) sets, in each point's process, before anything is timed: no ``mmap`` for
 blocks (``M_MMAP_MAX`` 0: every block from the heap, reused once freed), no trimming below 1 GiB
 (``M_TRIM_THRESHOLD``), and 64 MiB of padding whenever the heap grows (``M_TOP_PAD``): after the
-warm-up the heap holds what a step needs, and later steps fault in no new pages. Memory figures do not
+warm-up the heap holds what a step needs, and later steps fault in few new pages. Memory figures do not
 change (they are counted at PyTorch's allocator, not in the process's pages). Elsewhere than glibc
 (macOS, musl) there is nothing to set and the times are the platform's own.
 """
