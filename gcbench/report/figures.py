@@ -104,7 +104,7 @@ def throughput_figure(data: ReportData) -> Figure | None:
     _series_lines(ax, data, ok, rate, errors)
     _batch_axis(ax, data.points["batch_size"])
     ax.set_ylabel("examples per second")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, _top(rate, rate + errors[1]))
     _legend(fig, data.look.legend_handles(ok["series"]) + _noisy_handle(ok))
     return fig
 
@@ -198,7 +198,11 @@ def caching_cost_figure(data: ReportData) -> Figure | None:
     if ratios.empty:
         return None
     paired = bool(ratios["paired"].any())
-    title = "Cost of caching: step time relative to full" + (" (timed in turns; bars: 95% interval)" if paired else "")
+    title = (
+        "Cost of caching against full, timed in turns (bars: 95% interval)"
+        if paired
+        else ("Cost of caching: step time relative to full")
+    )
     fig, ax = _figure(title)
     ratio = ratios["time_ratio"]
     errors = None
@@ -208,7 +212,7 @@ def caching_cost_figure(data: ReportData) -> Figure | None:
     same = ax.axhline(1.0, **GUIDE, label="as fast as full")
     _batch_axis(ax, data.points["batch_size"])
     ax.set_ylabel("step time ÷ full's step time")
-    ax.set_ylim(0, max(2.0, ratios["ratio_high"].fillna(ratio).max() * 1.1))
+    ax.set_ylim(0, max(2.0, _top(ratio, ratios["ratio_high"].fillna(ratio))))
     _legend(fig, data.look.legend_handles(ratios["series"]) + [same] + _noisy_handle(ratios))
     return fig
 
@@ -302,6 +306,13 @@ def _series_lines(
                 label="_noisy",
                 zorder=3,
             )
+
+
+def _top(values: pd.Series, highs: pd.Series) -> float:
+    """The top of a y axis that shows every value and its bar, a bar cut at the edge where it reaches past
+    twice the largest value (a noisy interval must not flatten every line)."""
+    largest = float(values.max())
+    return max(largest * 1.1, min(float(np.nanmax(highs)) * 1.05, largest * 2))
 
 
 def _noisy_handle(rows: pd.DataFrame) -> list[Artist]:

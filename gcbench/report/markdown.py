@@ -29,12 +29,14 @@ CAPTIONS = {  # what a first-time reader needs to read each figure
     "breakdown": "What the memory held at the step's peak, as the dispatch-level tracker saw it "
     "(a second run of the step; its total can differ slightly from the allocator's peak).",
     "throughput": "Examples per second at the median step time; error bars span the 95% interval of the median "
-    "over the rounds (or, for results without one, the interquartile range of the step times). A hollow marker "
-    "is a noisy time: the table of every point says why.",
+    "over the rounds (or, for results without one, the interquartile range of the step times); a bar reaching "
+    "past twice the largest value is cut at the top edge. A hollow marker is a noisy time: the table of every "
+    "point says why.",
     "caching-cost": "Step time of each caching setting divided by full's at the same batch, where both ran ok: "
     "above 1, caching is slower. Where the two were timed in turns in one process (paired), the ratio is the "
-    "median over rounds of the turn-by-turn ratios and the bars span its 95% interval; without bars, it is the "
-    "ratio of medians measured in separate processes. A hollow marker is a noisy time.",
+    "median over rounds of the turn-by-turn ratios and the bars span its 95% interval (cut at the top edge "
+    "past twice the largest ratio); without bars, it is the ratio of medians measured in separate processes. "
+    "A hollow marker is a noisy time.",
     "gradient-error": "The largest relative difference between a strategy's gradients and full's, on a log scale.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
     "on the dashed line are exact predictions.",
