@@ -13,8 +13,8 @@
 #   experiments/timing-stability.sh 3            # on an idle machine: check `uptime` first
 #   OUT=runs/stability experiments/timing-stability.sh 5
 #
-# About a minute per run on 2 idle cores (estimated from the step times of reports/quick). Output: OUT/run-<i>/ (each sweep with its report),
-# OUT/comparison/ and OUT/stability.md (what this prints).
+# About a minute per run on 2 idle cores (estimated from the step times of reports/quick).
+# Output: OUT/run-<i>/ (each sweep with its report), OUT/comparison/ and OUT/stability.md (what this prints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
