@@ -48,12 +48,12 @@ done 2>&1 | tee "$OUT/verify.txt"
 
 # The paper's card: 11 GiB enforced with set_per_process_memory_fraction; predictions recorded beside.
 "${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full,cache,accumulate --batch-sizes "$BUDGET_BATCHES" \
-  --memory-budget 11GiB --predict --repeats 3 --warmup 1 --timeout 120 --set sweep.equivalence=false \
+  --memory-budget 11GiB --predict --repeats 3 --max-repeats 3 --rounds 1 --warmup 1 --timeout 120 --set sweep.equivalence=false \
   --out "$WORK/budget-11GiB" --fresh --quiet 2>&1 | tee "$OUT/sweeps.txt"
 
 # Where does full really stop on the whole card?
 "${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full --batch-sizes "$FREE_BATCHES" --memory-budget none \
-  --predict --repeats 3 --warmup 1 --timeout 120 --out "$WORK/no-budget" --fresh --quiet 2>&1 | tee -a "$OUT/sweeps.txt"
+  --predict --repeats 3 --max-repeats 3 --rounds 1 --warmup 1 --timeout 120 --out "$WORK/no-budget" --fresh --quiet 2>&1 | tee -a "$OUT/sweeps.txt"
 
 "${G[@]}" report "$WORK/budget-11GiB" "$WORK/no-budget" --out "$WORK/report" --memory-budget 11GiB 2>&1 | tail -5
 tar -czf "$OUT/results.tar.gz" -C "$WORK" report budget-11GiB/results.jsonl budget-11GiB/logs \

@@ -301,8 +301,10 @@ def sweep(
 
         files = write_report([outcome.results_path], out_dir, memory_budget=chosen.sweep.memory_budget)
         console.print(f"report: {files.report}", highlight=False)
+    rounds = f" and {outcome.timed} later timing rounds" if outcome.timed else ""
     console.print(
-        f"{outcome.ran} points measured, {outcome.resumed} kept from an earlier run; results: {outcome.results_path}",
+        f"{outcome.ran} points measured, {outcome.resumed} kept from an earlier run{rounds}; "
+        f"results: {outcome.results_path}",
         highlight=False,
     )
     if outcome.interrupted:

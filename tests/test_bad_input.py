@@ -34,6 +34,8 @@ MICRO = [
     "cpu",
     "--repeats",
     "1",
+    "--rounds",
+    "1",
     "--quiet",
 ]
 

@@ -397,6 +397,7 @@ def tiny_experiment(**sweep: object):
             "device": "cpu",
             "warmup": 1,
             "repeats": 3,
+            "max_repeats": 3,
             "nproc": 2,
             **sweep,
         },
@@ -417,6 +418,17 @@ def test_measure_point_distributed_makes_one_record():
     assert record.equivalence.max_rel_err <= 1e-5 and "dropout off" in record.equivalence.reference
     assert record.env.git_commit == "x"
     assert Record.from_dict(json.loads(record.to_json())).distributed == d
+    assert_no_rank_left()
+
+
+def test_a_timing_round_on_ranks_times_the_point_in_turns_with_the_reference():
+    experiment = tiny_experiment(strategies=["full", "cache"], equivalence=False, max_repeats=50, max_time=0.0)
+    record = OnRanks(experiment).measure(Point("cache", 8, (2,)), round=2, reference=Point("full", 8))
+    assert record.status == "ok" and record.round == 2, record.reason
+    assert record.memory is None and record.equivalence is None and record.distributed.rank_peak_bytes == ()
+    # The ranks agreed to stop together: as many turns as the minimum (no time left), a ratio for each.
+    assert len(record.time.samples_s) == 3 and len(record.paired.ratios) == 3
+    assert record.paired.reference == "full" and record.paired.low <= record.paired.ratio <= record.paired.high
     assert_no_rank_left()
 
 

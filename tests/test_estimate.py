@@ -198,6 +198,7 @@ def test_sweep_predict_records_and_skips(quick, tmp_path):
             "sweep.predict": (True, "--predict"),
             "sweep.equivalence": (False, "--set"),
             "sweep.repeats": (1, "--repeats"),
+            "sweep.rounds": (1, "--rounds"),
         },
     )
     records = {r.point.batch_size: r for r in run_sweep(experiment, tmp_path).records}
@@ -220,6 +221,7 @@ def test_two_rank_prediction_includes_gathered_reps_and_ddp(tmp_path):
             "sweep.predict": (True, "--predict"),
             "sweep.equivalence": (False, "--set"),
             "sweep.repeats": (1, "--repeats"),
+            "sweep.rounds": (1, "--rounds"),
         },
     )
     records = run_sweep(experiment, tmp_path).records

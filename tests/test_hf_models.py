@@ -303,7 +303,7 @@ def test_an_hf_model_from_a_config_alone_runs_through_a_sweep(tmp_path):
         '[model]\nkind = "hf"\npooling = "last"\n[model.config]\n'
         + "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**SIZES, **TEXT["qwen3"]}.items())
         + '\n[sweep]\nstrategies = ["full", "cache", "checkpoint"]\nbatch_sizes = [4, 16]\nchunk_sizes = [4]\n'
-        'device = "cpu"\nrepeats = 1\n'
+        'device = "cpu"\nrepeats = 1\nrounds = 1\n'
     )
     out = tmp_path / "out"
     done = subprocess.run(

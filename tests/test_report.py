@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from gcbench.errors import UsageError
 from gcbench.report import ReportFiles, Run, load_runs, summary_table, write_report
@@ -28,8 +29,8 @@ from gcbench.report.figures import (
     throughput_figure,
 )
 from gcbench.report.headline import headline
-from gcbench.report.tables import every_point, summary
-from gcbench.results import Record, ResultsStore
+from gcbench.report.tables import every_point, report_tables, summary
+from gcbench.results import Record, ResultsStore, current, time_result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 MIXED = FIXTURES / "mixed.jsonl"
@@ -384,3 +385,116 @@ def test_rendering_twice_gives_identical_files(tmp_path: Path) -> None:
     svgs = [p for p in first.figures if p.suffix == ".svg"]
     assert svgs and all(p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes() for p in svgs)
     assert first.report.read_text() == second.report.read_text()
+
+
+# Times with rounds, paired ratios and noise -------------------------------------------------------------
+
+ROUNDS = FIXTURES / "rounds.jsonl"  # quick, full and cache, 2 rounds, cut from a sweep on a busy 2-core machine
+
+
+def rounds_data() -> ReportData:
+    return ReportData.of(load_runs([ROUNDS]))
+
+
+def merged(path: Path) -> dict[str, Record]:
+    return {r.point.id: r for r in current(ResultsStore(path).load(repair=False))}
+
+
+def test_the_caching_cost_is_the_paired_ratio_with_its_interval() -> None:
+    expected = merged(ROUNDS)["cache batch=128 chunks=32"].paired
+    assert expected.ratios_per_round and expected.reference == "full"
+    cost = rounds_data().caching_cost().set_index("point")
+    row = cost.loc["cache batch=128 chunks=32"]
+    assert row["paired"] and row["time_ratio"] == expected.ratio
+    assert (row["ratio_low"], row["ratio_high"]) == (expected.low, expected.high)
+    figure = caching_cost_figure(rounds_data())
+    assert "bars: 95% interval" in figure.axes[0].get_title("left")
+    (bars,) = [c for c in figure.axes[0].containers if c.get_label() == "cache (chunk 32)"]
+    segment = bars.lines[2][0].get_segments()[2]  # batch 128
+    np.testing.assert_allclose(segment[:, 1], [expected.low, expected.high])
+
+
+def test_the_headline_gives_the_cost_with_its_interval_and_why_it_is_noisy() -> None:
+    line = headline(rounds_data())[2]
+    paired = merged(ROUNDS)["cache batch=128 chunks=32"].paired
+    low, high = paired.low - 1, paired.high - 1
+    assert line.startswith(
+        f"caching cost {paired.ratio - 1:.0%} step time (95% CI {low:.0%} to {high:.0%}) against full at batch 128 "
+        "(cache (chunk 32), the cheapest setting there; timed in turns with full, 2 rounds)."
+    ), line
+    assert line.endswith(" Noisy: rounds disagree by 136%; ratio: rounds disagree by 52%.")
+    # A clean point says no more; results without intervals keep the old wording (the README quotes it).
+    clean = [replace(r, time=replace(r.time, noise=()), paired=replace(r.paired, noise=())) if r.paired else r
+             for r in merged(ROUNDS).values()]  # fmt: skip
+    assert "Noisy" not in headline(ReportData.of([Run("quick", ROUNDS, tuple(clean))]))[2]
+    assert "95% CI" not in headline(mixed_data())[2]
+
+
+def test_throughput_bars_span_the_interval_and_noisy_points_are_hollow() -> None:
+    data = rounds_data()
+    record = merged(ROUNDS)["full batch=32 chunks=-"].time
+    figure = throughput_figure(data)
+    assert figure.axes[0].get_title("left") == "Throughput (median step; bars: 95% interval of the median)"
+    (bars,) = [c for c in figure.axes[0].containers if c.get_label() == "full"]
+    segment = bars.lines[2][0].get_segments()[1]  # batch 32
+    np.testing.assert_allclose(segment[:, 1], [32 / record.high_s, 32 / record.low_s])
+    hollow = {
+        tuple(xy) for line in figure.axes[0].get_lines() if line.get_label() == "_noisy" for xy in line.get_xydata()
+    }
+    noisy = data.points[data.points["noisy"]]
+    assert hollow == set(zip(noisy["batch_size"], noisy["examples_per_s"])) and hollow
+    assert "hollow: noisy time" in [text.get_text() for text in figure.legends[0].get_texts()]
+
+
+def test_every_point_shows_intervals_noise_and_load_only_where_there_are_some() -> None:
+    columns = every_point(rounds_data()).frame.columns
+    for column in ("step time 95% CI (ms)", "rounds", "vs full, paired", "vs full 95% CI", "noise", "load"):
+        assert column in columns and column not in every_point(mixed_data()).frame.columns, column
+    table = every_point(rounds_data()).text()
+    busy = table[(table["series"] == "cache (chunk 8)") & (table["batch"] == "8")].iloc[0]
+    assert "busy machine (load 6.9 on 2 cores)" in busy["noise"] and busy["rounds"] == "2"
+    full = table[(table["series"] == "full") & (table["batch"] == "32")].iloc[0]
+    assert full["vs full, paired"] == "-" and full["load"] == "1.2"
+
+
+def _retimed(path: Path, factor: float, rng: np.random.Generator | None) -> Path:
+    """The rounds fixture with every step time replaced: steady times (1% noise) times ``factor``, or the
+    fixture's own times times ``factor`` when no ``rng`` is given."""
+    lines = []
+    for record in ResultsStore(ROUNDS).load(repair=False):
+        if record.time is not None:
+            rounds = [
+                [factor * (0.1 * (1 + 0.01 * rng.standard_normal()) if rng else s) for s in r]
+                for r in record.time.rounds
+            ]
+            record = replace(record, time=time_result(rounds, record.point.batch_size))
+        lines.append(record.to_json())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_two_sweeps_are_compared_point_by_point_with_a_factor_and_a_test(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    steady, slower = _retimed(tmp_path / "a.jsonl", 1.0, rng), _retimed(tmp_path / "b.jsonl", 1.5, rng)
+    files = write_report([steady, slower], tmp_path / "out", labels=["before", "after"])
+    assert "## Step time against before" in files.report.read_text()
+    table = report_tables(ReportData.of(load_runs([steady, slower], ["before", "after"])))["comparison"].frame
+    assert len(table) == 9 and (table["difference"] == "slower").all()
+    assert table["factor"].tolist() == pytest.approx([1.5] * 9, rel=0.02) and (table["p"] < 0.01).all()
+    # The same change in the fixture's own times, measured on a busy machine: too noisy to call.
+    noisy = _retimed(tmp_path / "c.jsonl", 1.5, None)
+    table = report_tables(ReportData.of(load_runs([ROUNDS, noisy])))["comparison"].frame
+    assert table["factor"].tolist() == pytest.approx([1.5] * 9) and (table["difference"] == "same").all()
+    same = report_tables(ReportData.of(load_runs([ROUNDS, ROUNDS])))["comparison"].frame
+    assert (same["difference"] == "same").all() and same["factor"].tolist() == pytest.approx([1.0] * 9)
+
+
+def test_the_sweep_s_terminal_tables_name_the_noise_and_the_load() -> None:
+    from gcbench.sweep.display import summary_tables
+
+    console = Console(width=200, record=True)
+    for table in summary_tables(merged(ROUNDS).values()):
+        console.print(table)
+    text = console.export_text()
+    assert "vs full (95% CI)" in text and "noisy" in text
+    assert "cache batch=8 chunks=8: busy machine (load 6.9 on 2 cores)" in text and "load average while timing" in text

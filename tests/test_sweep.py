@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ batch_sizes = [4, 8, 16]
 chunk_sizes = [4]
 device = "cpu"
 repeats = 2
+max_repeats = 2
+rounds = 1
 timeout = 120
 """
 
@@ -137,6 +140,51 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(micro, tmp_path):
     oom = next(r for r in outcome.records if r.status == "oom")
     assert oom.memory.peak_bytes > experiment.sweep.memory_budget and "over the memory budget" in oom.reason
     assert len(outcome.records) == 6, "the cache points ran after full ran out of memory"
+
+
+@pytest.mark.slow
+def test_rounds_time_every_point_again_in_fresh_processes_and_readers_merge_them(micro, tmp_path):
+    out = tmp_path / "rounds"
+    experiment = load_experiment(
+        str(micro),
+        {
+            "sweep.rounds": (2, "--rounds"),
+            "sweep.strategies": (["cache", "full"], "--strategies"),
+            "sweep.batch_sizes": ([4, 8], "--batch-sizes"),
+            "sweep.equivalence": (False, "--set"),
+        },
+    )
+    outcome = run_sweep(experiment, out)
+    stored = ResultsStore(out / "results.jsonl").load()
+    grid = ["full batch=4 chunks=-", "cache batch=4 chunks=4", "full batch=8 chunks=-", "cache batch=8 chunks=4"]
+    assert [(r.point.id, r.round) for r in stored] == [(p, 1) for p in grid] + [(p, 2) for p in grid]
+    assert all(r.status == "ok" and r.time is not None for r in stored), [r.reason for r in stored]
+    assert all(r.memory is None and r.equivalence is None for r in stored if r.round == 2)
+    # cache is timed in turns with full at its batch, in every round; full, the reference, alone.
+    assert all(
+        r.paired.reference == "full" and len(r.paired.ratios) == 2 for r in stored if r.point.strategy == "cache"
+    )
+    assert all(r.paired is None for r in stored if r.point.strategy == "full")
+    assert all(r.env.malloc.startswith("glibc") for r in stored) if sys.platform.startswith("linux") else True
+    merged = {r.point.id: r for r in outcome.records}
+    assert list(merged) == grid and all(r.time.samples_per_round == (2, 2) for r in merged.values())
+    assert merged["cache batch=8 chunks=4"].paired.ratios_per_round == (2, 2)
+    assert merged["full batch=8 chunks=-"].memory == stored[2].memory  # memory from round 1
+    # A round lost (killed before it was stored) is run again, and nothing else; more rounds resume too.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = run_sweep(experiment, out)
+    assert (again.ran, again.resumed, again.timed) == (0, 4, 1)
+    more = run_sweep(replace(experiment, sweep=replace(experiment.sweep, rounds=3)), out)
+    assert (more.ran, more.timed) == (0, 4) and all(len(r.time.rounds) == 3 for r in more.records)
+
+
+@pytest.mark.slow
+def test_memory_is_measured_once_because_two_processes_agree_to_the_byte(micro, tmp_path):
+    experiment = load_experiment(str(micro), {"sweep.equivalence": (False, "--set")})
+    for point in (Point("full", 16), Point("cache", 16, (4,))):
+        first, second = (run_point_process(experiment, point, None, tmp_path) for _ in range(2))
+        assert first.memory.peak_bytes > 0 and first.memory == second.memory, point.id
 
 
 def test_a_crashing_point_is_an_error_record(micro, tmp_path):
@@ -260,6 +308,7 @@ def test_quick_experiment_cache_memory_grows_far_slower_than_full(tmp_path):
             "sweep.chunk_sizes": ([[16]], "--chunk-sizes"),
             "sweep.equivalence": (False, "--set"),
             "sweep.repeats": (1, "--repeats"),
+            "sweep.rounds": (1, "--rounds"),
         },
     )
     records = {r.point.id: r.memory.peak_bytes for r in run_sweep(experiment, tmp_path).records}

@@ -69,7 +69,8 @@ def test_the_wheel_installs_and_runs_a_sweep_outside_the_checkout(tmp_path: Path
         cwd=work,
     )
     lines = (work / "reports" / "quick" / "results.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert len(records) == 3 and all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
+    records = [json.loads(line) for line in lines]  # 3 points, each timed in quick's 3 rounds
+    assert len(records) == 9 and all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
+    assert sorted(r["round"] for r in records) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert all(r["env"]["git_commit"] is None for r in records)  # no checkout, no commit
     assert (work / "reports" / "quick" / "report.md").is_file()

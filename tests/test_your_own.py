@@ -312,7 +312,7 @@ def test_a_new_user_s_module_runs_through_sweep_estimate_verify_and_report(user_
     experiment.write_text(
         '[workload]\nfactory = "user_encoders:pairs"\n'
         '[sweep]\nstrategies = ["full", "cache", "user_cache:ForgetfulCache"]\nbatch_sizes = [4, 16]\n'
-        'chunk_sizes = [4]\ndevice = "cpu"\nrepeats = 1\n'
+        'chunk_sizes = [4]\ndevice = "cpu"\nrepeats = 1\nrounds = 1\n'
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -345,7 +345,7 @@ def test_a_user_s_workload_and_strategy_import_on_every_rank(user_folder, tmp_pa
     experiment.write_text(
         '[workload]\nfactory = "user_encoders:pairs"\n'
         '[sweep]\nstrategies = ["user_cache:ReplayingCache"]\nbatch_sizes = [8]\nchunk_sizes = [2]\n'
-        'device = "cpu"\nrepeats = 1\nnproc = 2\n'
+        'device = "cpu"\nrepeats = 1\nrounds = 1\nnproc = 2\n'
     )
     out = tmp_path / "ranks"
     swept = gcbench_cli("sweep", str(experiment), "--out", str(out), "--quiet", cwd=tmp_path)

@@ -32,6 +32,7 @@ from typing import Any
 from gcbench.errors import UsageError
 from gcbench.experiment.schema import SECTIONS, SUBSECTIONS, TOP_LEVEL, SweepConfig
 from gcbench.imports import search
+from gcbench.measure.timing import RepeatPolicy
 from gcbench.results.records import Point
 from gcbench.strategies import StrategyUse, resolve_strategy
 from gcbench.training import OptimizerConfig, StepConfig
@@ -52,7 +53,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
-FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "timeout", "predict")  # the grid, not the numbers
+# The grid (and how many rounds of it), not the numbers: extending either resumes.
+FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "timeout", "predict", "rounds")
 
 
 @typed
@@ -66,10 +68,14 @@ class Experiment:
 
     def points(self) -> list[Point]:
         """The grid by growing batch (so a series that ran out of memory skips ahead); within a batch, the
-        strategies that compete at the same chunk setting one after the other, so that a slow drift of the
-        machine's speed over a long sweep does not fall between them."""
+        reference first (the others are timed in turns with it once it ran ok), then the strategies that
+        compete at the same chunk setting one after the other, so that a slow drift of the machine's
+        speed over a long sweep does not fall between them."""
         chunked = [name for name in self.sweep.strategies if resolve_strategy(name).uses_chunks]
-        whole = [name for name in self.sweep.strategies if name not in chunked]
+        whole = sorted(
+            (name for name in self.sweep.strategies if name not in chunked),
+            key=lambda name: not resolve_strategy(name).reference,
+        )
         grid: list[Point] = []
         for batch in self.sweep.batch_sizes:
             grid.extend(Point(strategy, batch, None) for strategy in whole)
@@ -87,6 +93,19 @@ class Experiment:
             self.optimizer,
             self.sweep.seed,
         )
+
+    def reference_point(self, point: Point) -> Point | None:
+        """The point ``point`` is timed in turns with: the sweep's reference strategy at the same batch
+        (None for the reference itself, without ``sweep.paired``, or without a reference in the sweep)."""
+        if not self.sweep.paired or resolve_strategy(point.strategy).reference:
+            return None
+        references = [name for name in self.sweep.strategies if resolve_strategy(name).reference]
+        return Point(references[0], point.batch_size) if references else None
+
+    def repeat_policy(self) -> RepeatPolicy:
+        """How long each round of a point is timed (``sweep.repeats`` at least, ``max_repeats`` at most)."""
+        sweep = self.sweep
+        return RepeatPolicy(sweep.repeats, max(sweep.repeats, sweep.max_repeats), sweep.max_time, sweep.target_spread)
 
     def strategy_use(self) -> StrategyUse:
         return StrategyUse(self.workload, self.sweep.chunk_sizes, self.sweep.nproc, self.sweep.equivalence)

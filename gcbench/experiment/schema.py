@@ -106,7 +106,40 @@ class SweepConfig:
         default="float32",
     )
     warmup: Int = key("untimed steps before measuring", flag="--warmup", default=1, ge=1)
-    repeats: Int = key("timed steps per point", flag="--repeats", default=5, ge=1)
+    repeats: Int = key("timed steps per point and round, at least", flag="--repeats", default=5, ge=1)
+    max_repeats: Int = key(
+        "timed steps per point and round, at most (never fewer than repeats)", flag="--max-repeats", default=50, ge=1
+    )
+    max_time: Float = key(
+        "seconds of timed steps per point and round after which timing stops (once repeats are done)",
+        flag="--max-time",
+        default=2.0,
+        ge=0.0,
+    )
+    target_spread: Float = key(
+        "interquartile range over median at which a round stops timing early (0: never early)",
+        flag="--target-spread",
+        default=0.05,
+        ge=0.0,
+    )
+    rounds: Int = key(
+        "timing rounds per point, each in a fresh process, round 2 after round 1 of every point (memory and "
+        "gradients: round 1 only)",
+        flag="--rounds",
+        default=3,
+        ge=1,
+    )
+    malloc: Literal["steady", "default"] = key(
+        "glibc's malloc in each point's process: steady (blocks from the heap, kept once freed: later steps fault "
+        "in few new pages) or the platform's default",
+        flag="--malloc",
+        default="steady",
+    )
+    paired: Bool = key(
+        "time each point in turns with the reference strategy (full) at its batch, in one process, for a paired "
+        "ratio with an interval",
+        default=True,
+    )
     memory_budget: MemorySize = key(
         "peak above which a point is out of memory (11GiB; none: no budget)",
         flag="--memory-budget",

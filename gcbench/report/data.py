@@ -35,9 +35,12 @@ class ReportData:
             points[trait] = points[trait].eq(True)  # a strategy whose traits are unknown has none of them
         # Distributed points must fit on every rank: their peak is the largest rank's.
         points["peak"] = points["rank_peak_max_bytes"].fillna(points["peak_bytes"])
-        # Examples/s at the quartiles of step time (the faster quartile gives the higher rate).
-        points["examples_per_s_fast"] = points["examples_per_s"] * points["time_median_s"] / points["time_q1_s"]
-        points["examples_per_s_slow"] = points["examples_per_s"] * points["time_median_s"] / points["time_q3_s"]
+        # Examples/s at the ends of the step time's 95% interval, or (records without one) at its quartiles.
+        points["has_interval"] = points["time_low_s"].notna()
+        low = points["time_low_s"].fillna(points["time_q1_s"])
+        high = points["time_high_s"].fillna(points["time_q3_s"])
+        points["examples_per_s_fast"] = points["examples_per_s"] * points["time_median_s"] / low
+        points["examples_per_s_slow"] = points["examples_per_s"] * points["time_median_s"] / high
         points["prediction_error"] = points["predicted_peak_bytes"] / points["peak"] - 1
         ok = points["status"] == "ok"
         points["fits"] = ok & (True if budget is None else ~(points["peak"] > budget))
@@ -77,18 +80,33 @@ class ReportData:
         rows = self.points[self.points["run"] == run]
         return rows[rows["is_caches_representations"] & rows["is_exact"] & rows["is_uses_chunks"]]
 
+    @property
+    def intervals(self) -> bool:
+        """Whether any point's time has an interval (records made before rounds have none)."""
+        return bool(self.points["has_interval"].any())
+
     def caching_cost(self) -> pd.DataFrame:
-        """Caching points with a full point at the same batch (both ok), with ``time_ratio`` = their
-        step time over full's."""
+        """Caching points with a full point at the same batch (both ok), with ``time_ratio`` = their step
+        time over full's: the paired ratio with its interval (``ratio_low``, ``ratio_high``) where the
+        two were timed in turns, else the ratio of their medians (``paired`` False, no interval)."""
         pairs = []
         for run in self.look.runs:
             full = self.reference(run)
-            full = full.loc[(full["status"] == "ok") & full["time_median_s"].notna(), ["batch_size", "time_median_s"]]
+            full = full.loc[
+                (full["status"] == "ok") & full["time_median_s"].notna(), ["batch_size", "strategy", "time_median_s"]
+            ]
             caching = self.caching(run)
             caching = caching[(caching["status"] == "ok") & caching["time_median_s"].notna()]
             pairs.append(caching.merge(full, on="batch_size", suffixes=("", "_full")))
         ratios = pd.concat(pairs, ignore_index=True)
-        return ratios.assign(time_ratio=ratios["time_median_s"] / ratios["time_median_s_full"])
+        paired = ratios["paired_ratio"].notna() & (ratios["paired_reference"] == ratios["strategy_full"])
+        unpaired = ratios["time_median_s"] / ratios["time_median_s_full"]
+        return ratios.assign(
+            paired=paired,
+            time_ratio=ratios["paired_ratio"].where(paired, unpaired),
+            ratio_low=ratios["paired_low"].where(paired),
+            ratio_high=ratios["paired_high"].where(paired),
+        )
 
     def breakdown_batch(self, requested: int | None) -> int | None:
         """The batch for the breakdown: the one asked for, else the largest at which ``full`` ran ok,

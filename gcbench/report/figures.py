@@ -91,15 +91,21 @@ def throughput_figure(data: ReportData) -> Figure | None:
     ok = _ok(data, "examples_per_s")
     if ok.empty:
         return None
-    fig, ax = _figure("Throughput (median step; bars: interquartile range)")
+    if ok["has_interval"].all():
+        bars = "95% interval of the median"
+    elif ok["has_interval"].any():
+        bars = "95% interval, or interquartile range where there is none"
+    else:
+        bars = "interquartile range"
+    fig, ax = _figure(f"Throughput (median step; bars: {bars})")
     # Clipped at 0: medians of repeated points need not keep the median between the quartiles.
     rate = ok["examples_per_s"]
     errors = np.clip([rate - ok["examples_per_s_slow"], ok["examples_per_s_fast"] - rate], 0, None)
     _series_lines(ax, data, ok, rate, errors)
     _batch_axis(ax, data.points["batch_size"])
     ax.set_ylabel("examples per second")
-    ax.set_ylim(bottom=0)
-    _legend(fig, data.look.legend_handles(ok["series"]))
+    ax.set_ylim(0, _top(rate, rate + errors[1]))
+    _legend(fig, data.look.legend_handles(ok["series"]) + _noisy_handle(ok))
     return fig
 
 
@@ -191,13 +197,23 @@ def caching_cost_figure(data: ReportData) -> Figure | None:
     ratios = data.caching_cost()
     if ratios.empty:
         return None
-    fig, ax = _figure("Cost of caching: step time relative to full")
-    _series_lines(ax, data, ratios, ratios["time_ratio"])
+    paired = bool(ratios["paired"].any())
+    title = (
+        "Cost of caching against full, timed in turns (bars: 95% interval)"
+        if paired
+        else ("Cost of caching: step time relative to full")
+    )
+    fig, ax = _figure(title)
+    ratio = ratios["time_ratio"]
+    errors = None
+    if paired:  # no bar where a point was not timed in turns with full
+        errors = np.clip([(ratio - ratios["ratio_low"]).fillna(0), (ratios["ratio_high"] - ratio).fillna(0)], 0, None)
+    _series_lines(ax, data, ratios, ratio, errors)
     same = ax.axhline(1.0, **GUIDE, label="as fast as full")
     _batch_axis(ax, data.points["batch_size"])
     ax.set_ylabel("step time ÷ full's step time")
-    ax.set_ylim(0, max(2.0, ratios["time_ratio"].max() * 1.1))
-    _legend(fig, data.look.legend_handles(ratios["series"]) + [same])
+    ax.set_ylim(0, max(2.0, _top(ratio, ratios["ratio_high"].fillna(ratio))))
+    _legend(fig, data.look.legend_handles(ratios["series"]) + [same] + _noisy_handle(ratios))
     return fig
 
 
@@ -277,6 +293,33 @@ def _series_lines(
             ax.plot(group["batch_size"], group["_y"], **style)
         else:
             ax.errorbar(group["batch_size"], group["_y"], yerr=[group["_low"], group["_high"]], capsize=3, **style)
+        noisy = group[group["noisy"].eq(True)] if "noisy" in group else group.iloc[:0]
+        if not noisy.empty:  # hollow markers over the filled ones: times not to be trusted
+            ax.plot(
+                noisy["batch_size"],
+                noisy["_y"],
+                linestyle="none",
+                marker=style["marker"],
+                markersize=6,
+                markerfacecolor="white",
+                markeredgecolor=style["color"],
+                label="_noisy",
+                zorder=3,
+            )
+
+
+def _top(values: pd.Series, highs: pd.Series) -> float:
+    """The top of a y axis that shows every value and its bar, a bar cut at the edge where it reaches past
+    twice the largest value (a noisy interval must not flatten every line)."""
+    largest = float(values.max())
+    return max(largest * 1.1, min(float(np.nanmax(highs)) * 1.05, largest * 2))
+
+
+def _noisy_handle(rows: pd.DataFrame) -> list[Artist]:
+    """The legend's note on hollow markers, when any point shown is noisy."""
+    if not rows["noisy"].eq(True).any():
+        return []
+    return [Line2D([], [], lw=0, marker="o", markerfacecolor="white", color="0.3", label="hollow: noisy time")]
 
 
 def _run_series_groups(rows: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:

@@ -76,6 +76,8 @@ def _memory_line(caching: pd.DataFrame, full: pd.DataFrame, budget: int | None, 
 
 
 def _cost_line(ratios: pd.DataFrame, reference: str) -> str:
+    """What caching cost at the largest batch both ran, with its 95% interval where the two were timed in
+    turns; results without one (made before paired timing) say the bare ratio of medians, as they did."""
     if ratios.empty:
         return f"step time: no batch where both a caching strategy and {reference} ran ok, nothing to compare."
     top = ratios[ratios["batch_size"] == ratios["batch_size"].max()]
@@ -83,9 +85,23 @@ def _cost_line(ratios: pd.DataFrame, reference: str) -> str:
     change = cheapest["time_ratio"] - 1
     verb = "cost" if change >= 0 else "saved"
     which = f"{cheapest['series']}, the cheapest setting there" if len(top) > 1 else cheapest["series"]
-    return (
-        f"caching {verb} {abs(change):.0%} step time against {reference} at batch {cheapest['batch_size']} ({which})."
+    if not cheapest["paired"]:
+        return (
+            f"caching {verb} {abs(change):.0%} step time against {reference} at batch {cheapest['batch_size']} "
+            f"({which})."
+        )
+    # The interval of the quantity named: of the cost, or of the saving.
+    low, high = cheapest["ratio_low"] - 1, cheapest["ratio_high"] - 1
+    low, high = (low, high) if change >= 0 else (-high, -low)
+    rounds = int(cheapest["time_rounds"]) if pd.notna(cheapest["time_rounds"]) else 1
+    line = (
+        f"caching {verb} {abs(change):.0%} step time (95% CI {low:.0%} to {high:.0%}) against {reference} at batch "
+        f"{cheapest['batch_size']} ({which}; timed in turns with {reference}, {rounds} "
+        f"round{'s' if rounds != 1 else ''})."
     )
+    if isinstance(cheapest["noise"], str):
+        line += f" Noisy: {cheapest['noise']}."
+    return line
 
 
 def _peak(point: pd.Series) -> str:

@@ -28,10 +28,15 @@ CAPTIONS = {  # what a first-time reader needs to read each figure
     "largest-batch": 'How far each series got. "The largest tried" means it never failed: it may go further.',
     "breakdown": "What the memory held at the step's peak, as the dispatch-level tracker saw it "
     "(a second run of the step; its total can differ slightly from the allocator's peak).",
-    "throughput": "Examples per second at the median step time; error bars span the interquartile range of the "
-    "step times.",
+    "throughput": "Examples per second at the median step time; error bars span the 95% interval of the median "
+    "over the rounds (or, for results without one, the interquartile range of the step times); a bar reaching "
+    "past twice the largest value is cut at the top edge. A hollow marker is a noisy time: the table of every "
+    "point says why.",
     "caching-cost": "Step time of each caching setting divided by full's at the same batch, where both ran ok: "
-    "above 1, caching is slower.",
+    "above 1, caching is slower. Where the two were timed in turns in one process (paired), the ratio is the "
+    "median over rounds of the turn-by-turn ratios and the bars span its 95% interval (cut at the top edge "
+    "past twice the largest ratio); without bars, it is the ratio of medians measured in separate processes. "
+    "A hollow marker is a noisy time.",
     "gradient-error": "The largest relative difference between a strategy's gradients and full's, on a log scale.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
     "on the dashed line are exact predictions.",
@@ -98,6 +103,21 @@ def render(data: ReportData, figure_titles: dict[str, str], tables: dict[str, Re
     for name, title in figure_titles.items():
         parts += [f"## {title}", f"![{title}](figures/{name}.png)", f"{CAPTIONS[name]} ([SVG](figures/{name}.svg))"]
     parts += _table(tables["points"])
+    noisy = data.points["noisy"].eq(True)
+    if noisy.any():
+        loads = data.points.loc[data.points["has_interval"], "load_average_1m"].dropna()
+        load = (
+            f" The 1-minute load average while timing ranged from {loads.min():.1f} to {loads.max():.1f}."
+            if len(loads)
+            else ""
+        )
+        parts.append(
+            f"{int(noisy.sum())} of {int(data.points['time_median_s'].notna().sum())} timed points are noisy "
+            "(the `noise` column says why: a wide spread within a round, rounds that disagree, a slow first "
+            f"step, a busy machine); read their times as rough.{load}"
+        )
+    if "comparison" in tables:
+        parts += _table(tables["comparison"])
     if data.repeated:
         repeated = int((data.points["runs"] > 1).sum())
         parts.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
+from gcbench.measure.stats import ALPHA, FACTOR, compare_samples
 from gcbench.report.data import ReportData
 from gcbench.report.load import Run
 from gcbench.report.style import MemoryUnit
-from gcbench.results.records import STATUSES
+from gcbench.results.records import STATUSES, Point, Record
 from gcbench.results.units import format_bytes
 
 TABLE_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX"}  # extension -> name
@@ -64,8 +66,9 @@ class ReportTable:
 
 
 def report_tables(data: ReportData) -> dict[str, ReportTable]:
-    """Every table, by name, in reading order."""
-    return {table.name: table for table in (summary(data), every_point(data), sources(data))}
+    """Every table, by name, in reading order (the comparison only when runs are compared)."""
+    tables = [summary(data), every_point(data), *([comparison(data)] if data.look.several_runs else []), sources(data)]
+    return {table.name: table for table in tables}
 
 
 def summary(data: ReportData) -> ReportTable:
@@ -88,6 +91,7 @@ def summary(data: ReportData) -> ReportTable:
                 peak: None if there is None else unit(there["peak"]),
                 "examples/s there": None if there is None else there["examples_per_s"],
                 "max grad rel err": ok["grad_max_rel_err"].max(),
+                "noisy times": int(ok["noisy"].eq(True).sum()),
                 **{status: int((group["status"] == status).sum()) for status in STATUSES},
             }
         )
@@ -95,7 +99,17 @@ def summary(data: ReportData) -> ReportTable:
         data,
         pd.DataFrame(
             rows,
-            columns=["run", "series", "world size", largest, peak, "examples/s there", "max grad rel err", *STATUSES],
+            columns=[
+                "run",
+                "series",
+                "world size",
+                largest,
+                peak,
+                "examples/s there",
+                "max grad rel err",
+                "noisy times",
+                *STATUSES,
+            ],
         ),
     )
     formats = {largest: ".0f", peak: ",.1f", "examples/s there": ",.0f", "max grad rel err": ".1e"}
@@ -123,7 +137,13 @@ def every_point(data: ReportData) -> ReportTable:
             peak: unit(points["peak"]),
             "step time (ms)": points["time_median_s"] * 1e3,
             "step time IQR (ms)": points["time_iqr_s"] * 1e3,
+            "step time 95% CI (ms)": _interval(points["time_low_s"] * 1e3, points["time_high_s"] * 1e3, ",.1f"),
+            "rounds": points["time_rounds"].where(points["has_interval"]),
             "examples/s": points["examples_per_s"],
+            "vs full, paired": points["paired_ratio"],
+            "vs full 95% CI": _interval(points["paired_low"], points["paired_high"], ".2f"),
+            "noise": points["noise"],
+            "load": points["load_average_1m"].where(points["has_interval"]),
             "grad rel err": points["grad_max_rel_err"],
             predicted: unit(points["predicted_peak_bytes"]),
             "prediction error (%)": points["prediction_error"] * 100,
@@ -135,12 +155,15 @@ def every_point(data: ReportData) -> ReportTable:
     )
     if not data.predicted:
         frame = frame.drop(columns=[predicted, "prediction error (%)"])
-    said = [column for column in ("loss tile", loss_peak, predicted_loss) if frame[column].notna().any()]
-    frame = frame.drop(columns=[c for c in ("loss tile", loss_peak, predicted_loss) if c not in said])
+    dropped = (*EMPTY_DROPPED, "loss tile", loss_peak, predicted_loss)
+    frame = frame.drop(columns=[c for c in dropped if frame[c].isna().all()])
     formats = {
         peak: ",.1f",
         "step time (ms)": ",.1f",
         "step time IQR (ms)": ",.1f",
+        "rounds": ".0f",
+        "vs full, paired": ".2f",
+        "load": ".1f",
         "examples/s": ",.0f",
         "grad rel err": ".1e",
         predicted: ",.1f",
@@ -150,6 +173,54 @@ def every_point(data: ReportData) -> ReportTable:
         predicted_loss: ",.1f",
     }
     return ReportTable("points", "Every point", _drop_unneeded(data, frame), formats)
+
+
+def comparison(data: ReportData) -> ReportTable:
+    """Each later run against the first, point by point: the factor of their median step times and
+    whether the difference is significant (asv's rule: a factor past 1.1 and a Mann-Whitney U test
+    at p < 0.01, over every timed step of every round)."""
+    first, *others = data.runs
+    base = _timed_points(first)
+    rows = []
+    for run in others:
+        for point, (p, samples, median) in _timed_points(run).items():
+            if point not in base:
+                continue
+            _, base_samples, base_median = base[point]
+            result = compare_samples(base_samples, samples, medians=(base_median, median))
+            rows.append(
+                {
+                    "run": run.label,
+                    "series": p.series,
+                    "batch": p.batch_size,
+                    f"{first.label} (ms)": base_median * 1e3,
+                    "this run (ms)": median * 1e3,
+                    "factor": result.factor,
+                    "p": result.p,
+                    "difference": result.verdict,
+                }
+            )
+    columns = ["run", "series", "batch", f"{first.label} (ms)", "this run (ms)", "factor", "p", "difference"]
+    formats = {f"{first.label} (ms)": ",.1f", "this run (ms)": ",.1f", "factor": ".2f", "p": ".3g"}
+    title = f"Step time against {first.label}: a difference is significant past a factor of {FACTOR} at p < {ALPHA}"
+    return ReportTable("comparison", title, pd.DataFrame(rows, columns=columns), formats)
+
+
+def _timed_points(run: Run) -> dict[str, tuple[Point, list[float], float]]:
+    """Per point that ran ok: every timed step (all its records and rounds pooled) and its median step
+    time (the median over its records, as the other tables show it)."""
+    records: dict[str, list[Record]] = {}
+    for record in run.records:
+        if record.status == "ok" and record.time is not None:
+            records.setdefault(record.point.id, []).append(record)
+    return {
+        point: (
+            found[0].point,
+            [s for r in found if r.time for s in r.time.samples_s],
+            statistics.median(r.time.median_s for r in found if r.time),
+        )
+        for point, found in records.items()
+    }
 
 
 def sources(data: ReportData) -> ReportTable:
@@ -188,8 +259,25 @@ def summary_table(runs: Sequence[Run], memory_budget: int | None = None) -> Tabl
 
 def _drop_unneeded(data: ReportData, frame: pd.DataFrame) -> pd.DataFrame:
     """Columns that would say nothing: the run of a one-run report, world size 1, one run per point."""
-    unneeded = {"run": not data.look.several_runs, "world size": not data.distributed, "runs": not data.repeated}
+    unneeded = {
+        "run": not data.look.several_runs,
+        "world size": not data.distributed,
+        "runs": not data.repeated,
+        "noisy times": not data.points["noisy"].eq(True).any(),
+    }
     return frame.drop(columns=[column for column, drop in unneeded.items() if drop and column in frame])
+
+
+EMPTY_DROPPED = ("step time 95% CI (ms)", "rounds", "vs full, paired", "vs full 95% CI", "noise", "load")
+
+
+def _interval(low: pd.Series, high: pd.Series, spec: str) -> pd.Series:
+    """``low to high`` as text, None where there is no interval."""
+    return pd.Series(
+        [None if pd.isna(a) or pd.isna(b) else f"{a:{spec}} to {b:{spec}}" for a, b in zip(low, high)],
+        index=low.index,
+        dtype=object,
+    )
 
 
 def _show(value: object, spec: str | None) -> str:

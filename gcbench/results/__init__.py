@@ -9,6 +9,7 @@ from gcbench.results.records import (
     Environment,
     EquivalenceResult,
     MemoryResult,
+    PairedResult,
     Point,
     Prediction,
     Record,
@@ -16,6 +17,7 @@ from gcbench.results.records import (
     TimeResult,
 )
 from gcbench.results.store import ResultsStore, current
+from gcbench.results.timing import merge_rounds, paired_result, time_result
 from gcbench.results.units import byte_unit, format_bytes, parse_bytes
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "Environment",
     "EquivalenceResult",
     "MemoryResult",
+    "PairedResult",
     "Point",
     "Prediction",
     "Record",
@@ -36,5 +39,8 @@ __all__ = [
     "byte_unit",
     "current",
     "format_bytes",
+    "merge_rounds",
+    "paired_result",
     "parse_bytes",
+    "time_result",
 ]

@@ -52,8 +52,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, git: str | None = None) -> Environment:
-    """What a record measured on ``device`` says of where it was measured; ``git``: the sweep's commit."""
+def environment(device: torch.device, git: str | None = None, malloc: str | None = None) -> Environment:
+    """What a record measured on ``device`` says of where it was measured; ``git``: the sweep's commit;
+    ``malloc``: what the process set in its allocator."""
     cpu = cpu_model()
     info: dict[str, Any] = {
         "gcbench": __version__,
@@ -67,6 +68,7 @@ def environment(device: torch.device, git: str | None = None) -> Environment:
         "load_average_1m": _load_average(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git,
+        "malloc": malloc,
         "packages": installed_versions() or None,  # the optional extras' packages, where installed
     }
     if device.type == "cuda":

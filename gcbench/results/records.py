@@ -8,6 +8,7 @@ with a field this version does not know, or a value of the wrong type, is refuse
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any, Literal
 
@@ -62,15 +63,62 @@ class MemoryResult:
 
 @typed
 class TimeResult:
+    """Step time over the rounds of a point (each round one process); one round in a round's own record.
+
+    ``median_s`` is the median of the rounds' medians, ``low_s`` to ``high_s`` its 95% interval;
+    ``q1_s`` and ``q3_s`` are the quartiles of every sample. Records made before rounds existed have
+    neither interval nor ``noise``: a missing interval is not a narrow one.
+    """
+
     median_s: Float
     q1_s: Float
     q3_s: Float
-    samples_s: tuple[Float, ...]
+    samples_s: tuple[Float, ...]  # every timed step, round after round
     examples_per_s: Float
+    samples_per_round: tuple[Int, ...] = ()  # how ``samples_s`` splits into rounds; empty: one round
+    low_s: Float | None = None
+    high_s: Float | None = None
+    noise: tuple[Str, ...] = ()  # why the time is not to be trusted (see gcbench.measure.noise); empty: clean
+    load_average_1m: Float | None = None  # the highest over the rounds
 
     @property
     def iqr_s(self) -> float:
         return self.q3_s - self.q1_s
+
+    @property
+    def rounds(self) -> list[tuple[float, ...]]:
+        """The samples of each round."""
+        return split_rounds(self.samples_s, self.samples_per_round)
+
+
+@typed
+class PairedResult:
+    """The point's step time over the reference's (``full``) at the same batch, the two timed in turns
+    in one process per round (A B, B A, ...), so that what drifts on the machine cancels turn by turn.
+
+    ``ratio`` is the median of the rounds' median ratios, ``low`` to ``high`` its 95% interval.
+    """
+
+    reference: Str
+    ratio: Float
+    low: Float
+    high: Float
+    ratios: tuple[Float, ...]  # turn by turn, round after round
+    ratios_per_round: tuple[Int, ...] = ()  # how ``ratios`` splits into rounds; empty: one round
+    reference_median_s: Float | None = None
+    noise: tuple[Str, ...] = ()
+
+    @property
+    def rounds(self) -> list[tuple[float, ...]]:
+        """The ratios of each round."""
+        return split_rounds(self.ratios, self.ratios_per_round)
+
+
+def split_rounds(values: tuple[float, ...], sizes: tuple[int, ...]) -> list[tuple[float, ...]]:
+    """``values`` cut into consecutive rounds of ``sizes`` (no sizes: one round)."""
+    sizes = sizes or (len(values),)
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [values[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @typed
@@ -143,6 +191,7 @@ class Environment:
     torch_threads: Int | None = None
     hostname: Str | None = None
     load_average_1m: Float | None = None  # other work on the machine distorts times: judge them by it
+    malloc: Str | None = None  # what the point's process set in glibc's malloc (sweep.malloc = "steady")
     time: Str | None = None
     cuda: Str | None = None
     driver: Str | None = None
@@ -160,6 +209,7 @@ class Record:
     reason: Str | None = None
     memory: MemoryResult | None = None
     time: TimeResult | None = None
+    paired: PairedResult | None = None
     equivalence: EquivalenceResult | None = None
     prediction: Prediction | None = None
     distributed: DistributedResult | None = None
@@ -167,6 +217,7 @@ class Record:
     env: Environment = Environment()
     finished_at: Str = ""
     wall_s: Float | None = None
+    round: Int = 1  # > 1: a timing round only (time and paired); readers merge it into round 1's record
     schema: Int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gcbench.errors import UsageError
 from gcbench.results.records import FAILED, Record
+from gcbench.results.timing import merge_rounds
 
 
 class ResultsStore:
@@ -62,11 +63,14 @@ class ResultsStore:
 
 
 def current(records: list[Record]) -> list[Record]:
-    """Records without those a retry replaced: a failed (error, timeout) record of a point that has a later one.
+    """What a reader takes from a results file: one record per point and sweep, its rounds merged.
 
     ``--retry-failed`` appends a point's new record and leaves the failed one in the file (the store is
-    append-only); readers take the newer one. Other repeated records of a point (a results file
+    append-only): a failed (error, timeout) record of a point and round that has a later one is dropped.
+    The timing rounds of a point are merged into its first round's record
+    (:func:`~gcbench.results.timing.merge_rounds`). Other repeated records of a point (a results file
     concatenated from several sweeps) all stay, for the report to merge.
     """
-    last = {r.point.id: i for i, r in enumerate(records)}
-    return [r for i, r in enumerate(records) if not (r.status in FAILED and last[r.point.id] > i)]
+    last = {(r.point.id, r.round): i for i, r in enumerate(records)}
+    kept = [r for i, r in enumerate(records) if not (r.status in FAILED and last[r.point.id, r.round] > i)]
+    return merge_rounds(kept)

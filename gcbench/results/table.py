@@ -26,7 +26,8 @@ MEMORY_COLUMNS = (
 def record_row(record: Record) -> dict[str, Any]:
     p, memory, time, eq = record.point, record.memory, record.time, record.equivalence
     breakdown = (memory.breakdown if memory else None) or {}
-    prediction, distributed, traits = record.prediction, record.distributed, record.traits
+    prediction, distributed, traits, paired = record.prediction, record.distributed, record.traits, record.paired
+    noise = [*(time.noise if time else ()), *(f"ratio: {reason}" for reason in (paired.noise if paired else ()))]
     return {
         "experiment": record.experiment,
         "point": p.id,
@@ -47,6 +48,17 @@ def record_row(record: Record) -> dict[str, Any]:
         "time_q3_s": time.q3_s if time else None,
         "time_iqr_s": time.iqr_s if time else None,
         "examples_per_s": time.examples_per_s if time else None,
+        "time_low_s": time.low_s if time else None,
+        "time_high_s": time.high_s if time else None,
+        "time_rounds": len(time.rounds) if time else None,
+        "time_samples": len(time.samples_s) if time else None,
+        "load_average_1m": (time.load_average_1m if time else None) or record.env.load_average_1m,
+        "paired_reference": paired.reference if paired else None,
+        "paired_ratio": paired.ratio if paired else None,
+        "paired_low": paired.low if paired else None,
+        "paired_high": paired.high if paired else None,
+        "noisy": bool(noise),
+        "noise": "; ".join(noise) or None,
         "grad_reference": eq.reference if eq else None,
         "grad_max_abs_err": eq.max_abs_err if eq else None,
         "grad_max_rel_err": eq.max_rel_err if eq else None,

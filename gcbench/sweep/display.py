@@ -21,8 +21,8 @@ def progress_events(progress: Progress) -> SweepEvents:
     def start(total: int, done: int) -> None:
         progress.update(task, total=total, completed=done, description=f"{done} kept from earlier run" if done else "")
 
-    def point(p: Point) -> None:
-        progress.update(task, description=p.id)
+    def point(p: Point, round: int) -> None:
+        progress.update(task, description=p.id + (f" (round {round})" if round > 1 else ""))
 
     def record(r: Record) -> None:
         progress.advance(task)
@@ -48,7 +48,8 @@ def quiet_events(console: Console) -> SweepEvents:
     """One plain line per finished point, for CI logs."""
 
     def record(r: Record) -> None:
-        console.print(f"{r.status:8} {r.point.id} {point_summary(r)}", highlight=False, markup=False)
+        round = f" (round {r.round})" if r.round > 1 else ""
+        console.print(f"{r.status:8} {r.point.id}{round} {point_summary(r)}", highlight=False, markup=False)
 
     return SweepEvents(on_record=record)
 
@@ -60,13 +61,16 @@ def point_summary(r: Record) -> str:
 
 
 def summary_tables(records: Iterable[Record]) -> list[Table]:
+    """A table per strategy (records with their rounds merged), then what made times noisy."""
     by_strategy: dict[str, list[Record]] = {}
     for r in records:
         by_strategy.setdefault(r.point.strategy, []).append(r)
     tables = []
+    noisy: list[str] = []
     for strategy, rows in by_strategy.items():
         table = Table(title=strategy, title_justify="left")
-        for column in ("batch", "chunks", "peak memory", "step time", "examples/s", "grad rel err", "status"):
+        columns = ("batch", "chunks", "peak memory", "step time (95% CI)", "examples/s", "vs full (95% CI)")
+        for column in (*columns, "grad rel err", "status"):
             table.add_column(column, justify="right" if column not in ("status",) else "left")
         for r in sorted(rows, key=lambda r: (r.point.chunk_sizes or (), r.point.batch_size)):
             eq = r.equivalence
@@ -75,14 +79,36 @@ def summary_tables(records: Iterable[Record]) -> list[Table]:
                 if eq and eq.max_rel_err is not None
                 else ("ref" if eq and eq.reference == "self" else "n/a")
             )
+            reasons = [*(r.time.noise if r.time else ()), *(r.paired.noise if r.paired else ())]
+            if reasons:
+                noisy.append(f"{r.point.id}: {'; '.join(reasons)}")
             table.add_row(
                 str(r.point.batch_size),
                 r.point.chunk_label,
                 format_bytes(r.memory.peak_bytes) if r.memory else "-",
-                f"{r.time.median_s * 1e3:.1f} ms" if r.time else "-",
+                step_time(r),
                 f"{r.time.examples_per_s:.1f}" if r.time else "-",
+                f"{r.paired.ratio:.2f} ({r.paired.low:.2f}-{r.paired.high:.2f})" if r.paired else "-",
                 error,
-                f"[{STATUS_STYLE[r.status]}]{r.status}[/]",
+                f"[{STATUS_STYLE[r.status]}]{r.status}[/]" + (" [yellow]noisy[/]" if reasons else ""),
             )
         tables.append(table)
+    loads = [r.time.load_average_1m for rows in by_strategy.values() for r in rows if r.time and r.time.load_average_1m]
+    if noisy:
+        notes = Table(title="noisy times (read them as rough)", title_justify="left", show_header=False)
+        notes.add_column("point and why")
+        for line in noisy:
+            notes.add_row(line)
+        if loads:
+            notes.add_row(f"load average while timing: {min(loads):.1f} to {max(loads):.1f}")
+        tables.append(notes)
     return tables
+
+
+def step_time(r: Record) -> str:
+    """``12.3 ms (11.9-12.8)``: the median and its 95% interval (records without one: the median alone)."""
+    if r.time is None:
+        return "-"
+    t = r.time
+    interval = f" ({t.low_s * 1e3:.1f}-{t.high_s * 1e3:.1f})" if t.low_s is not None and t.high_s is not None else ""
+    return f"{t.median_s * 1e3:.1f} ms{interval}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -30,6 +31,7 @@ from gcbench.distributed.launch import RankError, RankInfo, launch, resolve_back
 from gcbench.distributed.objective import ddp_bucket_bytes, distribute_step, gathers
 from gcbench.errors import UsageError, first_line
 from gcbench.experiment import Experiment
+from gcbench.measure.allocator import steady_allocator
 from gcbench.measure.equivalence import REFERENCE, GradComparison, check_strategy, compare
 from gcbench.measure.memory import is_out_of_memory, limit_cuda_memory, release_memory
 from gcbench.measure.ranks import REFERENCE as RANKS_REFERENCE
@@ -45,11 +47,11 @@ from gcbench.results.records import (
     Point,
     Record,
     Status,
-    TimeResult,
 )
+from gcbench.results.timing import paired_result, time_result
 from gcbench.results.units import format_bytes
 from gcbench.strategies import StrategyTraits, resolve_strategy
-from gcbench.training import build_step
+from gcbench.training import TrainingStep, build_step
 
 LAUNCH_SHARE = 0.9  # of the point's timeout, for the ranks; the rest is for writing the record
 
@@ -59,7 +61,7 @@ def now() -> str:
 
 
 def bare_record(
-    experiment: Experiment, point: Point, status: Status, reason: str | None, git_commit: str | None
+    experiment: Experiment, point: Point, status: Status, reason: str | None, git_commit: str | None, round: int = 1
 ) -> Record:
     """A record of a point that measured nothing: skipped, or ended by a crash, a kill or a timeout."""
     try:
@@ -76,13 +78,15 @@ def bare_record(
         loss_tile=experiment.workload.loss_tile,
         env=Environment(git_commit=git_commit),
         finished_at=now(),
+        round=round,
     )
 
 
 def memory_result(step: StepMeasurement) -> MemoryResult:
     """A record's memory: the allocator-level peak, the tracker's breakdown of another run of the step, and
-    the loss's own peak."""
+    the loss's own peak (of a step whose memory was measured: round 1)."""
     measured, tracked = step.memory, step.tracked
+    assert measured is not None and tracked is not None
     return MemoryResult(
         method=measured.method,
         peak_bytes=measured.peak_bytes,
@@ -97,9 +101,12 @@ def memory_result(step: StepMeasurement) -> MemoryResult:
     )
 
 
-def time_result(timing: Timing, examples: int) -> TimeResult:
-    q1, q3 = timing.quartiles_s
-    return TimeResult(timing.median_s, q1, q3, timing.samples_s, examples / timing.median_s)
+def timed(record: Record, measured: StepMeasurement, reference: Point | None) -> None:
+    """Fill the record's ``time`` (one round) and, when the reference was timed in turns, ``paired``."""
+    env = record.env
+    record.time = time_result([measured.timing.samples_s], record.point.batch_size, env.load_average_1m, env.cpu_cores)
+    if reference is not None and measured.reference_timing is not None:
+        record.paired = paired_result(reference.strategy, [measured.ratios], [measured.reference_timing.median_s])
 
 
 def equivalence_result(comparison: GradComparison | str, reference: str) -> EquivalenceResult:
@@ -117,11 +124,14 @@ class PointMeasurer(ABC):
         self.experiment = experiment
         self.git_commit = git_commit
 
-    def measure(self, point: Point) -> Record:
+    def measure(self, point: Point, round: int = 1, reference: Point | None = None) -> Record:
+        """``point``'s record; round 1 measures everything, a later round its time alone. ``reference``:
+        the point to time in turns with this one (the reference strategy at the same batch, which ran ok)."""
         started = time.perf_counter()
         sweep = self.experiment.sweep
         if sweep.threads:
             torch.set_num_threads(sweep.threads)
+        malloc = steady_allocator() if sweep.malloc == "steady" else None
         device = resolve_device(sweep.device)
         record = Record(
             self.experiment.name,
@@ -130,9 +140,10 @@ class PointMeasurer(ABC):
             "ok",
             traits=resolve_strategy(point.strategy).traits(),
             loss_tile=self.experiment.workload.loss_tile,
-            env=environment(device, self.git_commit),
+            env=environment(device, self.git_commit, malloc),
+            round=round,
         )
-        self.run(point, device, record)
+        self.run(point, device, record, reference)
         budget = sweep.memory_budget
         if record.status == "ok" and record.memory is not None and budget is not None:
             peak = max(
@@ -150,19 +161,33 @@ class PointMeasurer(ABC):
         return record
 
     @abstractmethod
-    def run(self, point: Point, device: torch.device, record: Record) -> None:
-        """Fill ``record`` (memory, time, equivalence; or a failed status with its reason)."""
+    def run(self, point: Point, device: torch.device, record: Record, reference: Point | None) -> None:
+        """Fill ``record`` (memory, time, equivalence in round 1, time alone later; or a failed status with
+        its reason)."""
+
+    def reference_step(self, reference: Point | None, device: torch.device) -> Callable[[], TrainingStep] | None:
+        """What builds the reference's step, to be timed in turns with the point's."""
+        if reference is None:
+            return None
+        return lambda: build_step(self.experiment.step_config(reference), device)
 
 
 class InProcess(PointMeasurer):
     """The point's step in this process (the sweep runs it in a child process of its own)."""
 
-    def run(self, point: Point, device: torch.device, record: Record) -> None:
+    def run(self, point: Point, device: torch.device, record: Record, reference: Point | None) -> None:
         sweep = self.experiment.sweep
+        first = record.round == 1
         limit_cuda_memory(device, sweep.memory_budget)
         try:
             step = build_step(self.experiment.step_config(point), device)
-            measured = measure_step(step, sweep.warmup, sweep.repeats)
+            measured = measure_step(
+                step,
+                sweep.warmup,
+                self.experiment.repeat_policy(),
+                memory=first,
+                reference=self.reference_step(reference, device),
+            )
             del step
         except Exception as error:
             if not is_out_of_memory(error):
@@ -172,9 +197,13 @@ class InProcess(PointMeasurer):
             record.memory = MemoryResult("cuda max_memory_allocated" if peak else "n/a", peak)
             release_memory(device)
             return
-        record.memory = memory_result(measured)
-        record.time = time_result(measured.timing, point.batch_size)
+        timed(record, measured, reference)
+        if measured.unpaired:
+            print(f"timed alone: {measured.unpaired}", flush=True)  # to the point's log
         release_memory(device)
+        if not first:
+            return
+        record.memory = memory_result(measured)
         within = sweep.memory_budget is None or (record.memory.peak_bytes or 0) <= sweep.memory_budget
         if sweep.equivalence and within:
             record.equivalence = self._equivalence(point, device)
@@ -219,7 +248,7 @@ class OnRanks(PointMeasurer):
     message otherwise, ``timeout`` when the ranks hang past the point's timeout.
     """
 
-    def run(self, point: Point, device: torch.device, record: Record) -> None:
+    def run(self, point: Point, device: torch.device, record: Record, reference: Point | None) -> None:
         sweep = self.experiment.sweep
         backend = resolve_backend(sweep.backend, device)
         record.distributed = DistributedResult(sweep.nproc, backend)
@@ -227,7 +256,7 @@ class OnRanks(PointMeasurer):
             ranks = launch(
                 _measure_rank,
                 sweep.nproc,
-                (self.experiment, point),
+                (self.experiment, point, record.round, reference),
                 device=device,
                 backend=backend,
                 timeout=sweep.timeout * LAUNCH_SHARE,
@@ -240,20 +269,24 @@ class OnRanks(PointMeasurer):
         except TimeoutError as error:
             record.status, record.reason = "timeout", str(error)
             return
-        peaks = [r.measured.memory.peak_bytes for r in ranks]
-        # A repeat ends when its slowest rank does.
-        timing = Timing(tuple(max(samples) for samples in zip(*(r.measured.timing.samples_s for r in ranks))))
-        record.memory = memory_result(ranks[0].measured)
-        record.time = time_result(timing, point.batch_size)
+        timed(record, slowest_rank(r.measured for r in ranks), reference)
         record.distributed = replace(
             record.distributed,
             local_batch_size=point.batch_size // len(ranks),
             negatives="global" if gathers(point.strategy) else "per rank",
+            rank_median_s=tuple(r.measured.timing.median_s for r in ranks),
+            threads_per_rank=ranks[0].threads,
+        )
+        first = ranks[0].measured
+        if first.memory is None:
+            return  # a timing round
+        peaks = [r.measured.memory.peak_bytes for r in ranks if r.measured.memory is not None]
+        record.memory = memory_result(first)
+        record.distributed = replace(
+            record.distributed,
             peak_max_bytes=max(peaks),
             peak_mean_bytes=statistics.mean(peaks),
             rank_peak_bytes=tuple(peaks),
-            rank_median_s=tuple(r.measured.timing.median_s for r in ranks),
-            threads_per_rank=ranks[0].threads,
         )
         results = [r.equivalence for r in ranks]
         if all(r is not None for r in results):
@@ -262,21 +295,62 @@ class OnRanks(PointMeasurer):
             record.equivalence = equivalence_result(notes[0] if notes else worst(comparisons), RANKS_REFERENCE)
 
 
-def _measure_rank(info: RankInfo, experiment: Experiment, point: Point) -> RankMeasurement:
+def slowest_rank(measured: Iterable[StepMeasurement]) -> StepMeasurement:
+    """The ranks' timings as one: a timed step (and the reference's, turn by turn) ends when its slowest rank does."""
+    ranks = list(measured)
+
+    def slowest(timings: list[Timing | None]) -> Timing | None:
+        if any(t is None for t in timings):
+            return None
+        return Timing(tuple(max(samples) for samples in zip(*(t.samples_s for t in timings if t is not None))))
+
+    timing = slowest([r.timing for r in ranks])
+    assert timing is not None
+    return replace(ranks[0], timing=timing, reference_timing=slowest([r.reference_timing for r in ranks]))
+
+
+def _measure_rank(
+    info: RankInfo, experiment: Experiment, point: Point, round: int, reference: Point | None
+) -> RankMeasurement:
     sweep = experiment.sweep
+    if sweep.malloc == "steady":
+        steady_allocator()
     limit_cuda_memory(info.device, sweep.memory_budget)
     step = distribute_step(build_step(experiment.step_config(point), info.device))
     buckets = UntrackedBaseline("DDP gradient buckets", ddp_bucket_bytes(step.strategy.objective.encoders))
-    measured = measure_step(step, sweep.warmup, sweep.repeats, untracked=buckets, before_each=lambda: _barrier(info))
+
+    def reference_step() -> TrainingStep:
+        assert reference is not None
+        return distribute_step(build_step(experiment.step_config(reference), info.device))
+
+    measured = measure_step(
+        step,
+        sweep.warmup,
+        experiment.repeat_policy(),
+        memory=round == 1,
+        reference=reference_step if reference is not None else None,
+        untracked=buckets,
+        before_each=lambda: _barrier(info),
+        agree=lambda stop: _all_agree(stop, info.device),
+        fall_back=False,  # ranks run the same turns: one rank cannot go on alone
+    )
     del step
     release_memory(info.device)
-    equivalence = _rank_equivalence(experiment, point, info.device) if sweep.equivalence else None
+    check = sweep.equivalence and round == 1
+    equivalence = _rank_equivalence(experiment, point, info.device) if check else None
     return RankMeasurement(measured, torch.get_num_threads(), equivalence)
 
 
 def _barrier(info: RankInfo) -> None:
     """Every rank starts the timed step together (NCCL wants to be told the device)."""
     dist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def _all_agree(stop: bool, device: torch.device) -> bool:
+    """Stop timing only when every rank would (each rank's clock and spread are its own)."""
+    flag = torch.tensor([int(stop)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _rank_equivalence(experiment: Experiment, point: Point, device: torch.device) -> GradComparison | str:

@@ -1,8 +1,12 @@
-"""The sweep: every point of an experiment in its own process, each record stored as it ends.
+"""The sweep: every point of an experiment in its own process, each record stored as it ends, in rounds.
 
 A point's process is forked from a server that has imported torch and gcbench but run nothing (so a
 point starts in milliseconds, not the second and more of a fresh interpreter, and no thread pool is
-inherited); allocator state, peak statistics and a crash stay with that point. Finished points are
+inherited); allocator state, peak statistics and a crash stay with that point. Round 1 measures every
+point in full; rounds 2 to ``sweep.rounds`` time every point that ran ok again, each in a fresh
+process, round after round over the whole grid (as asv interleaves its rounds), so that neither one
+process's state nor one stretch of the machine's time decides a point's time. A point other than the
+reference is timed in turns with the reference at its batch, once that ran ok. Finished rounds are
 kept across interruptions: running the same sweep again resumes.
 
 Under ``torchrun`` every rank runs the sweep and each point runs on all of torchrun's ranks (an
@@ -33,7 +37,7 @@ from gcbench.experiment import Experiment
 from gcbench.imports import import_path
 from gcbench.results.environment import git_commit
 from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record, Status
-from gcbench.results.store import ResultsStore
+from gcbench.results.store import ResultsStore, current
 from gcbench.results.table import records_frame
 from gcbench.results.units import format_bytes
 from gcbench.sweep.point import bare_record
@@ -46,22 +50,29 @@ PREDICTED_SKIP_MARGIN = 1.25  # with --predict, a point predicted over budget x 
 @dataclass
 class SweepOutcome:
     out_dir: Path
-    records: list[Record]
-    ran: int = 0
-    resumed: int = 0
+    stored: list[Record]  # every record of the results file, one per point and round
+    ran: int = 0  # points measured (round 1)
+    resumed: int = 0  # points kept from an earlier run
+    timed: int = 0  # later timing rounds run
     interrupted: bool = False
 
     @property
     def results_path(self) -> Path:
         return self.out_dir / RESULTS_FILE
 
+    @property
+    def records(self) -> list[Record]:
+        """One record per point, its rounds merged (what reports and tables show)."""
+        return current(self.stored)
+
 
 @dataclass
 class SweepEvents:
-    """What a front end (the rich progress bar, a quiet log) hears about."""
+    """What a front end (the rich progress bar, a quiet log) hears about: (total, done) at the start of
+    each round, each process as it starts (point and round), each record as it is stored."""
 
     on_start: Callable[[int, int], None] = lambda total, done: None
-    on_point: Callable[[Point], None] = lambda point: None
+    on_point: Callable[[Point, int], None] = lambda point, round: None
     on_record: Callable[[Record], None] = lambda record: None
 
 
@@ -110,31 +121,27 @@ def run_sweep(
         done = _from_rank_zero(done)
     if on_ready is not None:
         on_ready()
-    outcome = SweepOutcome(out_dir, list(done.values()), resumed=len(done))
+    outcome = SweepOutcome(out_dir, list(done.values()), resumed=sum(round == 1 for _, round in done))
     points = experiment.points()
-    events.on_start(len(points), sum(p.id in done for p in points))
+    rounds = experiment.sweep.rounds
     commit = git_commit()
     try:
-        for point in points:
-            if point.id in done:
-                continue
-            events.on_point(point)
-            prediction = predict(point) if predict else None
-            reason = _skip_reason(experiment, point, done, prediction)
-            if reason is not None:
-                record = bare_record(experiment, point, "skipped", reason, commit)
-            elif launched is not None:
-                record = measured_record(experiment, point, commit)
-                outcome.ran += 1
-            else:
-                record = run_point_process(experiment, point, commit, logs)
-                outcome.ran += 1
-            record.prediction = prediction
-            if keeps:
-                store.append(record)
-            done[point.id] = record
-            outcome.records.append(record)
-            events.on_record(record)
+        for round in range(1, rounds + 1):
+            due = [p for p in points if round == 1 or _ran_ok(done, p)]
+            # Later rounds time the points that ran ok: until round 1 ends, as many as there are points.
+            events.on_start(len(points) + (rounds - 1) * len(due), len(done))
+            for point in due:
+                if (point.id, round) in done:
+                    continue
+                events.on_point(point, round)
+                record = _measure(experiment, point, round, done, predict, commit, logs, in_ranks=launched is not None)
+                outcome.ran += round == 1 and record.status != "skipped"
+                outcome.timed += round > 1
+                if keeps:
+                    store.append(record)
+                done[point.id, round] = record
+                outcome.stored.append(record)
+                events.on_record(record)
     except KeyboardInterrupt:
         outcome.interrupted = True
     if keeps:
@@ -142,15 +149,51 @@ def run_sweep(
     return outcome
 
 
-def _from_rank_zero(done: dict[str, Record]) -> dict[str, Record]:
+def _from_rank_zero(done: dict[tuple[str, int], Record]) -> dict[tuple[str, int], Record]:
     """Rank 0's finished points on every rank, so that all ranks run (and skip) the same points."""
     shared: list[object] = [done]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]  # type: ignore[return-value]
 
 
-def _load_previous(store: ResultsStore, experiment: Experiment) -> dict[str, Record]:
-    """The finished points of this experiment in the store, by point id (the latest record of each)."""
+def _measure(
+    experiment: Experiment,
+    point: Point,
+    round: int,
+    done: dict[tuple[str, int], Record],
+    predict: Callable[[Point], Prediction] | None,
+    commit: str | None,
+    logs: Path,
+    in_ranks: bool = False,
+) -> Record:
+    """One round of ``point``: round 1 predicted and perhaps skipped, else measured in its own process
+    (``in_ranks``: in this one, a rank of torchrun's, as every other rank does)."""
+    reference = experiment.reference_point(point)
+    if reference is not None and not _ran_ok(done, reference):
+        reference = None  # nothing to time in turns with: the reference did not run at this batch
+
+    def measure() -> Record:
+        if in_ranks:
+            return measured_record(experiment, point, commit, round, reference)
+        return run_point_process(experiment, point, commit, logs, round, reference)
+
+    if round > 1:
+        return measure()
+    prediction = predict(point) if predict else None
+    reason = _skip_reason(experiment, point, done, prediction)
+    record = bare_record(experiment, point, "skipped", reason, commit) if reason is not None else measure()
+    record.prediction = prediction
+    return record
+
+
+def _ran_ok(done: dict[tuple[str, int], Record], point: Point) -> bool:
+    first = done.get((point.id, 1))
+    return first is not None and first.status == "ok"
+
+
+def _load_previous(store: ResultsStore, experiment: Experiment) -> dict[tuple[str, int], Record]:
+    """The finished rounds of this experiment's points in the store, by point id and round (the latest
+    record of each)."""
     records = store.load()
     others = {r.fingerprint for r in records} - {experiment.fingerprint}
     if others:
@@ -158,11 +201,11 @@ def _load_previous(store: ResultsStore, experiment: Experiment) -> dict[str, Rec
             f"{store.path} holds results of a different experiment (fingerprint {others.pop()}, this one "
             f"{experiment.fingerprint}); use --fresh to replace them or --out for another folder"
         )
-    return {r.point.id: r for r in records}
+    return {(r.point.id, r.round): r for r in records}
 
 
 def _skip_reason(
-    experiment: Experiment, point: Point, done: dict[str, Record], prediction: Prediction | None
+    experiment: Experiment, point: Point, done: dict[tuple[str, int], Record], prediction: Prediction | None
 ) -> str | None:
     """Why ``point`` is not worth running: a smaller batch of its series ran out of memory, or the
     prediction is far over the budget."""
@@ -214,16 +257,20 @@ def _context() -> multiprocessing.context.ForkServerContext | multiprocessing.co
     return multiprocessing.get_context("spawn")
 
 
-def run_point_process(experiment: Experiment, point: Point, git: str | None, logs: Path) -> Record:
-    """Measure ``point`` in a child process; a timeout, crash or kill becomes a record too."""
+def run_point_process(
+    experiment: Experiment, point: Point, git: str | None, logs: Path, round: int = 1, reference: Point | None = None
+) -> Record:
+    """Measure one round of ``point`` in a child process (timed in turns with ``reference`` if given); a
+    timeout, crash or kill becomes a record too."""
     from gcbench.sweep.worker import child_main
 
-    log_path = logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", point.id) + ".log")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", point.id) + (f".round{round}" if round > 1 else "")
+    log_path = logs / f"{name}.log"
     with tempfile.TemporaryDirectory(prefix="gcbench-point-") as scratch:
         result_path = Path(scratch) / "record.json"
+        args = (experiment.to_dict(), dump(point), git, str(result_path), str(log_path), round)
         process = _context().Process(
-            target=child_main,
-            args=(experiment.to_dict(), dump(point), git, str(result_path), str(log_path), import_path()),
+            target=child_main, args=(*args, dump(reference) if reference is not None else None, import_path())
         )
         process.start()
         timed_out = False
@@ -241,7 +288,7 @@ def run_point_process(experiment: Experiment, point: Point, git: str | None, log
         status, reason = "timeout", f"exceeded the {experiment.sweep.timeout:g} s point timeout"
     else:
         status, reason = "error", _exit_reason(process.exitcode, log_path)
-    return bare_record(experiment, point, status, reason, git)
+    return bare_record(experiment, point, status, reason, git, round)
 
 
 def _exit_reason(exitcode: int | None, log_path: Path) -> str:

@@ -31,9 +31,11 @@ def child_main(
     git_commit: str | None,
     result_path: str,
     log_path: str,
+    round: int = 1,
+    reference_data: dict[str, Any] | None = None,
     parent_path: Sequence[str] = (),
 ) -> None:
-    """Entry point of a point's process: output to a log, the record to ``result_path``.
+    """Entry point of a point's process (one round of it): output to a log, the record to ``result_path``.
 
     ``parent_path``: the sweep's ``sys.path``, so that a user's workload or strategy imports here as it did there.
     """
@@ -44,11 +46,12 @@ def child_main(
     os.dup2(log, 1)
     os.dup2(log, 2)
     experiment, point = Experiment.from_dict(experiment_data), load(Point, point_data)
+    reference = load(Point, reference_data) if reference_data is not None else None
     try:
-        record = measured_record(experiment, point, git_commit)
+        record = measured_record(experiment, point, git_commit, round, reference)
     except BaseException as error:  # interrupted or ended: the record still says how
         traceback.print_exc()
-        record = bare_record(experiment, point, "error", first_line(error), git_commit)
+        record = bare_record(experiment, point, "error", first_line(error), git_commit, round)
     sys.stdout.flush()
     sys.stderr.flush()
     temporary = Path(result_path + ".tmp")
@@ -56,13 +59,16 @@ def child_main(
     temporary.replace(result_path)
 
 
-def measured_record(experiment: Experiment, point: Point, git_commit: str | None) -> Record:
-    """The point's record; an ``error`` record with the exception's first line when measuring raises."""
+def measured_record(
+    experiment: Experiment, point: Point, git_commit: str | None, round: int = 1, reference: Point | None = None
+) -> Record:
+    """One round of the point's record; an ``error`` record with the exception's first line when measuring
+    raises."""
     try:
-        return measurer(experiment, git_commit).measure(point)
+        return measurer(experiment, git_commit).measure(point, round, reference)
     except Exception as error:
         traceback.print_exc()
-        return bare_record(experiment, point, "error", first_line(error), git_commit)
+        return bare_record(experiment, point, "error", first_line(error), git_commit, round)
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Is the caching cost of `make demo` the same number every time it is measured?
+#
+# Runs the quick comparison (full and cache, batches 8, 16, 32 and 128, chunks 8 and 32; the quick
+# experiment's rounds, repeats and caps) N times from scratch, each a fresh sweep, then prints each
+# run's caching cost at batch 128 (chunk 32) with its 95% interval, the spread between the runs,
+# whether every run's interval covers the other runs' estimates, and the points where cache and full
+# do the same work (one chunk per input: quick has a hard negative, so its passages number twice the
+# batch: batches 8 and 16 at chunk 32), whose ratio should lie within 0.9 to 1.1 unless the point is
+# flagged noisy; batch 8 at chunk 8 (one chunk of queries, two of passages) is listed beside them. A
+# report comparing the runs point by point (factor and Mann-Whitney test) goes to OUT/comparison.
+#
+#   experiments/timing-stability.sh 3            # on an idle machine: check `uptime` first
+#   OUT=runs/stability experiments/timing-stability.sh 5
+#
+# About a minute per run on 2 idle cores (estimated from the step times of reports/quick).
+# Output: OUT/run-<i>/ (each sweep with its report), OUT/comparison/ and OUT/stability.md (what this prints).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+OUT=${OUT:-reports/timing-stability}
+BIN=${BIN:-.venv/bin}
+mkdir -p "$OUT"
+folders=()
+for i in $(seq 1 "$RUNS"); do
+  echo "run $i of $RUNS (load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown))" >&2
+  "$BIN/gcbench" sweep quick --strategies full,cache --batch-sizes 8,16,32,128 --chunk-sizes 8,32 \
+    --set sweep.predict=false --set sweep.equivalence=false --fresh --quiet --out "$OUT/run-$i" >/dev/null
+  folders+=("$OUT/run-$i")
+done
+labels=()
+for i in $(seq 1 "$RUNS"); do labels+=(--label "run $i"); done
+"$BIN/gcbench" report "${folders[@]}" "${labels[@]}" --memory-budget 256MiB --out "$OUT/comparison" >/dev/null
+"$BIN/python" - "${folders[@]}" <<'PYTHON' | tee "$OUT/stability.md"
+"""The runs' caching cost at batch 128 (chunk 32), how far apart they are, and the same-work points."""
+import sys
+from pathlib import Path
+
+from gcbench.experiment import load_experiment
+from gcbench.report import load_runs
+from gcbench.report.data import ReportData
+
+folders = [Path(folder) for folder in sys.argv[1:]]
+runs = load_runs(folders, [f"run {i}" for i in range(1, len(folders) + 1)])
+data = ReportData.of(runs)
+cost = data.caching_cost()
+records = [r for run in runs for r in run.records]
+loads = [r.time.load_average_1m for r in records if r.time and r.time.load_average_1m is not None]
+commits = sorted({r.env.git_commit for r in records if r.env.git_commit})
+print(f"# Timing stability: {len(runs)} runs of the quick comparison from scratch\n")
+print(f"commit {', '.join(commits) or 'unknown'}; {records[0].env.cpu_cores} cores ({records[0].env.cpu}); "
+      f"1-minute load average while timing {min(loads):.1f} to {max(loads):.1f}; "
+      f"{records[0].env.malloc or 'default malloc'}.\n")
+head = cost[(cost["batch_size"] == 128) & (cost["chunk_sizes"] == "32")]
+print("## Caching cost at batch 128, chunk 32 (cache's step time over full's, timed in turns)\n")
+print("| run | cost | 95% CI | rounds | noise |")
+print("| --- | --- | --- | --- | --- |")
+for _, row in head.iterrows():
+    interval = f"{row['ratio_low'] - 1:.1%} to {row['ratio_high'] - 1:.1%}" if row["paired"] else "none (not paired)"
+    print(f"| {row['run']} | {row['time_ratio'] - 1:.1%} | {interval} | {row['time_rounds']:.0f} | {row['noise'] or ''} |")
+estimates = head["time_ratio"].tolist()
+spread = (max(estimates) - min(estimates)) * 100
+covered = all(
+    low <= other <= high
+    for low, high in zip(head["ratio_low"], head["ratio_high"])
+    for other in estimates
+)
+print(f"\nSpread between runs: {spread:.1f} percentage points (target: within 5). "
+      f"Every interval covers every run's estimate: {'yes' if covered else 'no'}.\n")
+# One chunk per input: the chunk holds the batch's queries and its passages (a positive and the hard
+# negatives per query), so cache encodes each input once, keeping that graph: full's work.
+rows_per_passage_input = 1 + load_experiment("quick").workload.hard_negatives
+chunk = cost["chunk_sizes"].astype(int)
+cost = cost.assign(one_chunk=chunk >= cost["batch_size"] * rows_per_passage_input)
+near = cost[cost["one_chunk"] | ((chunk >= cost["batch_size"]) & (cost["batch_size"] == 8))]
+print("## Where cache and full do the same work: ratio within 0.9 to 1.1, or flagged noisy\n")
+print("| run | batch | chunk | one chunk per input | ratio | 95% CI | within 0.9 to 1.1 | noise |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for _, row in near.iterrows():
+    inside = 0.9 <= row["time_ratio"] <= 1.1
+    print(f"| {row['run']} | {row['batch_size']} | {row['chunk_sizes']} | "
+          f"{'yes' if row['one_chunk'] else 'queries only'} | {row['time_ratio']:.3f} | "
+          f"{row['ratio_low']:.3f} to {row['ratio_high']:.3f} | {'yes' if inside else 'NO'} | {row['noise'] or ''} |")
+same = cost[cost["one_chunk"]]
+bad = same[~same["time_ratio"].between(0.9, 1.1) & ~same["noisy"]]
+print(f"\nOne chunk per input, outside 0.9 to 1.1 and not flagged noisy: {len(bad)} of {len(same)} points.")
+PYTHON
