@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from gcbench.cache.engine import KeepGraphs
 from gcbench.device import autocast, grad_scaler, param_dtype
 from gcbench.strategies import EncodeStep, backward_in_order, make_strategy
 from gcbench.workloads import WorkloadConfig, build_workload
@@ -76,6 +77,7 @@ def check_strategy(
     precision: str = "float32",
     device: torch.device | str = "cpu",
     seed: int = 0,
+    keep_graphs: KeepGraphs | None = None,
 ) -> GradComparison:
     """One step of ``strategy`` against the mask-consistent full-batch reference, same weights and data."""
     device = torch.device(device)
@@ -91,7 +93,7 @@ def check_strategy(
         torch.manual_seed(seed + 2)
         with autocast(precision, device):
             if role == "strategy":
-                chosen = make_strategy(strategy, objective, chunk_sizes, scaler)
+                chosen = make_strategy(strategy, objective, chunk_sizes, scaler, keep_graphs)
                 order.extend(chosen.encode_order(workload.rows(batch_size)))
                 loss = chosen.forward_backward(batches)
             else:
