@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.batching import Batch, batch_size, chunk_bounds, slice_batch
-from gcbench.cache.engine import GradCache, as_chunk_sizes, encode, unwrap_ddp
+from gcbench.cache.engine import GradCache, KeepGraphs, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
 from gcbench.errors import UsageError
@@ -52,6 +52,7 @@ class StrategyTraits:
     caches_representations: Bool  # GradCache-like: representations first, their gradients cached, then re-encoding
     reference: Bool  # the full-batch baseline the others are compared with
     global_negatives: Bool  # on W ranks its loss sees the global batch (DDP gathers the representations)
+    keeps_graphs: Bool = False  # takes keep_graphs: how many first-pass graphs it keeps (memory for time)
 
 
 @dataclass(frozen=True)
@@ -110,18 +111,24 @@ class Strategy(ABC):
     caches_representations: ClassVar[bool] = False
     reference: ClassVar[bool] = False
     global_negatives: ClassVar[bool | None] = None
+    keeps_graphs: ClassVar[bool] = False
 
     @classmethod
     def traits(cls) -> StrategyTraits:
         global_negatives = cls.exact if cls.global_negatives is None else cls.global_negatives
-        return StrategyTraits(cls.exact, cls.uses_chunks, cls.caches_representations, cls.reference, global_negatives)
+        return StrategyTraits(
+            cls.exact, cls.uses_chunks, cls.caches_representations, cls.reference, global_negatives, cls.keeps_graphs
+        )
 
     def __init__(
         self,
         objective: Objective,
         chunk_sizes: int | Sequence[int] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        keep_graphs: KeepGraphs | None = None,
     ) -> None:
+        if keep_graphs is not None and not self.keeps_graphs:
+            raise ValueError(f"strategy {self.name!r} keeps no first-pass graphs; it takes no keep_graphs")
         self.objective = objective
         self.scaler = scaler
         count = len(objective.encoders)
@@ -226,27 +233,32 @@ def set_checkpointing(module: nn.Module, enabled: bool) -> None:
 
 
 class Cache(Strategy):
+    """GradCache; ``keep_graphs`` first-pass graphs kept (default 1: the last chunk's)."""
+
     name = "cache"
     exact = True
     uses_chunks = True
     caches_representations = True
-    reuse_last_graph: ClassVar[bool] = True
+    keeps_graphs = True
+    default_keep: ClassVar[KeepGraphs] = 1
 
     def __init__(
         self,
         objective: Objective,
         chunk_sizes: int | Sequence[int] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        keep_graphs: KeepGraphs | None = None,
     ) -> None:
-        super().__init__(objective, chunk_sizes, scaler)
+        super().__init__(objective, chunk_sizes, scaler, keep_graphs)
         assert self.chunk_sizes is not None
+        self.keep_graphs = self.default_keep if keep_graphs is None else keep_graphs
         self.engine = GradCache(
             objective.encoders,
             objective.loss_fn,
             self.chunk_sizes,
             get_rep=objective.get_rep,
             scaler=scaler,
-            reuse_last_graph=self.reuse_last_graph,
+            keep_graphs=self.keep_graphs,
         )
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
@@ -258,10 +270,11 @@ class Cache(Strategy):
 
 
 class CacheRerun(Cache):
-    """GradCache as published: every chunk encoded twice (the baseline for ``reuse_last_graph``)."""
+    """GradCache as published: every chunk encoded twice (``cache`` with ``keep_graphs=0``, kept by name)."""
 
     name = "cache-rerun"
-    reuse_last_graph = False
+    keeps_graphs = False
+    default_keep = 0
 
 
 class Accumulate(Strategy):
@@ -367,6 +380,14 @@ def make_strategy(
     objective: Objective,
     chunk_sizes: int | Sequence[int] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    keep_graphs: KeepGraphs | None = None,
 ) -> Strategy:
+    """The strategy ``name`` on ``objective``; chunk sizes are passed to those that use them, ``keep_graphs``
+    (None: the strategy's default) only to those that keep graphs (a ValueError for the others)."""
     cls = resolve_strategy(name)
-    return cls(objective, chunk_sizes if cls.uses_chunks else None, scaler)
+    chunks = chunk_sizes if cls.uses_chunks else None
+    if keep_graphs is None:
+        return cls(objective, chunks, scaler)
+    if not cls.keeps_graphs:
+        raise ValueError(f"strategy {name!r} keeps no first-pass graphs; it takes no keep_graphs")
+    return cls(objective, chunks, scaler, keep_graphs)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gcbench.cache.batching import Batch, tensors
+from gcbench.cache.engine import KeepGraphs
 from gcbench.cache.objective import Objective
 from gcbench.device import autocast, grad_scaler, param_dtype
 from gcbench.errors import UsageError
@@ -58,6 +59,11 @@ class StepConfig:
     precision: str = "float32"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0
+    keep_graphs: KeepGraphs | None = None  # None: the strategy's default
+
+    def build_strategy(self, objective: Objective, scaler: torch.amp.GradScaler | None) -> Strategy:
+        """This step's strategy on ``objective`` (the workload's, or a wrapped one)."""
+        return make_strategy(self.strategy, objective, self.chunk_sizes, scaler, self.keep_graphs)
 
 
 @dataclass
@@ -139,7 +145,7 @@ def step_on(
     GradScaler, whose overflow check needs real values.
     """
     scaler = grad_scaler(config.precision, device) if loss_scaling else None
-    strategy = make_strategy(config.strategy, objective or workload.objective, config.chunk_sizes, scaler)
+    strategy = config.build_strategy(objective or workload.objective, scaler)
     batches = workload.batches(
         config.batch_size, seed=config.seed + 1, device=device, dtype=param_dtype(config.precision)
     )

@@ -24,10 +24,13 @@ def process_group():
 
 
 def counting_ddp(module: nn.Module, counter: list[int]) -> DDP:
+    """DDP with a communication hook that counts all-reduces and keeps what each one would reduce."""
     ddp = DDP(module)
+    ddp.reduced = []  # type: ignore[attr-defined]
 
     def hook(state, bucket):
         counter.append(bucket.index())
+        ddp.reduced.append(bucket.buffer().clone())
         fut = torch.futures.Future()
         fut.set_result(bucket.buffer())
         return fut
@@ -36,37 +39,62 @@ def counting_ddp(module: nn.Module, counter: list[int]) -> DDP:
     return ddp
 
 
+def reduced_everything(ddp: DDP) -> bool:
+    """The one all-reduce carried the whole step's gradient, not the part of the chunks before it."""
+    total = torch.cat([p.grad.flatten() for p in ddp.module.parameters()])
+    return len(ddp.reduced) == 1 and torch.allclose(ddp.reduced[0].sort().values, total.sort().values)
+
+
 def loss(a, b):
     return (a @ b.T).logsumexp(1).mean()
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_two_encoders_sync_once_each(process_group, reuse):
+@pytest.mark.parametrize("keep", [0, 1, 3, "all"])
+def test_two_encoders_sync_once_each(process_group, keep):
     torch.manual_seed(0)
     calls_q, calls_p = [], []
     q, p = counting_ddp(nn.Linear(4, 3), calls_q), counting_ddp(nn.Linear(4, 3), calls_p)
-    GradCache([q, p], loss, 2, reuse_last_graph=reuse)(torch.randn(8, 4), torch.randn(8, 4))
+    GradCache([q, p], loss, 2, keep_graphs=keep)(torch.randn(8, 4), torch.randn(8, 4))
     assert len(calls_q) == 1 and len(calls_p) == 1  # one bucket each, reduced once, 4 chunks each
+    assert reduced_everything(q) and reduced_everything(p)
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_tied_encoder_syncs_once(process_group, reuse):
+@pytest.mark.parametrize("keep", [0, 1, 3, "all"])
+def test_tied_encoder_syncs_once(process_group, keep):
     torch.manual_seed(0)
     calls = []
     enc = counting_ddp(nn.Linear(4, 3), calls)
-    GradCache([enc, enc], loss, 3, reuse_last_graph=reuse)(torch.randn(7, 4), torch.randn(7, 4))
-    assert len(calls) == 1
+    GradCache([enc, enc], loss, 3, keep_graphs=keep)(torch.randn(7, 4), torch.randn(7, 4))
+    assert len(calls) == 1 and reduced_everything(enc)
 
 
-def test_ddp_gradients_equal_plain_module(process_group):
+@pytest.mark.parametrize("keep", [0, 1, 2, 3, "all"])
+def test_ddp_gradients_equal_plain_module(process_group, keep):
     torch.manual_seed(0)
     plain = nn.Linear(4, 3)
     wrapped = counting_ddp(nn.Linear(4, 3), [])
     wrapped.module.load_state_dict(plain.state_dict())
     x, y = torch.randn(7, 4), torch.randn(7, 4)
-    GradCache([plain, plain], loss, 3)(x, y)
-    GradCache([wrapped, wrapped], loss, 3)(x, y)
+    GradCache([plain, plain], loss, 3, keep_graphs=keep)(x, y)
+    GradCache([wrapped, wrapped], loss, 3, keep_graphs=keep)(x, y)
     assert torch.allclose(plain.weight.grad, wrapped.module.weight.grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 5, "all"])
+def test_a_module_with_one_chunk_may_keep_its_syncing_graph(process_group, keep):
+    """Queries fit one chunk, passages take four: every kept graph but the syncing one of a module with several."""
+    torch.manual_seed(0)
+    plain_q, plain_p = nn.Linear(4, 3), nn.Linear(4, 3)
+    calls_q, calls_p = [], []
+    q, p = counting_ddp(nn.Linear(4, 3), calls_q), counting_ddp(nn.Linear(4, 3), calls_p)
+    q.module.load_state_dict(plain_q.state_dict())
+    p.module.load_state_dict(plain_p.state_dict())
+    x, y = torch.randn(2, 4), torch.randn(8, 4)
+    GradCache([plain_q, plain_p], loss, 2, keep_graphs=keep)(x, y)
+    GradCache([q, p], loss, 2, keep_graphs=keep)(x, y)
+    assert len(calls_q) == 1 and len(calls_p) == 1 and reduced_everything(q) and reduced_everything(p)
+    for a, b in ((plain_q, q.module), (plain_p, p.module)):
+        assert torch.allclose(a.weight.grad, b.weight.grad, atol=1e-7)
 
 
 def test_accumulate_syncs_once_per_step(process_group):

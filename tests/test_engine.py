@@ -23,14 +23,14 @@ def workload_config(name: str, dropout: float, tied: bool = False, kind: str = "
     return WorkloadConfig(name=name, model=model, query_length=6, passage_length=9, tied=tied)
 
 
-def run_cache_and_reference(config, batch, chunks, *, reuse=True, dtype=torch.float64, seed=0):
+def run_cache_and_reference(config, batch, chunks, *, keep=1, dtype=torch.float64, seed=0):
     """(cache grads, cache loss), (reference grads, reference loss) on identical weights and data."""
     results = []
     for role in ("cache", "reference"):
         workload = build_workload(config, seed=seed, dtype=dtype)
         batches = workload.batches(batch, seed=seed + 1, dtype=dtype)
         objective = workload.objective
-        engine = GradCache(objective.encoders, objective.loss_fn, chunks, reuse_last_graph=reuse)
+        engine = GradCache(objective.encoders, objective.loss_fn, chunks, keep_graphs=keep)
         torch.manual_seed(seed + 2)
         if role == "cache":
             loss = engine(*batches)
@@ -49,12 +49,12 @@ def run_cache_and_reference(config, batch, chunks, *, reuse=True, dtype=torch.fl
     chunks=st.tuples(st.integers(1, 16), st.integers(1, 16)),
     dropout=st.sampled_from([0.0, 0.2]),
     tied=st.booleans(),
-    reuse=st.booleans(),
+    keep=st.one_of(st.integers(0, 30), st.just("all")),
     seed=st.integers(0, 2**16),
 )
-def test_cache_equals_full_batch_float64(name, batch, chunks, dropout, tied, reuse, seed):
+def test_cache_equals_full_batch_float64(name, batch, chunks, dropout, tied, keep, seed):
     config = workload_config(name, dropout, tied=tied and name == "dpr")
-    (grads, loss), (ref, ref_loss) = run_cache_and_reference(config, batch, chunks, reuse=reuse, seed=seed)
+    (grads, loss), (ref, ref_loss) = run_cache_and_reference(config, batch, chunks, keep=keep, seed=seed)
     result = compare(grads, ref, loss, ref_loss)
     assert result.max_rel_err <= 1e-10, result
     assert abs(loss - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss))
@@ -110,22 +110,23 @@ def dot_loss(a, b):
     return (a @ b.T).logsumexp(1).mean()
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_dropout_masks_replay_bitwise(reuse):
+@pytest.mark.parametrize("keep", [0, 1, 3, 5, "all"])
+def test_dropout_masks_replay_bitwise(keep):
     torch.manual_seed(0)
     enc_a, enc_b = Recorder(), Recorder()
-    GradCache([enc_a, enc_b], dot_loss, [3, 2], reuse_last_graph=reuse)(torch.randn(7, 4), torch.randn(7, 4))
-    for enc in (enc_a, enc_b):
-        first = [m for grad, m in enc.masks if not grad]
-        second = [m for grad, m in enc.masks if grad]
-        if reuse and enc is enc_b:  # its last chunk's graph was kept: one forward only
-            assert len(second) == len(first) + 1
-            second = second[1:]
-            first = first
-        assert len(first) == len(second) > 0
-        for m1, m2 in zip(first, second):
+    GradCache([enc_a, enc_b], dot_loss, [3, 2], keep_graphs=keep)(torch.randn(7, 4), torch.randn(7, 4))
+    order = [("a", j) for j in range(3)] + [("b", j) for j in range(4)]  # chunks in encode order
+    kept = set(order[len(order) - (7 if keep == "all" else keep) :])
+    for name, enc, count in (("a", enc_a, 3), ("b", enc_b, 4)):
+        kept_here = sum((name, j) in kept for j in range(count))
+        first, second = enc.masks[:count], enc.masks[count:]
+        # the first pass: the kept chunks (the last ones) with their graphs, the others without
+        assert [grad for grad, _ in first] == [False] * (count - kept_here) + [True] * kept_here
+        assert len(second) == count - kept_here and all(grad for grad, _ in second)  # kept chunks: no second forward
+        for (_, m1), (_, m2) in zip(first, second):
             assert torch.equal(m1, m2)
-        assert any(not torch.equal(first[0], m) for m in first[1:]) or len(first) == 1
+    masks = [m for _, m in enc_b.masks[:3]]
+    assert any(not torch.equal(masks[0], m) for m in masks[1:])  # the masks differ between chunks
 
 
 def test_rng_stream_continues_after_the_call():
@@ -314,3 +315,24 @@ def test_objective_lists_a_tied_encoder_once():
     objective = Objective([enc, enc], nn.Identity())
     assert objective.modules() == [enc, objective.loss_fn]
     assert len(objective.parameters()) == 2
+
+
+def test_keep_graphs_is_checked_and_only_strategies_that_keep_graphs_take_it():
+    objective = Objective([nn.Linear(4, 3)], lambda reps: reps.sum())
+    for bad in (-1, 1.5, True, "some"):
+        with pytest.raises(ValueError, match="keep_graphs"):
+            GradCache(objective.encoders, objective.loss_fn, 2, keep_graphs=bad)
+    assert make_strategy("cache", objective, 2, keep_graphs="all").engine.keep_graphs == "all"
+    assert make_strategy("cache", objective, 2).engine.keep_graphs == 1  # today's default: the last chunk's graph
+    assert make_strategy("cache-rerun", objective, 2).engine.keep_graphs == 0
+    for name in ("full", "accumulate", "cache-rerun"):
+        with pytest.raises(ValueError, match="keeps no first-pass graphs"):
+            make_strategy(name, objective, 2, keep_graphs=2)
+
+
+@pytest.mark.parametrize("keep, forwards", [(0, 14), (1, 13), (3, 11), (7, 7), ("all", 7), (99, 7)])
+def test_each_kept_graph_saves_one_chunk_forward(keep, forwards):
+    torch.manual_seed(0)
+    enc_a, enc_b = Recorder(), Recorder()
+    GradCache([enc_a, enc_b], dot_loss, [3, 2], keep_graphs=keep)(torch.randn(7, 4), torch.randn(7, 4))
+    assert len(enc_a.masks) + len(enc_b.masks) == forwards  # 7 chunks: each encoded once or twice

@@ -27,6 +27,8 @@ QUICK_POINTS = [
     Point("accumulate", 128, (32,)),
     Point("checkpoint", 128),
     Point("cache-rerun", 48, (8,)),
+    Point("cache", 128, (16,), 5),
+    Point("cache", 64, (16,), "all"),
 ]
 
 
@@ -65,6 +67,10 @@ TINY = WorkloadConfig("dpr", ModelConfig(hidden=16, layers=1, heads=2, vocab=200
         Point("cache-rerun", 24, (4,)),
         Point("accumulate", 30, (4,)),
         Point("cache", 9, (16,)),
+        Point("cache", 40, (4,), 0),
+        Point("cache", 40, (4,), 7),
+        Point("cache", 37, (5, 3), 12),
+        Point("cache", 24, (4,), "all"),
     ],
     ids=lambda p: p.id,
 )
@@ -72,7 +78,7 @@ TINY = WorkloadConfig("dpr", ModelConfig(hidden=16, layers=1, heads=2, vocab=200
 def test_skipping_repeated_chunks_changes_no_byte(point, target):
     from gcbench.training import StepConfig
 
-    config = StepConfig(TINY, point.strategy, point.batch_size, point.chunk_sizes)
+    config = StepConfig(TINY, point.strategy, point.batch_size, point.chunk_sizes, keep_graphs=point.keep_graphs)
     skipping = Estimator(TINY, "float32", target).predict(config)
     running = Estimator(TINY, "float32", target, skip_repeats=False).predict(config)
     assert skipping.peak_bytes == running.peak_bytes

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gcbench.cli import main
+from gcbench.errors import UsageError
 from gcbench.experiment import load_experiment
 from gcbench.measure.memory import measure_step_memory, track_step
 from gcbench.results import Point, ResultsStore
@@ -334,3 +335,27 @@ def test_sweep_on_two_ranks_records_per_rank_memory(micro, tmp_path):
         assert r.time.examples_per_s == pytest.approx(8 / r.time.median_s)
     cache = next(r for r in records if r.point.strategy == "cache")
     assert cache.equivalence.max_rel_err < 1e-5
+
+
+def test_keep_graphs_is_a_grid_dimension_of_the_strategies_that_keep_graphs(micro):
+    experiment = load_experiment(
+        str(micro),
+        {"sweep.keep_graphs": ([0, 2, "all"], "--keep-graphs"), "sweep.batch_sizes": ([8], "--batch-sizes")},
+    )
+    assert [p.id for p in experiment.points()] == [
+        "full batch=8 chunks=-",
+        "cache batch=8 chunks=4 keep=0",
+        "cache batch=8 chunks=4 keep=2",
+        "cache batch=8 chunks=4 keep=all",
+        "accumulate batch=8 chunks=4",
+    ]
+    assert experiment.points()[1].series == "cache (chunk 4, keep 0)"
+    default = load_experiment(str(micro), {"sweep.batch_sizes": ([8], "--batch-sizes")})
+    assert default.fingerprint == experiment.fingerprint  # a grid dimension: extending it resumes
+    assert [p.keep_graphs for p in default.points()] == [None, None, None]
+    with pytest.raises(UsageError, match="sweep.keep_graphs: none of the strategies"):
+        load_experiment(
+            str(micro), {"sweep.keep_graphs": ([2], "--keep-graphs"), "sweep.strategies": (["full"], "--strategies")}
+        )
+    with pytest.raises(UsageError, match="--keep-graphs"):
+        load_experiment(str(micro), {"sweep.keep_graphs": ([-1], "--keep-graphs")})

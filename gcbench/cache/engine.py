@@ -9,9 +9,13 @@ The three steps of Gao et al. (2021), one method each in :class:`GradCache`:
 3. ``_push_gradients``: re-encode each chunk with a graph, replaying its RNG state so dropout draws
    the same masks, and back-propagate its slice of the cache into the encoder.
 
-The last chunk of the first pass is encoded with its graph kept (``reuse_last_graph``): its second
-forward would recompute exactly what is already there, so one chunk forward per step is saved, at the
-cost of holding one chunk's activations while the loss is computed.
+The last ``keep_graphs`` chunks of the first pass are encoded with their graphs kept: their second
+forward would recompute exactly what is already there, so each kept graph saves one chunk forward per
+step, at the cost of holding that chunk's activations while the loss is computed. ``keep_graphs=0`` is
+the published order (every chunk encoded twice), 1 (the default) keeps the last chunk's, ``"all"``
+keeps every graph: full-batch memory, one forward per chunk. The kept chunks are the *last* ones, so
+no kept graph is held while the others are encoded, and they go backward *first* in step 3, so their
+memory is freed before any chunk is encoded again.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +45,7 @@ from gcbench.cache.rng import RngState
 
 GetRep = Callable[[Any], Tensor]
 ChunkId = tuple[int, int]  # (encoder index, chunk index)
+KeepGraphs = int | Literal["all"]  # how many first-pass graphs to keep
 
 
 def as_encoder_list(encoders: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -66,6 +71,15 @@ def as_chunk_sizes(chunk_size: int | Sequence[int], count: int, name: str = "chu
     return tuple(sizes)
 
 
+def check_keep_graphs(keep_graphs: Any, name: str = "keep_graphs") -> KeepGraphs:
+    """An int >= 0 or ``"all"``; errors name ``name``."""
+    if keep_graphs == "all":
+        return "all"
+    if isinstance(keep_graphs, bool) or not isinstance(keep_graphs, int) or keep_graphs < 0:
+        raise ValueError(f"{name} must be an int >= 0 or 'all', got {keep_graphs!r}")
+    return keep_graphs
+
+
 def encode(encoder: Callable[..., Any], batch: Batch, get_rep: GetRep | None, name: str) -> Tensor:
     """Run ``encoder`` on ``batch`` and pull out the representation tensor."""
     output = call_encoder(encoder, batch)
@@ -88,6 +102,8 @@ class GradCache:
     ``get_rep``: pulls the representation tensor out of an encoder's output (HF outputs, tuples).
     ``scaler``: a ``torch.amp.GradScaler``; the loss is scaled before the cache is built, so the
     cached gradients carry the scale. Unscaling and stepping stay the caller's.
+    ``keep_graphs``: how many chunks' first-pass graphs to keep instead of encoding them again (an int,
+    or ``"all"``); more is faster and holds more memory (see the module docstring).
 
     Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
     detached, and never touches an optimizer. DDP-wrapped encoders all-reduce once per step.
@@ -101,7 +117,7 @@ class GradCache:
         *,
         get_rep: GetRep | None = None,
         scaler: torch.amp.GradScaler | None = None,
-        reuse_last_graph: bool = True,
+        keep_graphs: KeepGraphs = 1,
     ) -> None:
         self.encoders = as_encoder_list(encoders)
         if not callable(loss_fn):
@@ -112,14 +128,14 @@ class GradCache:
         self.chunk_sizes = as_chunk_sizes(chunk_size, len(self.encoders))
         self.get_rep = get_rep
         self.scaler = scaler
-        self.reuse_last_graph = reuse_last_graph
+        self.keep_graphs = check_keep_graphs(keep_graphs)
         self._warned_batchnorm: set[str] = set()
 
     def __call__(self, *batches: Batch, **loss_kwargs: Any) -> Tensor:
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
-        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.reuse_last_graph)
+        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.keep_graphs)
         reps, kept, rng_states = self._encode_without_graph(plan)
         rng_after = RngState.capture(plan.devices)
         # Detached at once: the loss's graph reaches the representations, which step 3 frees.
@@ -129,17 +145,17 @@ class GradCache:
         return loss
 
     # Step 1 ------------------------------------------------------------------------------------
-    def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], Tensor | None, dict[ChunkId, RngState]]:
+    def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], dict[ChunkId, Tensor], dict[ChunkId, RngState]]:
         reps: dict[int, Tensor] = {}  # by encoder; every input has a chunk (_Plan refuses empty batches)
         rng_states: dict[ChunkId, RngState] = {}
-        kept: Tensor | None = None
+        kept: dict[ChunkId, Tensor] = {}  # the chunks whose graphs step 3 reuses
         for cid in plan.chunk_ids:
             i = cid[0]
             rng_states[cid] = RngState.capture(plan.devices)
-            if cid == plan.kept_id:
+            if cid in plan.kept:
                 with self._sync_context(cid, plan):
-                    kept = self._encode(self.encoders[i], plan.chunk(cid), i)
-                value = kept.detach()
+                    kept[cid] = self._encode(self.encoders[i], plan.chunk(cid), i)
+                value = kept[cid].detach()
             else:
                 with torch.no_grad():
                     value = self._encode(unwrap_ddp(self.encoders[i]), plan.chunk(cid), i)
@@ -158,23 +174,24 @@ class GradCache:
 
     # Step 3 ------------------------------------------------------------------------------------
     def _push_gradients(
-        self, plan: _Plan, reps: list[Tensor], kept: Tensor | None, rng_states: dict[ChunkId, RngState]
+        self, plan: _Plan, reps: list[Tensor], kept: dict[ChunkId, Tensor], rng_states: dict[ChunkId, RngState]
     ) -> None:
         caches = [rep.grad for rep in reps]
         reps.clear()  # the values are no longer needed, only their gradients
-        for cid in plan.backward_order:
+        for cid in plan.backward_order:  # kept chunks first: their graphs are freed before any re-encoding
             i = cid[0]
             cache = caches[i]
+            reused = kept.pop(cid, None)
             if cache is None:  # the loss does not depend on this input
                 continue
             with self._sync_context(cid, plan):
-                if cid == plan.kept_id and kept is not None:
-                    rep, kept = kept, None
+                if reused is not None:
+                    rep = reused
                 else:
                     rng_states[cid].restore()
                     rep = self._encode(self.encoders[i], plan.chunk(cid), i)
                 rep.backward(cache[plan.rows(cid)])
-            del rep
+            del rep, reused
 
     # Helpers -----------------------------------------------------------------------------------
     def _encode(self, encoder: nn.Module, batch: Batch, index: int) -> Tensor:
@@ -211,13 +228,13 @@ class _Plan:
     bounds: tuple[tuple[tuple[int, int], ...], ...]
     devices: frozenset[torch.device]
     chunk_ids: tuple[ChunkId, ...]
-    kept_id: ChunkId | None
+    kept: frozenset[ChunkId]
     backward_order: tuple[ChunkId, ...]
     syncing: frozenset[ChunkId]
 
     @classmethod
     def make(
-        cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...], reuse_last_graph: bool
+        cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...], keep: KeepGraphs
     ) -> _Plan:
         sizes = tuple(batch_size(batch, f"batches[{i}]") for i, batch in enumerate(batches))
         for i, size in enumerate(sizes):
@@ -226,13 +243,21 @@ class _Plan:
         bounds = tuple(tuple(chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes))
         devices = frozenset().union(*(module_devices(e) for e in encoders), *(batch_devices(b) for b in batches))
         chunk_ids = tuple((i, j) for i, encoder_bounds in enumerate(bounds) for j in range(len(encoder_bounds)))
-        kept_id = chunk_ids[-1] if reuse_last_graph else None
-        backward_order = ((kept_id,) if kept_id else ()) + tuple(c for c in chunk_ids if c != kept_id)
+        count = len(chunk_ids) if keep == "all" else min(keep, len(chunk_ids))
+        kept = set(chunk_ids[len(chunk_ids) - count :])
+        for module in {id(e): e for e in encoders if isinstance(e, DistributedDataParallel)}.values():
+            # DDP arms its reducer in the forward of the chunk that syncs; another graph of the module going
+            # backward after that forward would be reduced with it. So the module's syncing chunk is kept only
+            # when it is the module's only chunk; otherwise it is encoded again, just before its backward.
+            own = [c for c in chunk_ids if encoders[c[0]] is module]
+            if len(own) > 1 and all(c in kept for c in own):
+                kept.discard(own[-1])
+        backward_order = tuple(c for c in chunk_ids if c in kept) + tuple(c for c in chunk_ids if c not in kept)
         last_use: dict[int, ChunkId] = {}  # per distinct module, the last chunk to go backward syncs
         for cid in backward_order:
             last_use[id(encoders[cid[0]])] = cid
         syncing = frozenset(c for c in last_use.values() if isinstance(encoders[c[0]], DistributedDataParallel))
-        return cls(batches, sizes, bounds, devices, chunk_ids, kept_id, backward_order, syncing)
+        return cls(batches, sizes, bounds, devices, chunk_ids, frozenset(kept), backward_order, syncing)
 
     def rows(self, cid: ChunkId) -> slice:
         start, stop = self.bounds[cid[0]][cid[1]]

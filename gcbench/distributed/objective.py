@@ -26,7 +26,7 @@ from gcbench.cache.objective import Objective
 from gcbench.distributed.gather import GatherLoss
 from gcbench.distributed.local import LocalLoss, RankCollectives
 from gcbench.losses import ContrastiveLoss
-from gcbench.strategies import make_strategy, resolve_strategy
+from gcbench.strategies import resolve_strategy
 from gcbench.training import TrainingStep
 
 
@@ -113,7 +113,7 @@ def distribute_step(step: TrainingStep, group: ProcessGroup | None = None) -> Tr
     """
     name = step.config.strategy
     objective = distribute(step.workload.objective, group, gather=gathers(name))
-    step.strategy = make_strategy(name, objective, step.config.chunk_sizes, step.scaler)
+    step.strategy = step.config.build_strategy(objective, step.scaler)
     step.batches = shard(step.batches, dist.get_rank(group), dist.get_world_size(group))
     return step
 

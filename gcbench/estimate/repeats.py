@@ -8,10 +8,15 @@ the same as the second. So each encoder slot runs the first two calls of a kind 
 later ones with an output of the recorded shape. Chunk sizes that differ (the short last chunk,
 the last chunk's kept graph) are kinds of their own and always run. The engine's own bookkeeping
 (slicing, RNG states, copying into the buffer) still runs for every chunk.
+
+A call made while an earlier graph of the same slot is still held (GradCache's kept first-pass
+graphs, ``keep_graphs`` > 1) always runs for real: its activations pile up on the held ones, which no
+earlier call's pattern shows.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -35,6 +40,7 @@ class RepeatSkipper(nn.Module):
         self.get_rep = get_rep
         self.calls: Counter[tuple[Any, ...]] = Counter()
         self.shapes: dict[tuple[Any, ...], tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.held: list[weakref.ref[Tensor]] = []  # outputs of real calls whose graphs may still be alive
 
     @property
     def gradient_checkpointing(self) -> bool:  # so the checkpoint strategy reaches the real encoder
@@ -51,11 +57,14 @@ class RepeatSkipper(nn.Module):
             tuple((key, _describe(value)) for key, value in sorted(kwargs.items())),
         )
         self.calls[kind] += 1
-        if self.calls[kind] <= REAL_CALLS:
+        self.held = [ref for ref in self.held if ref() is not None]
+        if self.calls[kind] <= REAL_CALLS or (torch.is_grad_enabled() and self.held):
             output = self.encoder(*args, **kwargs)
             rep = self.get_rep(output) if self.get_rep is not None else output
             if isinstance(rep, Tensor):
                 self.shapes[kind] = (rep.shape, rep.dtype, rep.device)
+                if rep.requires_grad:
+                    self.held.append(weakref.ref(rep))
             return rep
         shape, dtype, device = self.shapes[kind]
         return torch.empty(shape, dtype=dtype, device=device, requires_grad=torch.is_grad_enabled())

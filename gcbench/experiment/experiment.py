@@ -54,7 +54,7 @@ else:  # pragma: no cover
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 # The grid (and how many rounds of it), not the numbers: extending either resumes.
-FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "timeout", "predict", "rounds")
+FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "keep_graphs", "timeout", "predict", "rounds")
 
 
 @typed
@@ -76,11 +76,14 @@ class Experiment:
             (name for name in self.sweep.strategies if name not in chunked),
             key=lambda name: not resolve_strategy(name).reference,
         )
+        keeps = self.sweep.keep_graphs or (None,)
         grid: list[Point] = []
         for batch in self.sweep.batch_sizes:
             grid.extend(Point(strategy, batch, None) for strategy in whole)
             for chunks in self.sweep.chunk_sizes if chunked else ():
-                grid.extend(Point(strategy, batch, chunks) for strategy in chunked)
+                for strategy in chunked:
+                    settings = keeps if resolve_strategy(strategy).keeps_graphs else (None,)
+                    grid.extend(Point(strategy, batch, chunks, keep) for keep in settings)
         return grid
 
     def step_config(self, point: Point) -> StepConfig:
@@ -92,6 +95,7 @@ class Experiment:
             self.sweep.precision,
             self.optimizer,
             self.sweep.seed,
+            point.keep_graphs,
         )
 
     def reference_point(self, point: Point) -> Point | None:
@@ -250,6 +254,8 @@ def check_fit(experiment: Experiment) -> None:
     use = experiment.strategy_use()
     for name in sweep.strategies:
         resolve_strategy(name).check_use(use)
+    if sweep.keep_graphs is not None and not any(resolve_strategy(s).keeps_graphs for s in sweep.strategies):
+        raise UsageError("sweep.keep_graphs: none of the strategies keeps first-pass graphs (cache does)")
     if sweep.nproc > 1:
         for batch in sweep.batch_sizes:
             if batch % sweep.nproc:

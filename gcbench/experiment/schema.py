@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from gcbench.device import Precision
 from gcbench.errors import UsageError
 from gcbench.imports import is_import_path
+from gcbench.results.records import KeepSetting
 from gcbench.results.units import bytes_from, format_bytes
 from gcbench.strategies import STRATEGIES, resolve_strategy
 from gcbench.training import OptimizerConfig
@@ -95,6 +96,15 @@ class SweepConfig:
         metavar="8,32|16/8",
         default=((8,),),
         shown_type="list of sizes, or of lists of one size per input",
+        min_length=1,
+    )
+    keep_graphs: tuple[KeepSetting, ...] | None = key(
+        "first-pass graphs kept by the strategies that keep graphs (cache): each a count or all; more is faster "
+        "and holds more memory (none: the strategy's default, 1)",
+        flag="--keep-graphs",
+        metavar="0,1,4,all",
+        default=None,
+        shown_type="list of counts or all, or none",
         min_length=1,
     )
     device: Annotated[str, AfterValidator(_device)] = key(

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from gcbench.cache.engine import KeepGraphs
 from gcbench.device import autocast, grad_scaler, param_dtype
 from gcbench.strategies import EncodeStep, backward_in_order, make_strategy
 from gcbench.workloads import WorkloadConfig, build_workload
@@ -77,6 +78,7 @@ def check_strategy(
     device: torch.device | str = "cpu",
     seed: int = 0,
     reference_workload: WorkloadConfig | None = None,
+    keep_graphs: KeepGraphs | None = None,
 ) -> GradComparison:
     """One step of ``strategy`` against the mask-consistent full-batch reference, same weights and data.
 
@@ -97,7 +99,7 @@ def check_strategy(
         torch.manual_seed(seed + 2)
         with autocast(precision, device):
             if role == "strategy":
-                chosen = make_strategy(strategy, objective, chunk_sizes, scaler)
+                chosen = make_strategy(strategy, objective, chunk_sizes, scaler, keep_graphs)
                 order.extend(chosen.encode_order(chosen.check_batches(batches)))
                 loss = chosen.forward_backward(batches)
             else:

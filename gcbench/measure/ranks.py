@@ -26,7 +26,7 @@ from gcbench.device import grad_scaler
 from gcbench.distributed.launch import RankInfo, launch
 from gcbench.distributed.objective import distribute_step, gathers
 from gcbench.measure.equivalence import COMPARISON_LOSS_SCALE, GradComparison, compare, gradients
-from gcbench.strategies import Full, make_strategy, resolve_strategy
+from gcbench.strategies import Full, resolve_strategy
 from gcbench.training import StepConfig, TrainingStep, build_step
 
 REFERENCE = "single-process full over the global batch, dropout off"
@@ -49,7 +49,7 @@ def checked_step(config: StepConfig, device: torch.device) -> TrainingStep:
     """``build_step`` with the comparison's moderate fp16 loss scale (see COMPARISON_LOSS_SCALE)."""
     step = build_step(config, device)
     step.scaler = grad_scaler(config.precision, device, init_scale=COMPARISON_LOSS_SCALE)
-    step.strategy = make_strategy(config.strategy, step.workload.objective, config.chunk_sizes, step.scaler)
+    step.strategy = config.build_strategy(step.workload.objective, step.scaler)
     return step
 
 
@@ -71,11 +71,11 @@ def reference_gradients(
     config: StepConfig, device: torch.device, strategy: str = Full.name
 ) -> tuple[list[Tensor], float]:
     """``strategy`` in this process alone over ``config``'s global batch (no collective: OOM here is local)."""
-    uses_chunks = resolve_strategy(strategy).uses_chunks
+    cls = resolve_strategy(strategy)
+    chunks = config.chunk_sizes if cls.uses_chunks else None
+    keep = config.keep_graphs if cls.keeps_graphs else None
     return step_gradients(
-        checked_step(
-            replace(config, strategy=strategy, chunk_sizes=config.chunk_sizes if uses_chunks else None), device
-        )
+        checked_step(replace(config, strategy=strategy, chunk_sizes=chunks, keep_graphs=keep), device)
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import pandas as pd
 from matplotlib import colormaps
@@ -44,23 +44,25 @@ class Look:
 
     @classmethod
     def of(cls, points: Iterable[Point], runs: Sequence[str], references: Iterable[str] = ()) -> Look:
-        """Strategies in order of first appearance (the experiment's order), chunk settings ascending; the
-        reference strategies (``full``) in black."""
+        """Strategies in order of first appearance (the experiment's order), chunk settings ascending and
+        within one the kept graphs ascending; the reference strategies (``full``) in black."""
         references = set(references)
-        by_strategy: dict[str, set[tuple[int, ...]]] = {}
+        by_strategy: dict[str, set[tuple[tuple[int, ...], float]]] = {}
         for p in points:
-            by_strategy.setdefault(p.strategy, set()).add(p.chunk_sizes or ())
+            keep = -1.0 if p.keep_graphs is None else math.inf if p.keep_graphs == "all" else float(p.keep_graphs)
+            by_strategy.setdefault(p.strategy, set()).add((p.chunk_sizes or (), keep))
         spare = iter(SPARE_FAMILIES * len(by_strategy))
         colours: dict[str, str] = {}
-        for strategy, chunk_settings in by_strategy.items():
-            ordered = sorted(chunk_settings)
-            if strategy in references and ordered == [()]:
+        for strategy, settings in by_strategy.items():
+            ordered = sorted(settings)
+            if strategy in references and ordered == [((), -1.0)]:
                 colours[strategy] = REFERENCE_COLOUR
                 continue
             family = colormaps[FAMILIES.get(strategy) or next(spare)]
-            for i, chunks in enumerate(ordered):
+            for i, (chunks, keep) in enumerate(ordered):
                 shade = SHADES[0] + (SHADES[1] - SHADES[0]) * i / max(len(ordered) - 1, 1)
-                colours[Point(strategy, 1, chunks or None).series] = to_hex(family(shade))
+                kept: int | Literal["all"] | None = None if keep < 0 else "all" if keep == math.inf else int(keep)
+                colours[Point(strategy, 1, chunks or None, kept).series] = to_hex(family(shade))
         return cls(tuple(colours), colours, tuple(runs))
 
     @property

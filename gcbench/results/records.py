@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge
+from pydantic import Strict
 
 from gcbench.errors import UsageError
 from gcbench.strategies import StrategyTraits
@@ -23,13 +26,18 @@ STATUSES: tuple[Status, ...] = ("ok", "oom", "error", "timeout", "skipped")
 FAILED: tuple[Status, ...] = ("error", "timeout")  # what ``--retry-failed`` runs again; oom is a result
 
 
+KeepSetting = Annotated[int, Strict(), Ge(0)] | Literal["all"]
+
+
 @typed
 class Point:
-    """One cell of the grid: a strategy at a batch size (and chunk sizes, if the strategy uses them)."""
+    """One cell of the grid: a strategy at a batch size, with its chunk sizes if it uses them, and how many
+    first-pass graphs it keeps if it keeps any (None: the strategy's default)."""
 
     strategy: Str
     batch_size: Int
     chunk_sizes: tuple[Int, ...] | None = None
+    keep_graphs: KeepSetting | None = None
 
     @property
     def chunk_label(self) -> str:
@@ -37,12 +45,15 @@ class Point:
 
     @property
     def id(self) -> str:
-        return f"{self.strategy} batch={self.batch_size} chunks={self.chunk_label}"
+        keep = f" keep={self.keep_graphs}" if self.keep_graphs is not None else ""
+        return f"{self.strategy} batch={self.batch_size} chunks={self.chunk_label}{keep}"
 
     @property
     def series(self) -> str:
-        """The line a point belongs to in a plot: strategy, and chunk sizes where they matter."""
-        return self.strategy if not self.chunk_sizes else f"{self.strategy} (chunk {self.chunk_label})"
+        """The line a point belongs to in a plot: strategy, and chunk sizes and kept graphs where they matter."""
+        setting = [f"chunk {self.chunk_label}"] if self.chunk_sizes else []
+        setting += [f"keep {self.keep_graphs}"] if self.keep_graphs is not None else []
+        return f"{self.strategy} ({', '.join(setting)})" if setting else self.strategy
 
 
 @typed

@@ -34,6 +34,7 @@ def record_row(record: Record) -> dict[str, Any]:
         "strategy": p.strategy,
         "batch_size": p.batch_size,
         "chunk_sizes": p.chunk_label,
+        "keep_graphs": p.keep_graphs,
         "series": p.series,
         "status": record.status,
         "reason": record.reason,

@@ -221,6 +221,7 @@ class InProcess(PointMeasurer):
                 precision=experiment.sweep.precision,
                 device=device,
                 seed=experiment.sweep.seed,
+                keep_graphs=point.keep_graphs,
             )
         except Exception as error:
             if not is_out_of_memory(error):
