@@ -369,6 +369,11 @@ def estimate(
 @click.option(
     "--batch-size", "breakdown_batch", type=int, help="Batch of the memory breakdown [default: the largest full ran]."
 )
+@click.option(
+    "--pareto-batch",
+    type=int,
+    help="Batch of the time-against-memory (Pareto) figure [default: the largest where 3 settings ran ok].",
+)
 @click.option("--label", "labels", multiple=True, help="A name per RESULTS, in order, for legends and tables.")
 def report(
     results: tuple[Path, ...],
@@ -376,6 +381,7 @@ def report(
     show: bool,
     memory_budget: str | None,
     breakdown_batch: int | None,
+    pareto_batch: int | None,
     labels: tuple[str, ...],
 ) -> int:
     """Figures and tables (report.md) from sweep results; several RESULTS are compared."""
@@ -384,7 +390,9 @@ def report(
     budget = parse_bytes(memory_budget, "--memory-budget") if memory_budget else None
     runs = load_runs(results, labels or None)
     out_dir = out or (runs[0].source.parent if len(runs) == 1 else Path("reports") / "comparison")
-    files = write_report(runs, out_dir, memory_budget=budget, breakdown_batch=breakdown_batch)
+    files = write_report(
+        runs, out_dir, memory_budget=budget, breakdown_batch=breakdown_batch, pareto_batch=pareto_batch
+    )
     if show:
         console.print(summary_table(runs, budget))
     console.print(

@@ -14,30 +14,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from gcbench.errors import UsageError
 from gcbench.report import ReportFiles, Run, load_runs, summary_table, write_report
-from gcbench.report.data import ReportData
+from gcbench.report.data import ReportData, pareto_frontier
 from gcbench.report.figures import (
     breakdown_figure,
     caching_cost_figure,
     gradient_error_figure,
     largest_batch_figure,
     memory_figure,
+    pareto_figure,
     report_figures,
     throughput_figure,
 )
 from gcbench.report.headline import headline
-from gcbench.report.tables import every_point, report_tables, summary
-from gcbench.results import Record, ResultsStore, current, time_result
+from gcbench.report.tables import every_point, pareto, report_tables, summary
+from gcbench.results import Point, Record, ResultsStore, current, time_result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 MIXED = FIXTURES / "mixed.jsonl"
 MiB = 2**20
 BUDGET = 64 * MiB
-FIGURES = ("memory", "largest-batch", "breakdown", "throughput", "caching-cost", "gradient-error", "prediction")
-TABLES = ("summary", "points", "runs")
+FIGURES = (
+    "memory",
+    "largest-batch",
+    "breakdown",
+    "throughput",
+    "caching-cost",
+    "pareto",
+    "gradient-error",
+    "prediction",
+)
+TABLES = ("summary", "pareto", "points", "runs")
 
 
 def records(path: Path) -> dict[str, Record]:
@@ -298,7 +310,7 @@ def test_one_batch_size(tmp_path: Path) -> None:
     }
     low, high = ax.get_xlim()
     assert low < 32 < high
-    assert len(files.figures) == 12  # all but the prediction figure
+    assert len(files.figures) == 14  # all but the prediction figure
 
 
 def test_several_ranks_use_the_largest_rank_peak(tmp_path: Path) -> None:
@@ -498,3 +510,120 @@ def test_the_sweep_s_terminal_tables_name_the_noise_and_the_load() -> None:
     text = console.export_text()
     assert "vs full (95% CI)" in text and "noisy" in text
     assert "cache batch=8 chunks=8: busy machine (load 6.9 on 2 cores)" in text and "load average while timing" in text
+
+
+# Time against memory: the Pareto figure and table ------------------------------------------------------
+
+# (strategy, chunks, keep, peak MiB, step time s) at batch 32: keep 2 ties keep 1's memory and is slower,
+# accumulate is beaten in both, checkpoint ties keep 1's time with more memory; keep all equals full.
+SETTINGS = [
+    ("full", None, None, 100, 1.0),
+    ("cache", (8,), 0, 20, 1.6),
+    ("cache", (8,), 1, 25, 1.3),
+    ("cache", (8,), 2, 25, 1.4),
+    ("cache", (8,), "all", 100, 1.0),
+    ("accumulate", (8,), None, 30, 1.5),
+    ("checkpoint", None, None, 60, 1.3),
+]
+ON_FRONTIER = {"full", "cache (chunk 8, keep 0)", "cache (chunk 8, keep 1)", "cache (chunk 8, keep all)"}
+
+
+def setting(strategy: str, chunks, keep, peak_mib: float, time_s: float, batch: int = 32, noisy: bool = False):
+    """A record that ran ok with this peak and step time, made from one of the fixture's."""
+    base = records(MIXED)["cache batch=32 chunks=8"]
+    time = time_result([[time_s] * 5], batch)
+    return replace(
+        base,
+        point=Point(strategy, batch, chunks, keep),
+        memory=replace(base.memory, peak_bytes=int(peak_mib * MiB)),
+        time=replace(time, noise=("rounds disagree",) if noisy else ()),
+    )
+
+
+def pareto_run(noisy: str | None = None, extra=()) -> Run:
+    """SETTINGS at batch 32 (``noisy``: the series with a noisy time), 3 settings at 16, 2 at 64."""
+    made = [setting(*s, noisy=Point(s[0], 32, s[1], s[2]).series == noisy) for s in SETTINGS]
+    made += [setting("full", None, None, 50, 0.5, 16), setting("cache", (8,), 0, 10, 0.8, 16)]
+    made += [setting("cache", (8,), 1, 12, 0.7, 16), setting("full", None, None, 200, 2, 64)]
+    made += [setting("cache", (8,), 0, 40, 3.2, 64), *extra]
+    return Run("pareto", MIXED, tuple(made))
+
+
+def test_the_pareto_frontier_is_exactly_the_settings_no_other_beats_in_both() -> None:
+    rows = ReportData.of([pareto_run()]).pareto(32).set_index("series")
+    assert len(rows) == len(SETTINGS)
+    assert set(rows.index[rows["on_frontier"]]) == ON_FRONTIER
+    table = pareto(ReportData.of([pareto_run()]), 32).frame
+    least_memory = ["cache (chunk 8, keep 0)", "cache (chunk 8, keep 1)", "cache (chunk 8, keep 2)"]
+    assert table["series"].tolist()[:3] == least_memory
+    assert dict(zip(table["series"], table["on frontier"])) == {
+        series: "yes" if series in ON_FRONTIER else "no" for series in rows.index
+    }
+    assert "within budget" not in table.columns  # no budget given
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=12))
+def test_pareto_frontier_matches_the_definition(points: list[tuple[int, int]]) -> None:
+    memory, time = [m for m, _ in points], [t for _, t in points]
+    dominated = [
+        any(m2 <= m and t2 <= t and (m2, t2) != (m, t) for m2, t2 in points) for m, t in points
+    ]  # equal ints: "at most in both, not equal" is "at most in both, less in one"
+    assert pareto_frontier(memory, time).tolist() == [not d for d in dominated]
+
+
+def test_the_pareto_figure_draws_the_frontier_the_budget_and_noisy_points_hollow() -> None:
+    data = ReportData.of([pareto_run(noisy="checkpoint")], 80 * MiB)
+    figure = pareto_figure(data, 32)
+    ax = figure.axes[0]
+    assert ax.get_title("left") == "Step time against peak memory at batch 32"
+    assert ax.get_xlabel() == "peak memory (MiB)" and ax.get_ylabel() == "median step time (s)"
+    lines = lines_by_label(figure)
+    front = lines["Pareto frontier"]
+    # Least memory first; at 100 MiB full and keep all tie exactly; then on to the right edge.
+    np.testing.assert_allclose(front[:-1], [(20, 1.6), (25, 1.3), (100, 1.0), (100, 1.0)])
+    assert front[-1, 1] == 1.0 and front[-1, 0] == pytest.approx(ax.get_xlim()[1])
+    assert lines["budget 80.00 MiB"][:, 0].tolist() == [80, 80]
+    for strategy, chunks, keep, peak, time in SETTINGS:
+        series = Point(strategy, 32, chunks, keep).series
+        assert lines[series].tolist() == [[peak, time]]
+    labels = [name for text in ax.texts for name in text.get_text().split("\n")]  # ties share a label
+    assert "full\ncache (chunk 8, keep all)" in [text.get_text() for text in ax.texts]
+    assert sorted(labels) == sorted(Point(s, 32, c, k).series for s, c, k, _, _ in SETTINGS)
+    hollow = {line.get_label() for line in ax.get_lines() if line.get_markerfacecolor() == "white"}
+    assert hollow == {"checkpoint"}
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["Pareto frontier", "budget 80.00 MiB", "hollow: noisy time"]
+    within = pareto(data, 32).frame.set_index("series")["within budget"]
+    assert within["full"] == "no" and within["checkpoint"] == "yes"
+
+
+def test_the_pareto_batch_is_the_largest_with_three_settings_or_the_one_asked_for(tmp_path: Path) -> None:
+    data = ReportData.of([pareto_run()])
+    assert data.pareto_batch(None) == 32  # 64 has two settings
+    assert data.pareto_batch(64) == 64
+    with pytest.raises(UsageError, match="pareto batch 128: no point ran ok with a time"):
+        data.pareto_batch(128)
+    three_at_64 = ReportData.of([pareto_run(extra=[setting("accumulate", (8,), None, 60, 2.5, 64)])])
+    assert three_at_64.pareto_batch(None) == 64
+    # No batch with 3 settings: no figure, no table, nothing said.
+    two = Run("two", MIXED, tuple(r for r in pareto_run().records if r.point.strategy in ("full", "accumulate")))
+    assert ReportData.of([two]).pareto_batch(None) is None
+    files = write_report([two], tmp_path / "two")
+    assert "pareto" not in {path.stem for path in (*files.figures, *files.tables)}
+    assert "Pareto" not in files.report.read_text()
+    # Asked for, it is drawn at that batch and its table follows it in report.md.
+    files = write_report([pareto_run()], tmp_path / "asked", pareto_batch=16, memory_budget=BUDGET)
+    assert (tmp_path / "asked" / "figures" / "pareto.png").stat().st_size > 0
+    assert (tmp_path / "asked" / "figures" / "pareto.svg").stat().st_size > 0
+    text = files.report.read_text()
+    figure_at, table_at = text.index("](figures/pareto.png)"), text.index("## Settings at batch 16")
+    assert figure_at < table_at < text.index("## Every point")
+    assert (tmp_path / "asked" / "tables" / "pareto.csv").read_text().count("\n") == 4  # header and 3 settings
+
+
+def test_the_pareto_figure_of_compared_runs_has_a_frontier_per_run() -> None:
+    data = ReportData.of([pareto_run(), replace(pareto_run(), label="again")])
+    lines = lines_by_label(pareto_figure(data, 32))
+    assert {"Pareto frontier [pareto]", "Pareto frontier [again]", "full [again]"} <= set(lines)
+    table = pareto(data, 32).frame
+    assert table["run"].tolist() == ["pareto"] * 7 + ["again"] * 7

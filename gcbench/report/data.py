@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from gcbench.errors import UsageError
@@ -122,6 +123,48 @@ class ReportData:
         full = ok[ok["is_reference"]]
         chosen = full if not full.empty else ok
         return None if chosen.empty else int(chosen["batch_size"].max())
+
+    def pareto_batch(self, requested: int | None) -> int | None:
+        """The batch of the Pareto figure: the one asked for, else the largest at which one run has at
+        least ``PARETO_SETTINGS`` settings with both a peak and a time; None when no batch has that many."""
+        timed = self._timed()
+        if requested is not None:
+            if requested not in set(timed["batch_size"]):
+                ran = ", ".join(map(str, sorted(set(timed["batch_size"])))) or "none"
+                raise UsageError(
+                    f"pareto batch {requested}: no point ran ok with a time at that batch (batches that did: {ran})"
+                )
+            return requested
+        counts = timed.groupby(["run", "batch_size"])["series"].nunique()
+        enough = counts[counts >= PARETO_SETTINGS]
+        return None if enough.empty else int(enough.index.get_level_values("batch_size").max())
+
+    def pareto(self, batch: int) -> pd.DataFrame:
+        """The settings measured at ``batch`` (every run's), with ``on_frontier``: not dominated within
+        their run in both peak memory and median step time."""
+        rows = self._timed()
+        rows = rows[rows["batch_size"] == batch].copy()
+        rows["on_frontier"] = False
+        for _, group in rows.groupby("run", sort=False):
+            rows.loc[group.index, "on_frontier"] = pareto_frontier(group["peak"], group["time_median_s"])
+        return rows
+
+    def _timed(self) -> pd.DataFrame:
+        """Points that ran ok with both a peak and a step time: what a time-against-memory plot can show."""
+        points = self.points
+        return points[(points["status"] == "ok") & points["peak"].notna() & points["time_median_s"].notna()]
+
+
+PARETO_SETTINGS = 3  # settings at one batch for a Pareto figure by default: fewer make no trade-off to show
+
+
+def pareto_frontier(memory: Sequence[float] | pd.Series, time: Sequence[float] | pd.Series) -> np.ndarray:
+    """Which points no other point dominates: none has both at most their memory and at most their
+    time, with one of the two strictly less. Points equal in both are all on the frontier."""
+    m, t = np.asarray(memory, dtype=float), np.asarray(time, dtype=float)
+    no_worse = (m[None, :] <= m[:, None]) & (t[None, :] <= t[:, None])  # [i, j]: j is no worse than i
+    better = (m[None, :] < m[:, None]) | (t[None, :] < t[:, None])
+    return ~np.asarray((no_worse & better).any(axis=1), dtype=bool)
 
 
 def status_counts(statuses: pd.Series) -> str:

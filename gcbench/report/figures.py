@@ -29,14 +29,18 @@ WIDTH_IN, DPI = 6.4, 125  # 800 px
 GUIDE: dict[str, Any] = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}  # reference lines: budget, y = 1, y = x
 
 
-def report_figures(data: ReportData, breakdown_batch: int | None = None) -> dict[str, Figure]:
+def report_figures(
+    data: ReportData, breakdown_batch: int | None = None, pareto_batch: int | None = None
+) -> dict[str, Figure]:
     """Every figure the data supports, by file name (without extension), in reading order."""
+    pareto = data.pareto_batch(pareto_batch)
     figures = {
         "memory": memory_figure(data),
         "largest-batch": largest_batch_figure(data),
         "breakdown": breakdown_figure(data, data.breakdown_batch(breakdown_batch)),
         "throughput": throughput_figure(data),
         "caching-cost": caching_cost_figure(data),
+        "pareto": None if pareto is None else pareto_figure(data, pareto),
         "gradient-error": gradient_error_figure(data),
         "prediction": prediction_figure(data) if data.predicted else None,
     }
@@ -214,6 +218,64 @@ def caching_cost_figure(data: ReportData) -> Figure | None:
     ax.set_ylabel("step time ÷ full's step time")
     ax.set_ylim(0, max(2.0, _top(ratio, ratios["ratio_high"].fillna(ratio))))
     _legend(fig, data.look.legend_handles(ratios["series"]) + [same] + _noisy_handle(ratios))
+    return fig
+
+
+def pareto_figure(data: ReportData, batch: int) -> Figure | None:
+    """Median step time against peak memory of every setting at one batch, the settings no other beats
+    in both joined by a step line (per run): the least time each amount of memory can buy."""
+    rows = data.pareto(batch)
+    if rows.empty:
+        return None
+    unit = MemoryUnit.of([*rows["peak"], data.budget])
+    seconds = rows["time_median_s"].max() >= 1
+    scale, time_unit = (1.0, "s") if seconds else (1e3, "ms")
+    fig, ax = _figure(f"Step time against peak memory at batch {batch}")
+    rows = rows.assign(_x=unit(rows["peak"]), _y=rows["time_median_s"] * scale, _hollow=rows["noisy"].eq(True))
+    right = max(float(rows["_x"].max()), unit(data.budget) if data.budget is not None else 0) * 1.3  # room for labels
+    extra: list[Artist] = []
+    for run, group in rows.groupby("run", sort=False):
+        style = data.look.run_style(str(run))
+        front = group[group["on_frontier"]].sort_values(["_x", "_y"])
+        # On to the right edge: more memory than the last frontier point buys no less time.
+        (line,) = ax.step(
+            [*front["_x"], right],
+            [*front["_y"], front["_y"].iloc[-1]],
+            where="post",
+            color="0.35",
+            linestyle=style["linestyle"],
+            linewidth=1.2,
+            zorder=1,
+            label=f"Pareto frontier [{run}]" if data.look.several_runs else "Pareto frontier",
+        )
+        extra.append(line)
+        labels: dict[tuple[float, float], list[str]] = {}  # settings measured alike share one label
+        for series, x, y, hollow in zip(group["series"], group["_x"], group["_y"], group["_hollow"]):
+            colour = data.look.colour(series)
+            labels.setdefault((x, y), []).append(series)
+            ax.plot(
+                x,
+                y,
+                linestyle="none",
+                marker=style["marker"],
+                markersize=6,
+                color=colour,
+                markerfacecolor="white" if hollow else colour,
+                label=data.look.line_label(series, str(run)),
+                zorder=3,
+            )
+        for (x, y), names in labels.items():
+            colour = data.look.colour(names[0]) if len(names) == 1 else "0.2"
+            text = "\n".join(names)
+            ax.annotate(text, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="x-small", color=colour)
+    if data.budget is not None:
+        extra.append(ax.axvline(unit(data.budget), **GUIDE, label=f"budget {format_bytes(data.budget)}"))
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, float(rows["_y"].max()) * 1.15)
+    ax.set_xlabel(f"peak memory ({unit.name})")
+    ax.set_ylabel(f"median step time ({time_unit})")
+    runs = data.look.legend_handles([], markers=True)  # points are labelled: only the runs' markers, if compared
+    _legend(fig, extra + runs + _noisy_handle(rows))
     return fig
 
 

@@ -37,6 +37,10 @@ CAPTIONS = {  # what a first-time reader needs to read each figure
     "median over rounds of the turn-by-turn ratios and the bars span its 95% interval (cut at the top edge "
     "past twice the largest ratio); without bars, it is the ratio of medians measured in separate processes. "
     "A hollow marker is a noisy time.",
+    "pareto": "Median step time against peak memory of every setting (strategy, chunk size, graphs kept) measured "
+    "at one batch, each labelled with its series. The step line joins the settings on the Pareto frontier, "
+    "those no other setting beats in both time and memory: below it, nothing was measured. The dashed line is "
+    "the memory budget; a hollow marker is a noisy time. The table below gives the intervals.",
     "gradient-error": "The largest relative difference between a strategy's gradients and full's, on a log scale.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
     "on the dashed line are exact predictions.",
@@ -67,15 +71,17 @@ def write_report(
     *,
     memory_budget: int | None = None,
     breakdown_batch: int | None = None,
+    pareto_batch: int | None = None,
     labels: Sequence[str] | None = None,
 ) -> ReportFiles:
     """Write ``report.md``, its figures and tables into ``out_dir`` from results files, sweep folders
     or runs already loaded. ``memory_budget`` (bytes) adds the budget to figures and the headline;
-    ``breakdown_batch`` picks the batch of the memory breakdown."""
+    ``breakdown_batch`` picks the batch of the memory breakdown, ``pareto_batch`` that of the Pareto
+    figure and table."""
     runs = list(sources) if _loaded(sources) else load_runs(sources, labels)
     data = ReportData.of(runs, memory_budget)
-    figures = report_figures(data, breakdown_batch)
-    tables = report_tables(data)
+    figures = report_figures(data, breakdown_batch, pareto_batch)
+    tables = report_tables(data, pareto_batch)
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     (out_dir / "tables").mkdir(parents=True, exist_ok=True)
@@ -102,6 +108,8 @@ def render(data: ReportData, figure_titles: dict[str, str], tables: dict[str, Re
     parts += _table(tables["summary"])
     for name, title in figure_titles.items():
         parts += [f"## {title}", f"![{title}](figures/{name}.png)", f"{CAPTIONS[name]} ([SVG](figures/{name}.svg))"]
+        if name == "pareto":  # its settings, just below it
+            parts += _table(tables["pareto"])
     parts += _table(tables["points"])
     noisy = data.points["noisy"].eq(True)
     if noisy.any():

@@ -65,9 +65,17 @@ class ReportTable:
         return list(paths.values())
 
 
-def report_tables(data: ReportData) -> dict[str, ReportTable]:
-    """Every table, by name, in reading order (the comparison only when runs are compared)."""
-    tables = [summary(data), every_point(data), *([comparison(data)] if data.look.several_runs else []), sources(data)]
+def report_tables(data: ReportData, pareto_batch: int | None = None) -> dict[str, ReportTable]:
+    """Every table, by name, in reading order (the Pareto table only when a batch has one, the comparison
+    only when runs are compared)."""
+    batch = data.pareto_batch(pareto_batch)
+    tables = [
+        summary(data),
+        *([pareto(data, batch)] if batch is not None else []),
+        every_point(data),
+        *([comparison(data)] if data.look.several_runs else []),
+        sources(data),
+    ]
     return {table.name: table for table in tables}
 
 
@@ -173,6 +181,38 @@ def every_point(data: ReportData) -> ReportTable:
         predicted_loss: ",.1f",
     }
     return ReportTable("points", "Every point", _drop_unneeded(data, frame), formats)
+
+
+def pareto(data: ReportData, batch: int) -> ReportTable:
+    """The settings of the Pareto figure, least memory first, and whether each is on the frontier."""
+    rows = data.pareto(batch).sort_values(["run", "peak", "time_median_s"], key=_run_order(data), kind="stable")
+    unit = MemoryUnit.of([*rows["peak"], data.budget])
+    peak = f"peak memory ({unit.name})"
+    frame = pd.DataFrame(
+        {
+            "run": rows["run"],
+            "series": rows["series"],
+            peak: unit(rows["peak"]),
+            "within budget": rows["fits"].map({True: "yes", False: "no"}),
+            "step time (ms)": rows["time_median_s"] * 1e3,
+            "step time 95% CI (ms)": _interval(rows["time_low_s"] * 1e3, rows["time_high_s"] * 1e3, ",.1f"),
+            "vs full, paired": rows["paired_ratio"],
+            "vs full 95% CI": _interval(rows["paired_low"], rows["paired_high"], ".2f"),
+            "noise": rows["noise"],
+            "on frontier": rows["on_frontier"].map({True: "yes", False: "no"}),
+        }
+    )
+    if data.budget is None:
+        frame = frame.drop(columns="within budget")
+    frame = frame.drop(columns=[c for c in EMPTY_DROPPED if c in frame and frame[c].isna().all()])
+    formats = {peak: ",.1f", "step time (ms)": ",.1f", "vs full, paired": ".2f"}
+    title = f"Settings at batch {batch}: on the Pareto frontier when no other is both faster and smaller"
+    return ReportTable("pareto", title, _drop_unneeded(data, frame.reset_index(drop=True)), formats)
+
+
+def _run_order(data: ReportData) -> Any:
+    """A sort key that keeps runs in the report's order (numbers sort as they are)."""
+    return lambda column: column.map(data.look.runs.index) if column.name == "run" else column
 
 
 def comparison(data: ReportData) -> ReportTable:
