@@ -122,7 +122,9 @@ def test_two_ranks_equal_one_process_full_batch():
         for strategy in ("cache", "full")
     ]
     cases += [case("dpr", "cache-rerun", chunks=(4, 5)), case("clip", "checkpoint"), case("simclr", "checkpoint")]
-    cases += [replace(case("dpr", "cache", tied=tied), keep_graphs=keep) for tied in (False, True) for keep in (3, "all")]
+    cases += [
+        replace(case("dpr", "cache", tied=tied), keep_graphs=keep) for tied in (False, True) for keep in (3, "all")
+    ]
     for config, comparison in zip(cases, check_distributed(cases, 2)):
         label = f"{config.workload.name} tied={config.workload.tied} {config.strategy} keep={config.keep_graphs}"
         assert comparison.max_rel_err <= F64, (label, comparison)
