@@ -9,6 +9,7 @@ have one home, shared by every command that takes them.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from gcbench.errors import EstimateError, UsageError
 from gcbench.experiment import Experiment, load_experiment
 from gcbench.experiment.schema import Key, find_key, flag_keys, override_value, value_from_text
 from gcbench.results.units import parse_bytes
+from gcbench.tune import DEFAULT_MARGIN, DEFAULT_MEASURED
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -355,6 +357,60 @@ def estimate(
         for table in output:
             console.print(table)
     return 0
+
+
+@cli.command()
+@experiment_options
+@click.option("--batch-size", "batch_size", type=int, required=True, help="The batch to train with.")
+@click.option(
+    "--margin",
+    type=float,
+    default=DEFAULT_MARGIN,
+    show_default=True,
+    help="Fraction of the budget kept free of the predicted peak (the estimate's error).",
+)
+@click.option(
+    "--measure",
+    "measure",
+    default=str(DEFAULT_MEASURED),
+    show_default=True,
+    help="How many of the best predicted settings to measure for real, or 'all' (checks the model's pick).",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def tune(
+    experiment: str,
+    settings: tuple[str, ...],
+    batch_size: int,
+    margin: float,
+    measure: str,
+    fmt: str,
+    **flags: Any,
+) -> int:
+    """The fastest exact setting (chunk size, kept graphs, or none) of a batch under --memory-budget."""
+    from gcbench.tune import render_tune
+    from gcbench.tune import tune as tune_batch
+
+    chosen = load_with_overrides(experiment, settings, flags)
+    every = measure.strip().lower() == "all"
+    try:
+        count = DEFAULT_MEASURED if every else int(measure)
+    except ValueError:
+        raise UsageError(f"--measure: expected a number or 'all', got {measure!r}") from None
+    quiet = fmt == "json"
+    result = tune_batch(
+        chosen,
+        batch_size,
+        margin=margin,
+        measure=count,
+        measure_all=every,
+        progress=None if quiet else (lambda line: console.print(f"[dim]{line}[/]", highlight=False)),
+    )
+    if quiet:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        for item in render_tune(result):
+            console.print(item, highlight=False)
+    return 0 if result.winner is not None else 1
 
 
 @cli.command()

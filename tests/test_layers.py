@@ -34,6 +34,7 @@ LAYERS = [
     "estimate",
     "verify",
     "sweep",
+    "tune",
     "report",
     "cli",
 ]

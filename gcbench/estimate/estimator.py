@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from gcbench.device import param_dtype
 from gcbench.distributed.objective import ddp_bucket_bytes, gathers
@@ -58,6 +59,21 @@ class Estimator:
                 p.grad = torch.zeros_like(p)
             self.optimizer.step()  # creates the optimizer state a warmed-up step starts from
             self.optimizer.zero_grad(set_to_none=True)
+
+    def flops(self, config: StepConfig) -> int:
+        """Floating-point operations of one step of ``config`` (matrix products and attention, as
+        :class:`~torch.utils.flop_counter.FlopCounterMode` counts them), every chunk run, re-encoding
+        included: the work a strategy does, for ranking candidates of equal batch by speed."""
+        config = replace(config, optimizer=self.optimizer_config)
+        with self.mode, self.target.kernels(), _explained():
+            step = step_on(self.workload, self.optimizer, config, self.device, loss_scaling=False)
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    step()
+            finally:
+                step.strategy.release()
+                step.zero_grad()
+        return int(counter.get_total_flops())
 
     def predict(self, config: StepConfig, world_size: int = 1) -> Prediction:
         """Peak memory of ``config``'s step on the target (its workload must be this estimator's).

@@ -1,0 +1,157 @@
+"""``gcbench tune``: the search finds the most graphs that fit, the winner is measured within the budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gcbench.errors import UsageError
+from gcbench.estimate import Estimator
+from gcbench.experiment import load_experiment
+from gcbench.results import Point
+from gcbench.tune import Candidate, _most_kept, _search, paste, tune
+
+TINY = """
+name = "tiny"
+[workload]
+name = "dpr"
+query_length = 8
+passage_length = 12
+hard_negatives = 0
+[model]
+hidden = 32
+layers = 1
+heads = 2
+vocab = 2000
+dropout = 0.0
+[sweep]
+strategies = ["full", "cache"]
+batch_sizes = [32]
+chunk_sizes = [4]
+device = "cpu"
+warmup = 1
+repeats = 2
+max_repeats = 3
+max_time = 0.2
+rounds = 1
+"""
+EXAMPLE = Path(__file__).resolve().parents[1] / "experiments" / "bring-your-own"
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@given(peaks=st.lists(st.integers(0, 1000), min_size=1, max_size=40), limit=st.integers(0, 1000))
+def test_bisection_finds_the_most_kept_graphs_that_fit(peaks, limit):
+    """Memory grows with the graphs kept: the answer is the largest k whose peak fits, or none."""
+    peaks = sorted(peaks)
+    chunks = len(peaks) - 1
+    found = _most_kept(lambda keep: peaks[chunks if keep == "all" else keep], chunks, limit)
+    fitting = [k for k, p in enumerate(peaks) if p <= limit]
+    assert (max(found) if found else None) == (max(fitting) if fitting else None)
+    assert all(peaks[k] <= limit for k in found)
+
+
+def test_the_search_keeps_as_many_graphs_as_the_budget_allows(tiny):
+    experiment = load_experiment(str(tiny))
+    estimator = Estimator(experiment.workload, "float32", "cpu")
+
+    def peak(point: Point) -> int:
+        return estimator.predict(experiment.step_config(point)).peak
+
+    full, cached = peak(Point("full", 32)), peak(Point("cache", 32, (4,), 1))
+    limit = (full + cached) // 2
+    found, refused = _search(estimator, experiment, "cache", 32, limit)
+    assert any(line.startswith("full: predicted") for line in refused)  # full does not fit halfway
+    chunked = [c for c in found if c.chunk_sizes is not None]
+    assert chunked and {c.chunk_sizes for c in chunked} >= {(4, 4), (8, 8)}
+    for candidate in chunked:
+        assert candidate.predicted_peak_bytes <= limit
+        assert isinstance(candidate.keep_graphs, int) and candidate.keep_graphs >= 1
+        one_more = Point("cache", 32, candidate.chunk_sizes, candidate.keep_graphs + 1)
+        assert peak(one_more) > limit  # the bisection stopped at the last setting that fits
+
+
+def test_paste_gives_the_call_to_write():
+    assert paste(Candidate("cache", (16, 16), 3, 0, 0)) == "GradCache(encoders, loss_fn, chunk_size=16, keep_graphs=3)"
+    assert paste(Candidate("cache", (16, 8), "all", 0, 0)) == (
+        'GradCache(encoders, loss_fn, chunk_size=[16, 8], keep_graphs="all")'
+    )
+    assert "no cache" in paste(Candidate("full", None, None, 0, 0))
+
+
+def test_tune_measures_a_winner_within_the_budget(tiny):
+    experiment = load_experiment(str(tiny))
+    estimator = Estimator(experiment.workload, "float32", "cpu")
+    full = estimator.predict(experiment.step_config(Point("full", 32))).peak
+    cached = estimator.predict(experiment.step_config(Point("cache", 32, (4,), 1))).peak
+    budget = (full + cached) // 2
+    result = tune(replace(experiment, sweep=replace(experiment.sweep, memory_budget=budget)), 32, measure=2)
+    winner = result.winner
+    assert winner is not None and winner.measured_peak_bytes is not None and winner.time is not None
+    assert winner.measured_peak_bytes <= budget and winner.chunk_sizes is not None
+    assert result.measured == 2 and len([c for c in result.candidates if c.time]) <= 2
+    assert winner.vs_winner is not None and winner.vs_winner.value == 1.0
+    assert json.loads(json.dumps(result.to_dict()))["call"].startswith("GradCache(")
+
+
+def test_tune_refuses_bad_input_before_measuring(tiny):
+    experiment = load_experiment(str(tiny))
+    with pytest.raises(UsageError, match="--memory-budget"):
+        tune(experiment, 32)
+    budgeted = replace(experiment, sweep=replace(experiment.sweep, memory_budget=1 << 30))
+    for kwargs, flag in (({"margin": 1.5}, "--margin"), ({"measure": 0}, "--measure")):
+        with pytest.raises(UsageError, match=flag):
+            tune(budgeted, 32, **kwargs)
+    with pytest.raises(UsageError, match="--batch-size"):
+        tune(budgeted, 0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--memory-budget"),
+        (["--memory-budget", "1GiB", "--measure", "some"], "--measure"),
+        (["--memory-budget", "lots"], "--memory-budget"),
+    ],
+)
+def test_tune_cli_bad_input_is_one_line_and_exit_2(tiny, args, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "gcbench", "tune", str(tiny), "--batch-size", "32", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_tune_works_on_a_users_own_workload(tmp_path):
+    """A user's factory by import path, from a folder outside the repository, in the measuring processes too."""
+    shutil.copy(EXAMPLE / "my_encoders.py", tmp_path / "tune_encoders.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "gcbench", "tune", "--workload", "tune_encoders:pairs", "--batch-size", "16"]
+        + ["--chunk-sizes", "4", "--memory-budget", "1GiB", "--rounds", "1", "--max-time", "0.2", "--measure", "2"]
+        + ["--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["winner"]["measured_peak_bytes"] <= result["memory_budget_bytes"]
+    assert result["winner"]["step_time_s"]["value"] > 0
