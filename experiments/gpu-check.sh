@@ -2,7 +2,7 @@
 # One prepared GPU run of the paper's setting (one device call of at most ~8 minutes):
 #   environment, the cuda-marked tests, gcbench verify in float32 / fp16+GradScaler / bf16, the
 #   dpr-bert-base sweep under an 11 GiB budget with predictions beside the measurements, then `full`
-#   without a budget, and a report.
+#   without a budget, a report, and `gcbench tune` at one batch under the same budget.
 # Logs and a tarball of the results and report land in $OUT (the device tool brings back at most 8
 # files there); the sweeps work in $WORK.
 #
@@ -25,10 +25,12 @@ if [[ "$DEVICE" == cpu ]]; then  # the same steps at a size two CPU cores finish
         --set workload.passage_length=64 --device cpu)
   BUDGET_BATCHES=8,32,128
   FREE_BATCHES=8,32
+  TUNE_BATCH=32
 else
   SIZE=(--device cuda)
   BUDGET_BATCHES=8,16,32,64,128,256,512,1024
   FREE_BATCHES=8,16,32,64,128,256
+  TUNE_BATCH=512
 fi
 
 {
@@ -56,6 +58,10 @@ done 2>&1 | tee "$OUT/verify.txt"
   --predict --repeats 3 --max-repeats 3 --rounds 1 --warmup 1 --timeout 120 --out "$WORK/no-budget" --fresh --quiet 2>&1 | tee -a "$OUT/sweeps.txt"
 
 "${G[@]}" report "$WORK/budget-11GiB" "$WORK/no-budget" --out "$WORK/report" --memory-budget 11GiB 2>&1 | tail -5
+# The fastest setting of one batch under the card's 11 GiB (chunk sizes x kept graphs, measured).
+"${G[@]}" tune dpr-bert-base "${SIZE[@]}" --batch-size "$TUNE_BATCH" --memory-budget 11GiB --rounds 2 \
+  --format json > "$OUT/tune.json" 2> "$OUT/tune.log" || true
+
 tar -czf "$OUT/results.tar.gz" -C "$WORK" report budget-11GiB/results.jsonl budget-11GiB/logs \
   no-budget/results.jsonl no-budget/logs
 echo "done: $OUT"

@@ -15,7 +15,7 @@ from gcbench.measure.stats import Estimate
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_GRAPHS = REPO / "experiments" / "keep-graphs.py"
-QUICK_SETTINGS = ["full", *(f"cache (chunk 4, keep {k})" for k in (0, 1, 2, 3, "all"))]
+QUICK_SETTINGS = ["full", *(f"cache (chunk 4, keep {k})" for k in (*range(8), "all"))]
 
 
 def script(path: Path) -> ModuleType:
