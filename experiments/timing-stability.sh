@@ -13,6 +13,7 @@
 #
 #   experiments/timing-stability.sh 3            # on an idle machine: check `uptime` first
 #   OUT=runs/stability experiments/timing-stability.sh 5
+#   EXTRA="--threads 2" experiments/timing-stability.sh 3   # more sweep flags (here: against quick's 1 thread)
 #
 # About a minute per run on 2 idle cores (estimated from the step times of reports/quick).
 # Output: OUT/run-<i>/ (each sweep with its report), OUT/comparison/ and OUT/stability.md (what this prints).
@@ -26,7 +27,7 @@ folders=()
 for i in $(seq 1 "$RUNS"); do
   echo "run $i of $RUNS (load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown))" >&2
   "$BIN/gcbench" sweep quick --strategies full,cache --batch-sizes 8,16,32,128 --chunk-sizes 8,32 --keep-graphs 1,all \
-    --set sweep.predict=false --set sweep.equivalence=false --fresh --quiet --out "$OUT/run-$i" >/dev/null
+    --set sweep.predict=false --set sweep.equivalence=false ${EXTRA:-} --fresh --quiet --out "$OUT/run-$i" >/dev/null
   folders+=("$OUT/run-$i")
 done
 labels=()
@@ -49,7 +50,8 @@ records = [r for run in runs for r in run.records]
 loads = [r.time.load_average_1m for r in records if r.time and r.time.load_average_1m is not None]
 commits = sorted({r.env.git_commit for r in records if r.env.git_commit})
 print(f"# Timing stability: {len(runs)} runs of the quick comparison from scratch\n")
-print(f"commit {', '.join(commits) or 'unknown'}; {records[0].env.cpu_cores} cores ({records[0].env.cpu}); "
+print(f"commit {', '.join(commits) or 'unknown'}; {records[0].env.cpu_cores} cores ({records[0].env.cpu}), "
+      f"{records[0].env.torch_threads} torch threads per point; "
       f"1-minute load average while timing {min(loads):.1f} to {max(loads):.1f}; "
       f"{records[0].env.malloc or 'default malloc'}.\n")
 keep = cost["keep_graphs"].astype(str)

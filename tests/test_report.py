@@ -34,6 +34,7 @@ from gcbench.report.figures import (
 from gcbench.report.headline import headline
 from gcbench.report.tables import every_point, pareto, report_tables, summary
 from gcbench.results import Point, Record, ResultsStore, current, time_result
+from gcbench.strategies import resolve_strategy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 MIXED = FIXTURES / "mixed.jsonl"
@@ -535,6 +536,7 @@ def setting(strategy: str, chunks, keep, peak_mib: float, time_s: float, batch: 
     return replace(
         base,
         point=Point(strategy, batch, chunks, keep),
+        traits=resolve_strategy(strategy).traits(),
         memory=replace(base.memory, peak_bytes=int(peak_mib * MiB)),
         time=replace(time, noise=("rounds disagree",) if noisy else ()),
     )
@@ -588,7 +590,8 @@ def test_the_pareto_figure_draws_the_frontier_the_budget_and_noisy_points_hollow
         assert lines[series].tolist() == [[peak, time]]
     labels = [name for text in ax.texts for name in text.get_text().split("\n")]  # ties share a label
     assert "full\ncache (chunk 8, keep all)" in [text.get_text() for text in ax.texts]
-    assert sorted(labels) == sorted(Point(s, 32, c, k).series for s, c, k, _, _ in SETTINGS)
+    named = [Point(s, 32, c, k).series + (", not exact" if s == "accumulate" else "") for s, c, k, _, _ in SETTINGS]
+    assert sorted(labels) == sorted(named)
     hollow = {line.get_label() for line in ax.get_lines() if line.get_markerfacecolor() == "white"}
     assert hollow == {"checkpoint"}
     legend = [text.get_text() for text in figure.legends[0].get_texts()]
@@ -603,8 +606,11 @@ def test_the_pareto_batch_is_the_largest_with_three_settings_or_the_one_asked_fo
     assert data.pareto_batch(64) == 64
     with pytest.raises(UsageError, match="pareto batch 128: no point ran ok with a time"):
         data.pareto_batch(128)
-    three_at_64 = ReportData.of([pareto_run(extra=[setting("accumulate", (8,), None, 60, 2.5, 64)])])
+    three_at_64 = ReportData.of([pareto_run(extra=[setting("checkpoint", None, None, 60, 2.5, 64)])])
     assert three_at_64.pareto_batch(None) == 64
+    # A batch where full ran beats a larger one where it did not.
+    no_full = [setting("cache", (8,), k, 30 + k, 3 - k / 10, 128) for k in (0, 1, 2)]
+    assert ReportData.of([pareto_run(extra=no_full)]).pareto_batch(None) == 32
     # No batch with 3 settings: no figure, no table, nothing said.
     two = Run("two", MIXED, tuple(r for r in pareto_run().records if r.point.strategy in ("full", "accumulate")))
     assert ReportData.of([two]).pareto_batch(None) is None
@@ -619,6 +625,16 @@ def test_the_pareto_batch_is_the_largest_with_three_settings_or_the_one_asked_fo
     figure_at, table_at = text.index("](figures/pareto.png)"), text.index("## Settings at batch 16")
     assert figure_at < table_at < text.index("## Every point")
     assert (tmp_path / "asked" / "tables" / "pareto.csv").read_text().count("\n") == 4  # header and 3 settings
+
+
+def test_an_inexact_setting_is_drawn_but_never_on_the_frontier() -> None:
+    fast_but_wrong = setting("accumulate", (8,), None, 5, 0.1)  # least memory and time of all
+    data = ReportData.of([pareto_run(extra=[fast_but_wrong])])
+    rows = data.pareto(32).set_index("series")
+    assert not rows.loc["accumulate (chunk 8)", "on_frontier"]
+    assert rows.loc[rows["is_exact"], "on_frontier"].any()
+    texts = [t.get_text() for t in pareto_figure(data, 32).axes[0].texts]
+    assert "accumulate (chunk 8), not exact" in texts
 
 
 def test_the_pareto_figure_of_compared_runs_has_a_frontier_per_run() -> None:

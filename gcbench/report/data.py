@@ -126,7 +126,8 @@ class ReportData:
 
     def pareto_batch(self, requested: int | None) -> int | None:
         """The batch of the Pareto figure: the one asked for, else the largest at which one run has at
-        least ``PARETO_SETTINGS`` settings with both a peak and a time; None when no batch has that many."""
+        least ``PARETO_SETTINGS`` settings with both a peak and a time, the reference among them if any
+        batch has it; None when no batch has that many."""
         timed = self._timed()
         if requested is not None:
             if requested not in set(timed["batch_size"]):
@@ -137,15 +138,21 @@ class ReportData:
             return requested
         counts = timed.groupby(["run", "batch_size"])["series"].nunique()
         enough = counts[counts >= PARETO_SETTINGS]
-        return None if enough.empty else int(enough.index.get_level_values("batch_size").max())
+        if enough.empty:
+            return None
+        # Where the reference ran too, the frontier spans the whole trade, from least memory to full's speed.
+        with_reference = timed[timed["is_reference"]].set_index(["run", "batch_size"]).index
+        spanning = enough[enough.index.isin(with_reference)]
+        return int((spanning if not spanning.empty else enough).index.get_level_values("batch_size").max())
 
     def pareto(self, batch: int) -> pd.DataFrame:
-        """The settings measured at ``batch`` (every run's), with ``on_frontier``: not dominated within
-        their run in both peak memory and median step time."""
+        """The settings measured at ``batch`` (every run's), with ``on_frontier``: exact, and not dominated
+        by another exact setting of their run in both peak memory and median step time (an inexact one,
+        such as gradient accumulation, is shown but buys its speed with other gradients)."""
         rows = self._timed()
         rows = rows[rows["batch_size"] == batch].copy()
         rows["on_frontier"] = False
-        for _, group in rows.groupby("run", sort=False):
+        for _, group in rows[rows["is_exact"]].groupby("run", sort=False):
             rows.loc[group.index, "on_frontier"] = pareto_frontier(group["peak"], group["time_median_s"])
         return rows
 

@@ -222,8 +222,8 @@ def caching_cost_figure(data: ReportData) -> Figure | None:
 
 
 def pareto_figure(data: ReportData, batch: int) -> Figure | None:
-    """Median step time against peak memory of every setting at one batch, the settings no other beats
-    in both joined by a step line (per run): the least time each amount of memory can buy."""
+    """Median step time against peak memory of every setting at one batch, the exact settings no other
+    beats in both joined by a step line (per run): the least time each amount of memory can buy."""
     rows = data.pareto(batch)
     if rows.empty:
         return None
@@ -249,10 +249,12 @@ def pareto_figure(data: ReportData, batch: int) -> Figure | None:
             label=f"Pareto frontier [{run}]" if data.look.several_runs else "Pareto frontier",
         )
         extra.append(line)
-        labels: dict[tuple[float, float], list[str]] = {}  # settings measured alike share one label
-        for series, x, y, hollow in zip(group["series"], group["_x"], group["_y"], group["_hollow"]):
+        labels: dict[tuple[float, float], list[tuple[str, str]]] = {}  # settings measured alike share a label
+        for series, x, y, hollow, exact in zip(
+            group["series"], group["_x"], group["_y"], group["_hollow"], group["is_exact"]
+        ):
             colour = data.look.colour(series)
-            labels.setdefault((x, y), []).append(series)
+            labels.setdefault((x, y), []).append((series, series if exact else f"{series}, not exact"))
             ax.plot(
                 x,
                 y,
@@ -265,8 +267,8 @@ def pareto_figure(data: ReportData, batch: int) -> Figure | None:
                 zorder=3,
             )
         for (x, y), names in labels.items():
-            colour = data.look.colour(names[0]) if len(names) == 1 else "0.2"
-            text = "\n".join(names)
+            colour = data.look.colour(names[0][0]) if len(names) == 1 else "0.2"
+            text = "\n".join(text for _, text in names)
             ax.annotate(text, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="x-small", color=colour)
     if data.budget is not None:
         extra.append(ax.axvline(unit(data.budget), **GUIDE, label=f"budget {format_bytes(data.budget)}"))

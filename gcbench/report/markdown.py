@@ -38,8 +38,9 @@ CAPTIONS = {  # what a first-time reader needs to read each figure
     "past twice the largest ratio); without bars, it is the ratio of medians measured in separate processes. "
     "A hollow marker is a noisy time.",
     "pareto": "Median step time against peak memory of every setting (strategy, chunk size, graphs kept) measured "
-    "at one batch, each labelled with its series. The step line joins the settings on the Pareto frontier, "
-    "those no other setting beats in both time and memory: below it, nothing was measured. The dashed line is "
+    "at one batch, each labelled with its series. The step line joins the exact settings on the Pareto frontier, "
+    "those no other exact setting beats in both time and memory: below it, nothing exact was measured (a "
+    "setting marked not exact, such as gradient accumulation, trains on other gradients). The dashed line is "
     "the memory budget; a hollow marker is a noisy time. The table below gives the intervals.",
     "gradient-error": "The largest relative difference between a strategy's gradients and full's, on a log scale.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
