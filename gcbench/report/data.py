@@ -114,12 +114,7 @@ class ReportData:
         else the largest at which anything did; None if nothing ran ok."""
         ok = self.points[self.points["status"] == "ok"]
         if requested is not None:
-            if requested not in set(ok["batch_size"]):
-                ran = ", ".join(map(str, sorted(set(ok["batch_size"])))) or "none"
-                raise UsageError(
-                    f"breakdown batch {requested}: no point ran ok at that batch (batches that did: {ran})"
-                )
-            return requested
+            return _asked_batch(ok, requested, "breakdown batch", "no point ran ok at that batch")
         full = ok[ok["is_reference"]]
         chosen = full if not full.empty else ok
         return None if chosen.empty else int(chosen["batch_size"].max())
@@ -130,12 +125,7 @@ class ReportData:
         batch has it; None when no batch has that many."""
         timed = self._timed()
         if requested is not None:
-            if requested not in set(timed["batch_size"]):
-                ran = ", ".join(map(str, sorted(set(timed["batch_size"])))) or "none"
-                raise UsageError(
-                    f"pareto batch {requested}: no point ran ok with a time at that batch (batches that did: {ran})"
-                )
-            return requested
+            return _asked_batch(timed, requested, "pareto batch", "no point ran ok with a time at that batch")
         counts = timed.groupby(["run", "batch_size"])["series"].nunique()
         enough = counts[counts >= PARETO_SETTINGS]
         if enough.empty:
@@ -160,6 +150,14 @@ class ReportData:
         """Points that ran ok with both a peak and a step time: what a time-against-memory plot can show."""
         points = self.points
         return points[(points["status"] == "ok") & points["peak"].notna() & points["time_median_s"].notna()]
+
+
+def _asked_batch(points: pd.DataFrame, requested: int, what: str, problem: str) -> int:
+    """``requested`` if ``points`` has it, else a UsageError naming the batches it has."""
+    if requested not in set(points["batch_size"]):
+        ran = ", ".join(map(str, sorted(set(points["batch_size"])))) or "none"
+        raise UsageError(f"{what} {requested}: {problem} (batches that did: {ran})")
+    return requested
 
 
 PARETO_SETTINGS = 3  # settings at one batch for a Pareto figure by default: fewer make no trade-off to show
