@@ -64,11 +64,10 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        if self.chunk_sizes is None:
-            return self.strategy
+        """The sweep's series name, one chunk size where every input has the same."""
         sizes = self.chunk_sizes
-        chunks = str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sizes))
-        return f"{self.strategy} (chunk {chunks}, keep {self.keep_graphs})"
+        shown = sizes[:1] if sizes and len(set(sizes)) == 1 else sizes
+        return Point(self.strategy, 0, shown, self.keep_graphs).series  # type: ignore[arg-type]
 
     def point(self, batch_size: int) -> Point:
         return Point(self.strategy, batch_size, self.chunk_sizes, self.keep_graphs)  # type: ignore[arg-type]

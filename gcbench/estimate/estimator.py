@@ -18,6 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from gcbench.cache.objective import Objective
 from gcbench.device import param_dtype
 from gcbench.distributed.objective import ddp_bucket_bytes, gathers
 from gcbench.errors import EstimateError
@@ -27,7 +28,7 @@ from gcbench.estimate.target import Target, target
 from gcbench.measure.loss import loss_memory
 from gcbench.measure.memory import track_step
 from gcbench.results.records import Prediction
-from gcbench.training import OptimizerConfig, StepConfig, make_optimizer, step_on
+from gcbench.training import OptimizerConfig, StepConfig, TrainingStep, make_optimizer, step_on
 from gcbench.workloads import WorkloadConfig, build_workload
 from gcbench.workloads.shapes import value_free_init
 
@@ -64,16 +65,21 @@ class Estimator:
         """Floating-point operations of one step of ``config`` (matrix products and attention, as
         :class:`~torch.utils.flop_counter.FlopCounterMode` counts them), every chunk run, re-encoding
         included: the work a strategy does, for ranking candidates of equal batch by speed."""
+        with self._fake_step(config, self.workload.objective) as step, FlopCounterMode(display=False) as counter:
+            step()
+        return int(counter.get_total_flops())
+
+    @contextlib.contextmanager
+    def _fake_step(self, config: StepConfig, objective: Objective) -> Iterator[TrainingStep]:
+        """``config``'s step on the fake model (this estimator's optimizer), released and zeroed after use."""
         config = replace(config, optimizer=self.optimizer_config)
         with self.mode, self.target.kernels(), _explained():
-            step = step_on(self.workload, self.optimizer, config, self.device, loss_scaling=False)
+            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
             try:
-                with FlopCounterMode(display=False) as counter:
-                    step()
+                yield step
             finally:
                 step.strategy.release()
                 step.zero_grad()
-        return int(counter.get_total_flops())
 
     def predict(self, config: StepConfig, world_size: int = 1) -> Prediction:
         """Peak memory of ``config``'s step on the target (its workload must be this estimator's).
@@ -88,14 +94,9 @@ class Estimator:
             buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
             if gathers(config.strategy):
                 objective = gathering_objective(objective, world_size)
-        with self.mode, self.target.kernels(), _explained():
-            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
-            try:
-                baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
-                loss = loss_memory(step, self.target.block_size)
-            finally:
-                step.strategy.release()
-                step.zero_grad()
+        with self._fake_step(config, objective) as step:
+            baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
+            loss = loss_memory(step, self.target.block_size)
         breakdown = {**tracked.breakdown, "gradients": tracked.breakdown["gradients"] + buckets}
         return Prediction(
             target=self.target.name,
