@@ -377,6 +377,11 @@ def estimate(
     help="How many of the best predicted settings to measure for real, or 'all' (checks the model's pick).",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder whose logs/ keeps the measuring processes' output [default: reports/EXPERIMENT].",
+)
 def tune(
     experiment: str,
     settings: tuple[str, ...],
@@ -384,6 +389,7 @@ def tune(
     margin: float,
     measure: str,
     fmt: str,
+    out: Path | None,
     **flags: Any,
 ) -> int:
     """The fastest exact setting (chunk size, kept graphs, or none) of a batch under --memory-budget."""
@@ -404,6 +410,7 @@ def tune(
         measure=count,
         measure_all=every,
         progress=None if quiet else (lambda line: console.print(f"[dim]{line}[/]", highlight=False)),
+        logs=(out or Path("reports") / chosen.name) / "logs",
     )
     if quiet:
         click.echo(json.dumps(result.to_dict(), indent=2))

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
+
+from gcbench.cache.batching import chunk_bounds
 
 Scale = Tensor | float
 
@@ -258,16 +259,12 @@ def tiled_negatives_sum(rows: Tensor, columns: Tensor, scale: Scale, bias: Scale
     return total
 
 
-def _blocks(size: int, tile_size: int) -> list[slice]:
-    return [slice(start, min(start + tile_size, size)) for start in range(0, size, tile_size)]
-
-
 def _tiles(rows: Tensor, columns: Tensor, tile_size: int) -> list[tuple[slice, slice]]:
-    """Every tile, row block by row block. Under fake tensors (the estimate: shapes, no values) only the
-    first, the largest: each tile runs in a method of its own, so its temporaries are gone before the
-    next one's, and the memory of the loop is that of its largest tile whichever tiles run."""
-    tiles = [(i, j) for i in _blocks(rows.shape[0], tile_size) for j in _blocks(columns.shape[0], tile_size)]
-    return tiles[:1] if is_fake(rows) else tiles
+    """Every tile, row block by row block (the last block of each side may be shorter). Each tile runs in
+    a method of its own, so its temporaries are gone before the next one's."""
+    row_blocks = [slice(*bounds) for bounds in chunk_bounds(rows.shape[0], tile_size)]
+    column_blocks = [slice(*bounds) for bounds in chunk_bounds(columns.shape[0], tile_size)]
+    return [(i, j) for i in row_blocks for j in column_blocks]
 
 
 def _full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -276,8 +273,8 @@ def _full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
 
 
 def _logsumexp(scores: Tensor, dim: int) -> Tensor:
-    """``scores.logsumexp(dim)``, overwriting ``scores``: no temporary of the tile's size, and every
-    allocation made by an op the memory tracker sees (``torch.logsumexp`` hides a tile-sized one)."""
+    """``scores.logsumexp(dim)``, overwriting ``scores``: no temporary of the tile's size (``torch.logsumexp``
+    allocates one inside its kernel)."""
     top = scores.amax(dim, keepdim=True).nan_to_num_(neginf=0.0)  # a row left out whole stays -inf
     return scores.sub_(top).exp_().sum(dim).log_().add_(top.squeeze(dim))
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gcbench.cache.batching import Batch, batch_size, chunk_bounds, slice_batch
+from gcbench.cache.batching import Batch, batch_size, chunk_bounds, distinct, slice_batch
 from gcbench.cache.engine import GradCache, KeepGraphs, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
@@ -200,7 +200,7 @@ class Checkpoint(Full):
             set_checkpointing(encoder, False)
 
     def _distinct_encoders(self) -> list[nn.Module]:
-        return list({id(e): unwrap_ddp(e) for e in self.objective.encoders}.values())
+        return distinct(unwrap_ddp(e) for e in self.objective.encoders)
 
 
 class _CheckpointingSwitch(Protocol):
@@ -335,7 +335,7 @@ def _no_sync(encoders: Sequence[nn.Module], skip: bool) -> contextlib.ExitStack:
     """DDP all-reduces only after the last micro-batch: ``no_sync`` on every distinct DDP encoder before it."""
     stack = contextlib.ExitStack()
     if skip:
-        for encoder in {id(e): e for e in encoders if isinstance(e, DistributedDataParallel)}.values():
+        for encoder in distinct(e for e in encoders if isinstance(e, DistributedDataParallel)):
             stack.enter_context(encoder.no_sync())
     return stack
 

@@ -16,13 +16,13 @@ model's pick (the best of the few it would have measured) is from the fastest of
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,11 +32,11 @@ from gcbench.errors import EstimateError, UsageError, first_line
 from gcbench.estimate import Estimator
 from gcbench.estimate.plan import chunk_candidates
 from gcbench.experiment import Experiment
-from gcbench.imports import adopt, import_path
 from gcbench.measure.allocator import steady_allocator
 from gcbench.measure.memory import is_out_of_memory, measure_step_memory
 from gcbench.measure.stats import Estimate, estimate
 from gcbench.measure.timing import time_in_turns
+from gcbench.processes import run_child
 from gcbench.results.records import Point
 from gcbench.results.units import format_bytes
 from gcbench.strategies import resolve_strategy
@@ -162,9 +162,11 @@ def tune(
     measure_all: bool = False,
     rounds: int | None = None,
     progress: Callable[[str], None] | None = None,
+    logs: Path | None = None,
 ) -> TuneResult:
     """Search, rank and measure (see the module) the settings of ``experiment``'s step at ``batch_size``
-    under ``experiment.sweep.memory_budget``."""
+    under ``experiment.sweep.memory_budget``. ``logs``: the folder for the measuring processes' output
+    (``tune-*.log``; None: discarded)."""
     say = progress or (lambda _: None)
     started = time.perf_counter()
     sweep = experiment.sweep
@@ -195,15 +197,18 @@ def tune(
     candidates = _rank(candidates)
     chosen = candidates if measure_all else candidates[:measure]
     say(f"measuring the peaks of {len(chosen)} settings, each in a process of its own")
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
     for candidate in chosen:
-        candidate.measured_peak_bytes = _in_child(_child_peak, experiment, [candidate.point(batch_size)])
+        point = candidate.point(batch_size)
+        candidate.measured_peak_bytes = _in_child(_child_peak, experiment, [point], _log(logs, f"peak.{point.id}"))
         if candidate.measured_peak_bytes is None:
             candidate.note = "ran out of memory"
         elif candidate.measured_peak_bytes > budget:
             candidate.note = f"measured peak over the budget by {format_bytes(candidate.measured_peak_bytes - budget)}"
     fitting = [c for c in chosen if c.measured_peak_bytes is not None and c.measured_peak_bytes <= budget]
     if fitting:
-        _time(experiment, batch_size, fitting, rounds or sweep.rounds, say)
+        _time(experiment, batch_size, fitting, rounds or sweep.rounds, say, logs)
     return TuneResult(
         experiment.name,
         batch_size,
@@ -304,14 +309,19 @@ def _rank(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def _time(
-    experiment: Experiment, batch_size: int, candidates: list[Candidate], rounds: int, say: Callable[[str], None]
+    experiment: Experiment,
+    batch_size: int,
+    candidates: list[Candidate],
+    rounds: int,
+    say: Callable[[str], None],
+    logs: Path | None = None,
 ) -> None:
     """Step times of ``candidates`` in turns, one fresh process per round, and each over the fastest's."""
     points = [c.point(batch_size) for c in candidates]
     samples: list[dict[str, tuple[float, ...]]] = []
     for round in range(1, rounds + 1):
         say(f"timing {len(points)} settings in turns, round {round} of {rounds}")
-        samples.append(_in_child(_child_turns, experiment, points))
+        samples.append(_in_child(_child_turns, experiment, points, _log(logs, f"turns.round{round}")))
     names = [p.id for p in points]
     for candidate, name in zip(candidates, names):
         candidate.time = estimate([s[name] for s in samples])
@@ -320,18 +330,25 @@ def _time(
         candidate.vs_winner = estimate([[a / b for a, b in zip(s[name], s[best])] for s in samples])
 
 
-def _in_child(function: Callable[..., Any], experiment: Experiment, points: Sequence[Point]) -> Any:
-    """``function`` in a fresh process of its own: its allocator and peak statistics are its own."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, experiment.to_dict(), [p.id for p in points], points, import_path()).result()
+def _log(logs: Path | None, name: str) -> Path:
+    return Path(os.devnull) if logs is None else logs / f"tune-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
 
 
-def _prepare(experiment_data: dict[str, Any], parent_path: Sequence[str]) -> tuple[Experiment, torch.device]:
-    adopt(parent_path)
-    quiet = os.open(os.devnull, os.O_WRONLY)  # the profiler's own lines; errors come back as exceptions
-    os.dup2(quiet, 1)
-    os.dup2(quiet, 2)
+def _in_child(function: Callable[..., Any], experiment: Experiment, points: Sequence[Point], log: Path) -> Any:
+    """``function`` in a fresh process of its own (:func:`gcbench.processes.run_child`, the sweep's point
+    timeout): its allocator and peak statistics are its own; its exception, if it raises, is raised here."""
+    timeout = experiment.sweep.timeout
+    outcome = run_child(function, (experiment.to_dict(), [p.id for p in points], points), timeout=timeout, log=log)
+    if outcome.finished:
+        return outcome.value
+    if outcome.timed_out:
+        raise TimeoutError(f"tune: measuring {', '.join(p.id for p in points)} took over the {timeout:g} s timeout")
+    if outcome.failure is not None:
+        raise outcome.failure.exception_object() or RuntimeError(outcome.failure.message)
+    raise RuntimeError(f"tune: measuring {', '.join(p.id for p in points)}: {outcome.exit_reason()}")
+
+
+def _prepare(experiment_data: dict[str, Any]) -> tuple[Experiment, torch.device]:
     experiment = Experiment.from_dict(experiment_data)
     if experiment.sweep.threads:
         torch.set_num_threads(experiment.sweep.threads)
@@ -340,11 +357,9 @@ def _prepare(experiment_data: dict[str, Any], parent_path: Sequence[str]) -> tup
     return experiment, resolve_device(experiment.sweep.device)
 
 
-def _child_peak(
-    experiment_data: dict[str, Any], names: list[str], points: list[Point], parent_path: Sequence[str]
-) -> int | None:
+def _child_peak(experiment_data: dict[str, Any], names: list[str], points: list[Point]) -> int | None:
     """The allocator-level peak of one point's step after warm-up (None: out of memory)."""
-    experiment, device = _prepare(experiment_data, parent_path)
+    experiment, device = _prepare(experiment_data)
     try:
         step = build_step(experiment.step_config(points[0]), device)
         for _ in range(experiment.sweep.warmup):
@@ -357,10 +372,10 @@ def _child_peak(
 
 
 def _child_turns(
-    experiment_data: dict[str, Any], names: list[str], points: list[Point], parent_path: Sequence[str]
+    experiment_data: dict[str, Any], names: list[str], points: list[Point]
 ) -> dict[str, tuple[float, ...]]:
     """Every point's step built in this process, warmed up, then timed in turns."""
-    experiment, device = _prepare(experiment_data, parent_path)
+    experiment, device = _prepare(experiment_data)
     steps = {name: build_step(experiment.step_config(point), device) for name, point in zip(names, points)}
     for step in steps.values():
         for _ in range(experiment.sweep.warmup):

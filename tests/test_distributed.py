@@ -201,7 +201,9 @@ def _local_loss_rank(info: RankInfo) -> dict[str, float]:
             if way == "gathered":
                 wrapped = rank_loss(loss, local=False)
             else:
-                wrapped = LocalLoss(loss, collectives=_KeepOwnRows() if way == "own rows only" else None)
+                wrapped = LocalLoss(loss)
+                if way == "own rows only":
+                    wrapped.collectives = _KeepOwnRows()
             local = [t.clone().requires_grad_() for t in shard(everything, info.rank, world)]
             value = wrapped(*local)
             value.backward()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention
 
 from gcbench.cli import main
 from gcbench.estimate import EstimateError, Estimator
@@ -98,6 +99,70 @@ def test_cuda_target_models_the_device():
         F.scaled_dot_product_attention.__module__ == "torch.nn.functional"
         or F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
     )
+
+
+def _aten_ops(fn) -> set[str]:
+    """The aten ops ``fn`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.ops
+
+
+def test_cuda_attention_reaches_a_model_that_imported_it_by_name():
+    """The CUDA target's attention kernel is chosen by a function mode, scoped to the estimate: a model that
+    did ``from torch.nn.functional import scaled_dot_product_attention`` gets it too, and the module
+    attribute is never replaced. Without the mode (the negative control) the CPU kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gcbench.estimate.target import target
+
+    fake = FakeTensorMode()  # the estimate's tensors: CUDA's kernel has no CPU implementation to run for real
+    with fake:
+        q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+        mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+
+    def attend() -> None:
+        with fake:
+            scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+
+    original = F.scaled_dot_product_attention
+    with target("cuda").kernels():
+        assert F.scaled_dot_product_attention is original
+        inside = _aten_ops(attend)
+    with target("cpu").kernels():
+        cpu = _aten_ops(attend)
+    assert "aten._scaled_dot_product_efficient_attention" in inside
+    assert (
+        "aten._scaled_dot_product_efficient_attention" not in cpu
+        and "aten._scaled_dot_product_flash_attention_for_cpu" in cpu
+    )
+
+
+def test_cpu_rng_states_are_counted_however_the_function_is_reached():
+    """The tracker counts each ``torch.get_rng_state()`` (a CPU tensor made outside the dispatcher) without
+    replacing the attribute: called by name too; not counted when not asked (the negative control)."""
+    from torch import get_rng_state
+
+    from gcbench.measure.tracker import MemoryTracker
+
+    original = torch.get_rng_state
+    held = []
+    for count in (True, False):
+        with MemoryTracker(count_cpu_rng_states=count) as tracker:
+            assert torch.get_rng_state is original
+            held += [get_rng_state(), torch.get_rng_state()]
+        assert tracker.result().total == (2 * held[0].nbytes if count else 0)
 
 
 def test_eager_attention_needs_more_memory_than_fused():

@@ -9,6 +9,8 @@ Imports inside functions and under ``TYPE_CHECKING`` count too: a lazy import is
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ LAYERS = [
     "version",
     "typed",
     "device",
+    "processes",
     "cache",
     "losses",
     "workloads",
@@ -121,3 +124,23 @@ def test_the_checks_bite() -> None:
     assert {"experiment", "errors", "results"} <= here and "sweep" in here  # sweep is imported inside a command
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
+
+
+HEAVY = ("pydantic", "pandas", "matplotlib", "scipy", "rich", "click", "transformers", "sentence_transformers")
+
+
+def modules_after(statement: str) -> set[str]:
+    """Top-level module names (and gcbench's own modules) loaded by ``statement`` in a fresh interpreter."""
+    code = f"import sys\n{statement}\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    names = set(out.stdout.split())
+    return {n.split(".")[0] for n in names} | {n for n in names if n.startswith("gcbench.")}
+
+
+def test_importing_gradcache_loads_the_technique_alone() -> None:
+    loaded = modules_after("from gcbench import GradCache")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    assert "gcbench.peers" not in loaded and "gcbench.strategies" not in loaded
+    # the check bites: the lazy names do load the schema's pydantic and register the peers' strategies
+    loaded = modules_after("import gcbench\nassert 'st-cached' in gcbench.STRATEGIES")
+    assert {"pydantic", "gcbench.peers", "gcbench.strategies"} <= loaded

@@ -11,14 +11,16 @@ whose ``forward`` takes one features mapping (a ``SentenceTransformer``) is fed 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 Batch = Any  # a tensor, or a mapping, tuple or list (nested) of tensors and other values
+
+T = TypeVar("T")
 
 
 def _foreign_mapping(node: Any) -> bool:
@@ -75,6 +77,15 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
 def chunk_bounds(size: int, chunk_size: int) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``range(size)``; the last chunk may be shorter."""
     return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def distinct(items: Iterable[T]) -> list[T]:
+    """Each object once, by identity, in first-seen order: a tied encoder used for two inputs, a parameter
+    shared by two modules (tensors compare by value, so a set or ``==`` would not do)."""
+    unique: dict[int, T] = {}
+    for item in items:
+        unique.setdefault(id(item), item)
+    return list(unique.values())
 
 
 def call_encoder(encoder: Callable[..., Any], batch: Batch) -> Any:

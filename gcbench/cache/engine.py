@@ -37,6 +37,7 @@ from gcbench.cache.batching import (
     batch_size,
     call_encoder,
     chunk_bounds,
+    distinct,
     module_devices,
     slice_batch,
 )
@@ -245,7 +246,7 @@ class _Plan:
         chunk_ids = tuple((i, j) for i, encoder_bounds in enumerate(bounds) for j in range(len(encoder_bounds)))
         count = len(chunk_ids) if keep == "all" else min(keep, len(chunk_ids))
         kept = set(chunk_ids[len(chunk_ids) - count :])
-        for module in {id(e): e for e in encoders if isinstance(e, DistributedDataParallel)}.values():
+        for module in distinct(e for e in encoders if isinstance(e, DistributedDataParallel)):
             # DDP arms its reducer in the forward of the chunk that syncs; another graph of the module going
             # backward after that forward would be reduced with it. So the module's syncing chunk is kept only
             # when it is the module's only chunk; otherwise it is encoded again, just before its backward.

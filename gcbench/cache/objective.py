@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from gcbench.cache.batching import distinct
 from gcbench.cache.engine import GetRep, as_encoder_list
 
 
@@ -23,14 +24,7 @@ class Objective:
 
     def modules(self) -> list[nn.Module]:
         """Distinct modules holding parameters: each encoder once, then the loss if it is a module."""
-        unique: dict[int, nn.Module] = {id(e): e for e in self.encoders}
-        if isinstance(self.loss_fn, nn.Module):
-            unique.setdefault(id(self.loss_fn), self.loss_fn)
-        return list(unique.values())
+        return distinct([*self.encoders, *([self.loss_fn] if isinstance(self.loss_fn, nn.Module) else [])])
 
     def parameters(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for module in self.modules():
-            for p in module.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+        return distinct(p for module in self.modules() for p in module.parameters())

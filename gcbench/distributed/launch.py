@@ -1,10 +1,10 @@
 """Run a function on W processes in one process group, on torch's own machinery, and get every result back.
 
-``torch.multiprocessing.start_processes`` starts the ranks, forked from a forkserver that has imported
-torch and gcbench but run nothing (a tenth of a second per launch instead of seconds; safe with CUDA,
-as the server never touches it), or spawned where there is no forkserver. They meet through a file
-store in a private folder (no port to race for). What a rank returns
-comes back through a file, in rank order. Failure ends the whole run:
+The ranks are children of this process, started by :func:`gcbench.processes.run_children` (the one
+way gcbench starts processes: a forkserver, results back through files, parent-death and timeouts).
+They meet through a file store in a private folder (no port to race for). What a rank returns comes
+back in rank order; a rank of a process that logs (a sweep point's) logs beside it, ``NAME.rankR.log``.
+Failure ends the whole run:
 
 - a rank that raises ends every rank (the others are terminated, then killed) and the caller gets a
   :class:`RankError` with that rank's message, traceback and, where it pickles, the exception itself;
@@ -13,9 +13,8 @@ comes back through a file, in rank order. Failure ends the whole run:
   group's timeout), which ends the run as above;
 - anything else that hangs is ended by the wall-clock ``timeout``: every rank is killed and the
   caller gets a ``TimeoutError``;
-- a rank ends the moment the process that launched it ends, however it ends (a watcher thread on
-  a pidfd), so a killed sweep leaves no rank behind. ``PR_SET_PDEATHSIG`` is not enough: a forkserver's
-  ranks are the server's children, and their inherited end of its "alive" pipe keeps it running.
+- a rank ends the moment the process that launched it ends, however it ends, so a killed sweep
+  leaves no rank behind.
 
 Under torch's own launcher (``torchrun``, one or several nodes) the ranks exist already: :func:`launch`
 then runs the function in this process as the rank torchrun made it, in the group torchrun's
@@ -28,34 +27,21 @@ ending the processes is torchrun's job.
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import os
-import pickle
-import select
-import signal
-import sys
 import tempfile
-import threading
-import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.multiprocessing.spawn import ProcessContext, ProcessException, start_processes
 
 from gcbench.errors import UsageError
-from gcbench.imports import adopt, import_path
+from gcbench.processes import ChildFailure, current_log, failure_of, run_children
 
 T = TypeVar("T")
 BACKENDS = ("auto", "gloo", "nccl")
-_GRACE_S = 0.2  # after a rank fails: wait this long for the others, SIGTERM, again, SIGKILL
-# What ranks import; a superset of the sweep runner's preload, should both share one server.
-_PRELOAD = ["gcbench", "torch._dynamo", "torch.profiler"]
 
 
 @dataclass(frozen=True)
@@ -80,15 +66,6 @@ class RankError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class _Failure:
-    rank: int
-    at: float  # time.time() of the failure: the first one is the cause
-    message: str
-    traceback: str
-    exception: bytes | None  # the pickled exception, when it pickles
-
-
-@dataclass(frozen=True)
 class _Spec:
     """How to start a rank: everything but its index."""
 
@@ -97,16 +74,11 @@ class _Spec:
     backend: str
     collective_timeout_s: float
     threads: int
-    folder: str
-    launcher_pid: int
-    import_path: tuple[str, ...] = ()  # the launcher's sys.path: a user's code imports on every rank
+    folder: str  # the file store's
 
     def device_of(self, rank: int) -> torch.device:
         device = torch.device(self.device)
         return torch.device("cuda", (device.index or 0) + rank) if device.type == "cuda" else device
-
-    def result_path(self, rank: int) -> Path:
-        return Path(self.folder) / f"rank{rank}.pickle"
 
 
 @dataclass(frozen=True)
@@ -213,22 +185,28 @@ def launch(
             collective_timeout or timeout,
             threads or max(1, (os.cpu_count() or 1) // nproc),
             folder,
-            os.getpid(),
-            import_path(),
         )
-        context = start_processes(
-            _rank_main, args=(spec, fn, tuple(args)), nprocs=nproc, join=False, start_method=_start_method()
+        log = current_log()
+        outcomes = run_children(
+            _rank_main,
+            [(rank, spec, fn, tuple(args)) for rank in range(nproc)],
+            timeout=timeout,
+            logs=None if log is None else [log.with_name(f"{log.stem}.rank{rank}.log") for rank in range(nproc)],
+            together=True,
         )
-        try:
-            _join(context, timeout)
-        except ProcessException as error:
-            raise _rank_error(spec, error) from None
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join()
-        return [_read(spec.result_path(rank)) for rank in range(nproc)]
+    failures = [o.failure for o in outcomes if o.failure is not None]
+    if failures:
+        raise _error_of(min(failures, key=lambda f: f.at))
+    running = [o.index for o in outcomes if o.timed_out]
+    if running:
+        raise TimeoutError(
+            f"{nproc} ranks did not finish within {timeout:g} s (a hung collective?); "
+            f"ranks {running} were still running and all were ended"
+        )
+    for outcome in outcomes:
+        if not outcome.finished:  # a signal or a crash, before any rank could report
+            raise RankError(outcome.index, outcome.exit_reason())
+    return [o.value for o in outcomes]
 
 
 def _run_as_launched(
@@ -256,113 +234,32 @@ def _run_as_launched(
     try:
         outcome = fn(RankInfo(launched.rank, launched.world_size, device, backend), *args)
     except Exception as error:
-        outcome = _failure(launched.rank, error)
+        outcome = failure_of(launched.rank, error)
     everyone: list[Any] = [None] * launched.world_size
     dist.all_gather_object(everyone, outcome)
-    failures = [result for result in everyone if isinstance(result, _Failure)]
+    failures = [result for result in everyone if isinstance(result, ChildFailure)]
     if failures:
         raise _error_of(min(failures, key=lambda f: f.at))
     return everyone
 
 
-def _failure(rank: int, error: BaseException) -> _Failure:
-    """What a failed rank reports: its message, its traceback and, where it pickles, the exception."""
-    try:
-        pickled: bytes | None = pickle.dumps(error)
-    except Exception:
-        pickled = None
-    return _Failure(rank, time.time(), f"{type(error).__name__}: {error}", traceback.format_exc(), pickled)
+def _error_of(failure: ChildFailure) -> RankError:
+    return RankError(failure.index, failure.message, failure.traceback, failure.exception_object())
 
 
-def _error_of(failure: _Failure) -> RankError:
-    exception = None
-    if failure.exception is not None:
-        try:
-            exception = pickle.loads(failure.exception)
-        except Exception:
-            exception = None
-    return RankError(failure.rank, failure.message, failure.traceback, exception)
-
-
-def _start_method() -> str:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)  # no effect once it runs
-        return "forkserver"
-    return "spawn"
-
-
-def _join(context: ProcessContext, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=_GRACE_S):
-        if time.monotonic() >= deadline:
-            running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-            raise TimeoutError(
-                f"{len(context.processes)} ranks did not finish within {timeout:g} s (a hung "
-                f"collective?); ranks {running} were still running and all were ended"
-            )
-
-
-def _rank_error(spec: _Spec, error: ProcessException) -> RankError:
-    """The first failed rank's own report, or what its exit says when no rank left one (a signal, a crash)."""
-    reports = [_read(spec.result_path(rank)) for rank in range(spec.world_size) if spec.result_path(rank).exists()]
-    failures = [report for report in reports if isinstance(report, _Failure)]
-    if not failures:
-        return RankError(error.error_index, str(error).strip())
-    return _error_of(min(failures, key=lambda f: f.at))
-
-
-def _read(path: Path) -> Any:
-    with path.open("rb") as file:
-        return pickle.load(file)
-
-
-def _write(path: Path, value: Any) -> None:
-    """Whole or not at all: a rank may be killed while it writes."""
-    partial = path.with_suffix(".partial")
-    with partial.open("wb") as file:
-        pickle.dump(value, file)
-    partial.replace(path)
-
-
-def _rank_main(rank: int, spec: _Spec, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    """A rank's process: join the group, run ``fn``, leave the result (or the failure) in its file."""
-    threading.Thread(target=_end_with, args=(spec.launcher_pid,), name="gcbench-launcher-watch", daemon=True).start()
-    adopt(spec.import_path)
+def _rank_main(rank: int, spec: _Spec, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """A rank's process: join the group, run ``fn`` (a failure ends the process, see gcbench.processes)."""
     torch.set_num_threads(spec.threads)
     device = spec.device_of(rank)
-    try:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            spec.backend,
-            init_method=f"file://{spec.folder}/rendezvous",
-            rank=rank,
-            world_size=spec.world_size,
-            timeout=timedelta(seconds=spec.collective_timeout_s),
-        )
-        _write(spec.result_path(rank), fn(RankInfo(rank, spec.world_size, device, spec.backend), *args))
-    except BaseException as error:
-        failure = _failure(rank, error)
-        print(f"[rank {rank}] {failure.traceback}", file=sys.stderr, flush=True)
-        _write(spec.result_path(rank), failure)
-        sys.stdout.flush()
-        os._exit(1)  # not a clean exit: tearing down a group whose peers wait in a collective can hang
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        spec.backend,
+        init_method=f"file://{spec.folder}/rendezvous",
+        rank=rank,
+        world_size=spec.world_size,
+        timeout=timedelta(seconds=spec.collective_timeout_s),
+    )
+    result = fn(RankInfo(rank, spec.world_size, device, spec.backend), *args)
     dist.destroy_process_group()
-
-
-def _end_with(pid: int) -> None:
-    """Kill this rank once process ``pid`` has ended (a rank blocked in a collective hears no signal sooner)."""
-    try:
-        select.select([os.pidfd_open(pid)], [], [])  # readable once pid has exited, zombie or not
-    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3), or pid already gone: ask twice a second
-        while _alive(pid):
-            time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return result

@@ -88,7 +88,7 @@ class _MeanGradOverRanks(torch.autograd.Function):
 
 
 class RankCollectives:
-    """What the local loss asks of its process group; the estimator passes a stand-in that allocates alike."""
+    """What the local loss asks of its process group (:attr:`LocalLoss.collectives`)."""
 
     def __init__(self, group: ProcessGroup | None = None) -> None:
         self.group = group
@@ -121,9 +121,7 @@ class LocalLoss(nn.Module):
     ``loss`` is registered as a submodule, so its parameters train as before.
     """
 
-    def __init__(
-        self, loss: ContrastiveLoss, group: ProcessGroup | None = None, collectives: RankCollectives | None = None
-    ) -> None:
+    def __init__(self, loss: ContrastiveLoss, group: ProcessGroup | None = None) -> None:
         super().__init__()
         if not isinstance(loss, ContrastiveLoss):
             raise TypeError(
@@ -131,7 +129,7 @@ class LocalLoss(nn.Module):
                 f"{type(loss).__name__}; GatherLoss computes any loss over the gathered batch"
             )
         self.loss = loss
-        self.collectives = collectives or RankCollectives(group)
+        self.collectives = RankCollectives(group)
 
     def forward(self, *reps: Tensor) -> Tensor:
         ops = self.collectives

@@ -21,10 +21,10 @@ from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map_only
 
-from gcbench.cache.batching import Batch, batch_size, slice_batch
+from gcbench.cache.batching import Batch, batch_size, distinct, slice_batch
 from gcbench.cache.objective import Objective
 from gcbench.distributed.gather import GatherLoss
-from gcbench.distributed.local import LocalLoss, RankCollectives
+from gcbench.distributed.local import LocalLoss
 from gcbench.losses import ContrastiveLoss
 from gcbench.strategies import resolve_strategy
 from gcbench.training import TrainingStep
@@ -46,16 +46,13 @@ def rank_loss(
     *,
     local: bool = True,
     gather_kwargs: Sequence[str] = (),
-    collectives: RankCollectives | None = None,
 ) -> nn.Module:
     """What a rank computes so that DDP's average is the global batch's gradient: the :class:`LocalLoss`
     (its own rows against every rank's columns) where ``loss_fn`` splits by rows (gcbench's losses) and
-    ``local`` allows it, else :class:`GatherLoss` (the whole loss over the gathered batch, any loss).
-    ``collectives``: a stand-in for the process group (the estimator's)."""
+    ``local`` allows it, else :class:`GatherLoss` (the whole loss over the gathered batch, any loss)."""
     if local and isinstance(loss_fn, ContrastiveLoss) and not gather_kwargs:
-        return LocalLoss(loss_fn, group, collectives)
-    stand_in = None if collectives is None else lambda tensors, _: collectives.gather(tensors)
-    return GatherLoss(loss_fn, group, gather_kwargs, gather=stand_in)
+        return LocalLoss(loss_fn, group)
+    return GatherLoss(loss_fn, group, gather_kwargs)
 
 
 def distribute(
@@ -121,10 +118,9 @@ def distribute_step(step: TrainingStep, group: ProcessGroup | None = None) -> Tr
 def ddp_bucket_bytes(encoders: Sequence[nn.Module]) -> int:
     """Bytes DDP holds for gradient buckets once each distinct encoder is wrapped: a copy of its gradients,
     unless they are bucket views. Plain modules count as they would once wrapped (the estimator's case)."""
-    modules = {id(e): e for e in encoders}.values()
     return sum(
         p.numel() * p.element_size()
-        for m in modules
+        for m in distinct(encoders)
         if not getattr(m, "gradient_as_bucket_view", False)
         for p in m.parameters()
         if p.requires_grad

@@ -22,7 +22,7 @@ from gcbench.cache.objective import Objective
 from gcbench.device import param_dtype
 from gcbench.distributed.objective import ddp_bucket_bytes, gathers
 from gcbench.errors import EstimateError
-from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, gathering_objective
+from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, fake_world, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
 from gcbench.estimate.target import Target, target
 from gcbench.measure.loss import loss_memory
@@ -90,11 +90,13 @@ class Estimator:
         config = replace(config, optimizer=self.optimizer_config, batch_size=config.batch_size // world_size)
         objective = skipping_objective(self.workload.objective) if self.skip_repeats else self.workload.objective
         buckets = 0
+        world: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if world_size > 1:
             buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
             if gathers(config.strategy):
                 objective = gathering_objective(objective, world_size)
-        with self._fake_step(config, objective) as step:
+                world = fake_world(world_size)
+        with world, self._fake_step(config, objective) as step:
             baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
             loss = loss_memory(step, self.target.block_size)
         breakdown = {**tracked.breakdown, "gradients": tracked.breakdown["gradients"] + buckets}

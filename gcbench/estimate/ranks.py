@@ -3,68 +3,47 @@
 A rank's step differs from a single process's in three ways that cost memory: its encoders see
 ``B / W`` rows; the exact strategies' loss sees all ``B`` rows, gathered (``W x B/W x d`` per input,
 and its own rows' logits against them, or for a loss that cannot split by rows all of them); DDP holds
-gradient-sized buffers. The first is the local batch
-size, the second a stand-in for the all-gather with the same allocations (no process group needed),
-the third is added as :data:`DDP_GRADIENT_COPIES` copies of the encoders' gradients: measured with
-gloo on CPU, a rank held its buckets (allocated when DDP wraps the model) and a second
-gradient-sized buffer from the all-reduce on, through the optimizer step, at every peak measured.
+gradient-sized buffers. The first is the local batch size; the second is the rank's own loss
+(:func:`~gcbench.distributed.rank_loss`, unchanged) run as rank 0 of a fake process group
+(:func:`fake_world`: torch's ``fake`` backend, whose collectives move nothing but whose output tensors
+are allocated as for real); the third is added as :data:`DDP_GRADIENT_COPIES` copies of the encoders'
+gradients: measured with gloo on CPU, a rank held its buckets (allocated when DDP wraps the model)
+and a second gradient-sized buffer from the all-reduce on, through the optimizer step, at every peak
+measured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+from collections.abc import Iterator
 
-import torch
-from torch import Tensor
+import torch.distributed as dist
 
 from gcbench.cache.objective import Objective
-from gcbench.distributed.local import RankCollectives
 from gcbench.distributed.objective import rank_loss
+from gcbench.errors import EstimateError
 
 DDP_GRADIENT_COPIES = 2
 
 
-class _GatherStandIn(torch.autograd.Function):
-    """Allocates what ``all_gather_with_grad`` does on one rank: W x rows out, and this rank's rows back."""
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """This process as rank 0 of ``world_size`` in a fake process group, for the span of one prediction."""
+    if dist.is_initialized():
+        raise EstimateError(
+            "a rank's prediction runs in a fake process group of its own: call it outside an initialised one"
+        )
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the backend's constructor too
 
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, world: int) -> Tensor:
-        gathered = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        gathered.view(world, *tensor.shape).copy_(tensor.unsqueeze(0).expand(world, *tensor.shape))
-        ctx.rows, ctx.world = tensor.shape[0], world
-        return gathered
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad[: ctx.rows] * ctx.world, None
-
-
-class _StandInCollectives(RankCollectives):
-    """Rank 0 of ``world_size``, no process group: the gathers allocate as the real ones do."""
-
-    def __init__(self, world_size: int) -> None:
-        super().__init__()
-        self.world_size = world_size
-
-    def rank(self) -> int:
-        return 0
-
-    def check(self, tensors: Sequence[Tensor]) -> None:
-        pass
-
-    def gather(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        return [_GatherStandIn.apply(t, self.world_size) for t in tensors]
-
-    def total(self, part: Tensor) -> Tensor:
-        return part
-
-    def averaged(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        return list(tensors)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def gathering_objective(objective: Objective, world_size: int) -> Objective:
     """``objective`` with the loss a rank computes (:func:`~gcbench.distributed.rank_loss`: the local loss
-    for gcbench's losses, the gathered one for others) over ``world_size`` ranks' stand-in columns."""
-    loss = rank_loss(objective.loss_fn, collectives=_StandInCollectives(world_size))
+    for gcbench's losses, the gathered one for others), to be run inside :func:`fake_world` of ``world_size``."""
+    loss = rank_loss(objective.loss_fn)
     return Objective(objective.encoders, loss, objective.get_rep)

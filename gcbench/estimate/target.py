@@ -13,12 +13,13 @@ CPU tensors and models the target's differences:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from gcbench.errors import UsageError
 from gcbench.measure.memory import CUDA_BLOCK
@@ -39,8 +40,9 @@ class Target:
             return replace(config, foreach=self.foreach_optimizer)
         return config
 
-    def kernels(self) -> contextlib.AbstractContextManager[None]:
-        return _cuda_attention() if self.name == "cuda" else contextlib.nullcontext()
+    def kernels(self) -> contextlib.AbstractContextManager[object]:
+        """The target's kernels for the ops whose memory differs from CPU's, scoped to this thread's calls."""
+        return CudaAttention() if self.name == "cuda" else contextlib.nullcontext()
 
 
 def target(name: str) -> Target:
@@ -74,11 +76,12 @@ def _efficient_attention(
     )[0]
 
 
-@contextlib.contextmanager
-def _cuda_attention() -> Iterator[None]:
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _efficient_attention
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+class CudaAttention(TorchFunctionMode):
+    """Every ``scaled_dot_product_attention`` call runs CUDA's memory-efficient kernel while the mode is on:
+    a function mode sees the call however the model reached the function (``F.``, or imported by name)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _efficient_attention(*args, **kwargs)
+        return func(*args, **kwargs)

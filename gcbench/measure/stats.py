@@ -1,4 +1,4 @@
-"""The statistics of timing, on numpy alone: quartiles, intervals over rounds, and a rank test.
+"""The statistics of timing: quartiles, intervals over rounds, and a rank test (numpy and scipy.stats).
 
 Times (and ratios of times) come in rounds: each round is one process, whose samples share that
 process's state (allocator, page faults, what else ran then). The rounds, not the samples, are the
@@ -11,8 +11,9 @@ Its 95% interval is the wider of two:
   bootstrap cannot reach past the rounds it has seen, and the t interval says how little three
   values tell.
 
-Two runs of one point are compared as asv does: a factor and a Mann-Whitney U test (normal
-approximation with tie and continuity corrections; scipy is not needed).
+Two runs of one point are compared as asv does: a factor and a Mann-Whitney U test (scipy's normal
+approximation with tie and continuity corrections). scipy.stats is imported when a quantile or a test
+is first asked for, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -26,14 +27,6 @@ import numpy as np
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 0  # the bootstrap is seeded: the same samples always give the same interval (reports re-render identically)
-
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-_Z975 = 1.959964
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -54,10 +47,9 @@ def t_quantile(df: int) -> float:
     """Student's t at 97.5% (a two-sided 95% interval) for ``df`` degrees of freedom."""
     if df < 1:
         raise ValueError(f"t_quantile: df must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = _Z975  # Cornish-Fisher expansion: within 1e-4 of the exact value past 30 degrees of freedom
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    from scipy import stats
+
+    return float(stats.t.ppf(1 - (1 - CONFIDENCE) / 2, df))
 
 
 @dataclass(frozen=True)
@@ -108,43 +100,16 @@ class RankTest:
     p: float
 
 
-def _normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def mann_whitney(a: Sequence[float], b: Sequence[float]) -> RankTest:
     """Two-sided Mann-Whitney U test, normal approximation with tie and continuity corrections
-    (what ``scipy.stats.mannwhitneyu(a, b, method="asymptotic")`` computes)."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    n1, n2 = len(x), len(y)
-    if n1 == 0 or n2 == 0:
+    (``scipy.stats.mannwhitneyu(a, b, method="asymptotic")``); samples that are all one value: p = 1."""
+    if len(a) == 0 or len(b) == 0:
         raise ValueError("mann_whitney: both samples need values")
-    both = np.concatenate([x, y])
-    ranks = _average_ranks(both)
-    u1 = float(ranks[:n1].sum()) - n1 * (n1 + 1) / 2
-    u = max(u1, n1 * n2 - u1)
-    n = n1 + n2
-    _, counts = np.unique(both, return_counts=True)
-    ties = float((counts**3 - counts).sum())
-    variance = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
-    if variance <= 0:
-        return RankTest(u1, 1.0)
-    z = (u - n1 * n2 / 2 - 0.5) / math.sqrt(variance)
-    return RankTest(u1, min(1.0, 2 * _normal_sf(z)))
+    from scipy import stats
 
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 1, ties sharing their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=float)
-    ranks[order] = np.arange(1, len(values) + 1)
-    sorted_values = values[order]
-    start = 0
-    for end in range(1, len(values) + 1):
-        if end == len(values) or sorted_values[end] != sorted_values[start]:
-            ranks[order[start:end]] = (start + 1 + end) / 2
-            start = end
-    return ranks
+    result = stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic", use_continuity=True)
+    p = float(result.pvalue)
+    return RankTest(float(result.statistic), 1.0 if math.isnan(p) else min(1.0, p))
 
 
 FACTOR = 1.1  # asv compare's default: a change smaller than this is not reported

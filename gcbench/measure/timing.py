@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gcbench.device import synchronize
-from gcbench.measure.stats import Estimate, estimate, spread
+from gcbench.measure.stats import Estimate, estimate, quartiles, spread
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,8 @@ class Timing:
 
     @property
     def quartiles_s(self) -> tuple[float, float]:
-        if len(self.samples_s) < 2:
-            return self.samples_s[0], self.samples_s[0]
-        q = statistics.quantiles(self.samples_s, n=4, method="inclusive")
-        return q[0], q[2]
+        q1, _, q3 = quartiles(self.samples_s)
+        return q1, q3
 
     @property
     def iqr_s(self) -> float:

@@ -11,11 +11,15 @@ when created in forward, a ``temporary`` when created inside backward or the opt
 
 One allocation bypasses the dispatcher: ``torch.get_rng_state()`` (5 KiB of CPU memory a call, one
 per chunk in GradCache, one per layer under checkpointing). ``count_cpu_rng_states`` counts it, for a
-CPU target; on a GPU it is host memory, outside ``max_memory_allocated``.
+CPU target; on a GPU it is host memory, outside ``max_memory_allocated``. It is seen returning through
+a profile function of this thread (``sys.setprofile``, set only while counting, chained to any other):
+no module attribute is replaced, so other threads and callers that imported it by name are unaffected
+or seen alike.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+_GET_RNG_STATE = torch.random.get_rng_state.__code__  # torch.get_rng_state, whatever name it is called by
 CATEGORIES = ("parameters", "gradients", "optimizer", "inputs", "activations", "temporaries")
 PHASES = ("forward_backward", "optimizer")
 
@@ -44,7 +49,7 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.block_size = block_size
         self.count_cpu_rng_states = count_cpu_rng_states
-        self._get_rng_state = torch.get_rng_state
+        self._outer_profile: Any = None
         self._storages: dict[int, tuple[weakref.ref, int, str]] = {}
         self.current = dict.fromkeys(CATEGORIES, 0)
         self.total = 0
@@ -81,21 +86,26 @@ class MemoryTracker(TorchDispatchMode):
 
     def __enter__(self) -> MemoryTracker:
         if self.count_cpu_rng_states:
-            torch.get_rng_state = self._tracked_rng_state
+            self._outer_profile = sys.getprofile()
+            sys.setprofile(self._profile)
         return super().__enter__()
 
     def __exit__(self, *args: Any) -> None:
-        torch.get_rng_state = self._get_rng_state
+        if self.count_cpu_rng_states:
+            sys.setprofile(self._outer_profile)
+            self._outer_profile = None
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         super().__exit__(*args)
 
-    def _tracked_rng_state(self) -> Tensor:
-        state = self._get_rng_state()
-        self._track(state, "temporaries")
-        self._update_peak()
-        return state
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        """Count each CPU RNG state as ``torch.get_rng_state`` returns it (a profile function of this thread)."""
+        if event == "return" and frame.f_code is _GET_RNG_STATE and isinstance(arg, Tensor):
+            self._track(arg, "temporaries")
+            self._update_peak()
+        if self._outer_profile is not None:
+            self._outer_profile(frame, event, arg)
 
     # Accounting --------------------------------------------------------------------------------
     def _rounded(self, nbytes: int) -> int:

@@ -1,9 +1,10 @@
 """The sweep: every point of an experiment in its own process, each record stored as it ends, in rounds.
 
-A point's process is forked from a server that has imported torch and gcbench but run nothing (so a
-point starts in milliseconds, not the second and more of a fresh interpreter, and no thread pool is
-inherited); allocator state, peak statistics and a crash stay with that point. Round 1 measures every
-point in full; rounds 2 to ``sweep.rounds`` time every point that ran ok again, each in a fresh
+A point's process is started by :func:`gcbench.processes.run_child` (forked from a server that has
+imported torch and gcbench but run nothing, so a point starts in milliseconds, not the second and more
+of a fresh interpreter, and no thread pool is inherited; it ends with the sweep, however the sweep
+ends); allocator state, peak statistics and a crash stay with that point, its output in ``logs/``.
+Round 1 measures every point in full; rounds 2 to ``sweep.rounds`` time every point that ran ok again, each in a fresh
 process, round after round over the whole grid (as asv interleaves its rounds), so that neither one
 process's state nor one stretch of the machine's time decides a point's time. A point other than the
 reference is timed in turns with the reference at its batch, once that ran ok. Finished rounds are
@@ -18,11 +19,7 @@ what is done already and keeps the results, and the other ranks keep nothing.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
-import signal
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,14 +31,14 @@ from gcbench.distributed import LaunchedRanks, join_launched_group, ranks_wanted
 from gcbench.errors import EstimateError, UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment import Experiment
-from gcbench.imports import import_path
+from gcbench.processes import run_child
 from gcbench.results.environment import git_commit
 from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record, Status
 from gcbench.results.store import ResultsStore, current
 from gcbench.results.table import records_frame
 from gcbench.results.units import format_bytes
 from gcbench.sweep.point import bare_record
-from gcbench.sweep.worker import measured_record
+from gcbench.sweep.worker import child_main, measured_record
 from gcbench.typed import dump
 
 PREDICTED_SKIP_MARGIN = 1.25  # with --predict, a point predicted over budget x this is not run
@@ -246,61 +243,24 @@ def _predictor(experiment: Experiment) -> Callable[[Point], Prediction]:
     return predict
 
 
-def _context() -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        # The optimizer's first step imports torch._dynamo (and sympy): a second per point if not preloaded.
-        # The extras' packages take seconds to import: preload those the experiment's checks imported already.
-        extras = [name for name in ("transformers", "sentence_transformers") if name in sys.modules]
-        context.set_forkserver_preload(["gcbench.sweep.worker", "torch._dynamo", "torch.profiler", *extras])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
 def run_point_process(
     experiment: Experiment, point: Point, git: str | None, logs: Path, round: int = 1, reference: Point | None = None
 ) -> Record:
-    """Measure one round of ``point`` in a child process (timed in turns with ``reference`` if given); a
-    timeout, crash or kill becomes a record too."""
-    from gcbench.sweep.worker import child_main
-
+    """Measure one round of ``point`` in a child process (timed in turns with ``reference`` if given), its
+    output in ``logs``; a timeout, crash or kill becomes a record too."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", point.id) + (f".round{round}" if round > 1 else "")
-    log_path = logs / f"{name}.log"
-    with tempfile.TemporaryDirectory(prefix="gcbench-point-") as scratch:
-        result_path = Path(scratch) / "record.json"
-        args = (experiment.to_dict(), dump(point), git, str(result_path), str(log_path), round)
-        process = _context().Process(
-            target=child_main, args=(*args, dump(reference) if reference is not None else None, import_path())
-        )
-        process.start()
-        timed_out = False
-        try:
-            process.join(experiment.sweep.timeout)
-            timed_out = process.is_alive()
-        finally:
-            if process.is_alive():
-                process.kill()
-                process.join()
-        if result_path.exists():
-            return Record.from_dict(json.loads(result_path.read_text()))
+    args = (experiment.to_dict(), dump(point), git, round, dump(reference) if reference is not None else None)
+    outcome = run_child(child_main, args, timeout=experiment.sweep.timeout, log=logs / f"{name}.log")
+    if outcome.finished:
+        return Record.from_dict(json.loads(outcome.value))
     status: Status
-    if timed_out:
+    if outcome.timed_out:
         status, reason = "timeout", f"exceeded the {experiment.sweep.timeout:g} s point timeout"
+    elif outcome.failure is not None:
+        status, reason = "error", outcome.failure.message.strip().split("\n")[0][:500]
     else:
-        status, reason = "error", _exit_reason(process.exitcode, log_path)
+        status, reason = "error", outcome.exit_reason()
     return bare_record(experiment, point, status, reason, git, round)
-
-
-def _exit_reason(exitcode: int | None, log_path: Path) -> str:
-    tail = ""
-    if log_path.exists():
-        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        tail = f"; last output: {lines[-1][:300]}" if lines else ""
-    if exitcode == -signal.SIGKILL:
-        return f"worker killed by SIGKILL (out of host memory?){tail}"
-    if exitcode is not None and exitcode < 0:
-        return f"worker killed by {signal.Signals(-exitcode).name}{tail}"
-    return f"worker exited with status {exitcode} and no record{tail}"
 
 
 def write_csv(records: list[Record], path: Path) -> None:
