@@ -6,8 +6,10 @@
    it) with the predicted peak within the budget less a margin.
 2. **Rank** what fits by the work of its step: the floating-point operations counted under fake tensors
    (what is encoded again shows here), then fewer encoder calls (larger chunks run faster per example).
-3. **Measure** the best few for real: each one's peak in a process of its own (and drop any over the
-   budget), then their step times in turns in one process (:func:`~gcbench.measure.timing.time_in_turns`),
+3. **Measure** the best few for real, as the sweep does (:class:`~gcbench.measure.step.StepProtocol`):
+   each one's peak in a process of its own, under the budget's CUDA cap, and drop any whose
+   allocator-level peak (``max_memory_allocated`` plus nothing: the sweep's ``peak_bytes``) is over the
+   budget; then their step times in turns in one process (:meth:`~gcbench.measure.step.StepProtocol.turns`),
    in rounds of fresh processes, with 95% intervals (:func:`~gcbench.measure.stats.estimate`).
 
 The winner is the fastest measured; ``measure_all`` measures every candidate, and says how far the
@@ -20,7 +22,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,8 @@ from gcbench.estimate import Estimator
 from gcbench.estimate.plan import chunk_candidates
 from gcbench.experiment import Experiment
 from gcbench.measure.allocator import steady_allocator
-from gcbench.measure.memory import is_out_of_memory, measure_step_memory
+from gcbench.measure.memory import is_out_of_memory
 from gcbench.measure.stats import Estimate, estimate
-from gcbench.measure.timing import time_in_turns
 from gcbench.processes import run_child
 from gcbench.results.records import Point
 from gcbench.results.units import format_bytes
@@ -358,13 +359,12 @@ def _prepare(experiment_data: dict[str, Any]) -> tuple[Experiment, torch.device]
 
 
 def _child_peak(experiment_data: dict[str, Any], names: list[str], points: list[Point]) -> int | None:
-    """The allocator-level peak of one point's step after warm-up (None: out of memory)."""
+    """The allocator-level peak of one point's step, measured as a sweep point's (None: out of memory)."""
     experiment, device = _prepare(experiment_data)
+    protocol = experiment.step_protocol()
     try:
-        step = build_step(experiment.step_config(points[0]), device)
-        for _ in range(experiment.sweep.warmup):
-            step()
-        return measure_step_memory(step).peak_bytes
+        protocol.set_up(device)  # before the step is built, as the sweep's: its parameters count too
+        return protocol.peak(build_step(experiment.step_config(points[0]), device)).peak_bytes
     except Exception as error:
         if is_out_of_memory(error):
             return None
@@ -374,16 +374,10 @@ def _child_peak(experiment_data: dict[str, Any], names: list[str], points: list[
 def _child_turns(
     experiment_data: dict[str, Any], names: list[str], points: list[Point]
 ) -> dict[str, tuple[float, ...]]:
-    """Every point's step built in this process, warmed up, then timed in turns."""
+    """Every point's step built in this process, then warmed up and timed in turns as the sweep times."""
     experiment, device = _prepare(experiment_data)
     steps = {name: build_step(experiment.step_config(point), device) for name, point in zip(names, points)}
-    for step in steps.values():
-        for _ in range(experiment.sweep.warmup):
-            step()
-    policy = experiment.repeat_policy()
-    # The policy's time cap is for all candidates of a turn together: scale it with their number.
-    policy = replace(policy, max_time_s=policy.max_time_s * len(steps) / 2)
-    return time_in_turns(steps, device, policy).samples_s
+    return experiment.step_protocol().turns(steps, device).samples_s
 
 
 def render_tune(result: TuneResult) -> list[Any]:

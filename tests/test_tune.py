@@ -155,3 +155,23 @@ def test_tune_works_on_a_users_own_workload(tmp_path):
     result = json.loads(done.stdout)
     assert result["winner"]["measured_peak_bytes"] <= result["memory_budget_bytes"]
     assert result["winner"]["step_time_s"]["value"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_tune_and_the_sweep_measure_the_same_peak(tiny, tmp_path, device):
+    """One protocol: a setting's peak measured by tune's child is the sweep point's ``memory.peak_bytes``, to
+    the byte (the quantity both compare with the budget: the allocator's, baseline included); on CUDA both
+    under the budget's cap."""
+    from gcbench import tune as tune_module
+    from gcbench.sweep.runner import run_point_process
+
+    overrides = {"sweep.device": (device, "--device")}
+    if device == "cuda":
+        overrides["sweep.memory_budget"] = ("2GiB", "--memory-budget")
+    experiment = load_experiment(str(tiny), overrides)
+    point = Point("cache", 32, (4,))
+    by_tune = tune_module._in_child(tune_module._child_peak, experiment, [point], tmp_path / "tune.log")
+    record = run_point_process(experiment, point, None, tmp_path)
+    assert record.status == "ok" and record.memory is not None
+    assert by_tune == record.memory.peak_bytes

@@ -32,6 +32,7 @@ from typing import Any
 from gcbench.errors import UsageError
 from gcbench.experiment.schema import SECTIONS, SUBSECTIONS, TOP_LEVEL, SweepConfig
 from gcbench.imports import search
+from gcbench.measure.step import StepProtocol
 from gcbench.measure.timing import RepeatPolicy
 from gcbench.results.records import Point
 from gcbench.strategies import StrategyUse, resolve_strategy
@@ -110,6 +111,11 @@ class Experiment:
         """How long each round of a point is timed (``sweep.repeats`` at least, ``max_repeats`` at most)."""
         sweep = self.sweep
         return RepeatPolicy(sweep.repeats, max(sweep.repeats, sweep.max_repeats), sweep.max_time, sweep.target_spread)
+
+    def step_protocol(self) -> StepProtocol:
+        """How every step of this experiment is measured (sweep points, their ranks, tune): its warm-up,
+        repeat policy and memory budget."""
+        return StepProtocol(self.sweep.warmup, self.repeat_policy(), self.sweep.memory_budget)
 
     def strategy_use(self) -> StrategyUse:
         return StrategyUse(self.workload, self.sweep.chunk_sizes, self.sweep.nproc, self.sweep.equivalence)

@@ -12,9 +12,9 @@ when created in forward, a ``temporary`` when created inside backward or the opt
 One allocation bypasses the dispatcher: ``torch.get_rng_state()`` (5 KiB of CPU memory a call, one
 per chunk in GradCache, one per layer under checkpointing). ``count_cpu_rng_states`` counts it, for a
 CPU target; on a GPU it is host memory, outside ``max_memory_allocated``. It is seen returning through
-a profile function of this thread (``sys.setprofile``, set only while counting, chained to any other):
-no module attribute is replaced, so other threads and callers that imported it by name are unaffected
-or seen alike.
+a profile function of this thread (``sys.setprofile``, set only while counting, chained to any other,
+and off inside each op, where the fake tensors' Python dispatch would make it costly): no module
+attribute is replaced, so other threads are unaffected and callers that imported it by name are seen.
 """
 
 from __future__ import annotations
@@ -157,7 +157,14 @@ class MemoryTracker(TorchDispatchMode):
         return "activations"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        if self.count_cpu_rng_states:  # no op calls torch.get_rng_state: the profile function sleeps inside one
+            sys.setprofile(self._outer_profile)
+            try:
+                out = func(*args, **(kwargs or {}))
+            finally:
+                sys.setprofile(self._profile)
+        else:
+            out = func(*args, **(kwargs or {}))
         category = self._new_category()
         for item in tree_flatten(out)[0]:
             if isinstance(item, Tensor):

@@ -2,8 +2,9 @@
 
 :class:`PointMeasurer` holds what every point shares (the record's frame, the memory budget, the
 status of a failure, the finishing touches); :class:`InProcess` measures the step here and
-:class:`OnRanks` on ``sweep.nproc`` ranks, each rank running the same
-:func:`~gcbench.measure.step.measure_step`. :func:`measurer` picks one for an experiment.
+:class:`OnRanks` on ``sweep.nproc`` ranks, each rank measuring with the same
+:class:`~gcbench.measure.step.StepProtocol` (:meth:`PointMeasurer.protocol`). :func:`measurer` picks one
+for an experiment.
 
 On W ranks each rank builds the point's step for the global batch and keeps its shard; a timed
 repeat starts behind a barrier and lasts as long as its slowest rank. Rank 0's memory is the record's
@@ -33,10 +34,10 @@ from gcbench.errors import UsageError, first_line
 from gcbench.experiment import Experiment
 from gcbench.measure.allocator import steady_allocator
 from gcbench.measure.equivalence import REFERENCE, GradComparison, check_strategy, compare
-from gcbench.measure.memory import is_out_of_memory, limit_cuda_memory, release_memory
+from gcbench.measure.memory import is_out_of_memory, release_memory
 from gcbench.measure.ranks import REFERENCE as RANKS_REFERENCE
 from gcbench.measure.ranks import distributed_gradients, reference_gradients, worst
-from gcbench.measure.step import StepMeasurement, UntrackedBaseline, measure_step
+from gcbench.measure.step import StepMeasurement, StepProtocol, UntrackedBaseline
 from gcbench.measure.timing import Timing
 from gcbench.results.environment import environment
 from gcbench.results.records import (
@@ -165,6 +166,10 @@ class PointMeasurer(ABC):
         """Fill ``record`` (memory, time, equivalence in round 1, time alone later; or a failed status with
         its reason)."""
 
+    def protocol(self) -> StepProtocol:
+        """How this experiment's steps are measured (the same for one process, a rank, and tune)."""
+        return self.experiment.step_protocol()
+
     def reference_step(self, reference: Point | None, device: torch.device) -> Callable[[], TrainingStep] | None:
         """What builds the reference's step, to be timed in turns with the point's."""
         if reference is None:
@@ -178,16 +183,11 @@ class InProcess(PointMeasurer):
     def run(self, point: Point, device: torch.device, record: Record, reference: Point | None) -> None:
         sweep = self.experiment.sweep
         first = record.round == 1
-        limit_cuda_memory(device, sweep.memory_budget)
+        protocol = self.protocol()
         try:
+            protocol.set_up(device)  # before the step is built: its parameters count against the budget too
             step = build_step(self.experiment.step_config(point), device)
-            measured = measure_step(
-                step,
-                sweep.warmup,
-                self.experiment.repeat_policy(),
-                memory=first,
-                reference=self.reference_step(reference, device),
-            )
+            measured = protocol.measure(step, memory=first, reference=self.reference_step(reference, device))
             del step
         except Exception as error:
             if not is_out_of_memory(error):
@@ -316,7 +316,8 @@ def _measure_rank(
     sweep = experiment.sweep
     if sweep.malloc == "steady":
         steady_allocator()
-    limit_cuda_memory(info.device, sweep.memory_budget)
+    protocol = experiment.step_protocol()
+    protocol.set_up(info.device)  # before the step is built: its parameters count against the budget too
     step = distribute_step(build_step(experiment.step_config(point), info.device))
     buckets = UntrackedBaseline("DDP gradient buckets", ddp_bucket_bytes(step.strategy.objective.encoders))
 
@@ -324,17 +325,14 @@ def _measure_rank(
         assert reference is not None
         return distribute_step(build_step(experiment.step_config(reference), info.device))
 
-    measured = measure_step(
-        step,
-        sweep.warmup,
-        experiment.repeat_policy(),
-        memory=round == 1,
-        reference=reference_step if reference is not None else None,
+    protocol = replace(
+        protocol,
         untracked=buckets,
         before_each=lambda: _barrier(info),
         agree=lambda stop: _all_agree(stop, info.device),
         fall_back=False,  # ranks run the same turns: one rank cannot go on alone
     )
+    measured = protocol.measure(step, memory=round == 1, reference=reference_step if reference is not None else None)
     del step
     release_memory(info.device)
     check = sweep.equivalence and round == 1
