@@ -15,12 +15,16 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the accelerator if there is one, else CPU. Unavailable devices are a UsageError."""
+    """``auto``: the accelerator if there is one, else CPU. Unavailable devices are a UsageError.
+
+    An accelerator always comes back with its index (``cuda`` is ``cuda:N``, N the current device):
+    some of CUDA's calls (``set_per_process_memory_fraction``) refuse a device without one.
+    """
     if name == "auto":
         accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
         if accelerator is not None and torch.accelerator.is_available():
-            return accelerator
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            return _indexed(accelerator)
+        return _indexed(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -29,7 +33,14 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device: {name} requested but this torch build sees no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    return device
+    return _indexed(device)
+
+
+def _indexed(device: torch.device) -> torch.device:
+    index: int | None = device.index  # None for a bare "cuda", whatever the stubs say
+    if device.type == "cpu" or index is not None:
+        return device
+    return torch.device(device.type, torch.get_device_module(device.type).current_device())
 
 
 def check_precision(precision: str) -> str:

@@ -21,6 +21,7 @@ LAYERS = [
     "version",
     "typed",
     "device",
+    "_cuda_double",
     "cache",
     "losses",
     "workloads",
