@@ -347,8 +347,7 @@ def _child_peak(
     experiment, device = _prepare(experiment_data, parent_path)
     try:
         step = build_step(experiment.step_config(points[0]), device)
-        for _ in range(experiment.sweep.warmup):
-            step()
+        step.warm_up(experiment.sweep.warmup)
         return measure_step_memory(step).peak_bytes
     except Exception as error:
         if is_out_of_memory(error):

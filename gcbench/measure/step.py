@@ -72,8 +72,7 @@ def measure_step(
     """Warm up, measure memory (``memory``), then time ``step``, in turns with the step ``reference``
     builds when there is one. ``fall_back``: a reference that runs out of memory leaves the step timed
     alone (one process; ranks must fail together instead)."""
-    for _ in range(warmup):
-        step()
+    step.warm_up(warmup)  # the optimizer's state exists from here, whatever a GradScaler skipped
     measured, tracked, loss_peak = None, None, None
     if memory:
         measured = measure_step_memory(step)
