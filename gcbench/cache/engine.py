@@ -182,7 +182,7 @@ class GradCache:
             i = cid[0]
             cache = caches[i]
             reused = kept.pop(cid, None)
-            if cache is None:  # the loss does not depend on this input
+            if cache is None and cid not in plan.syncing:  # the loss does not depend on this input
                 continue
             with self._sync_context(cid, plan):
                 if reused is not None:
@@ -190,7 +190,9 @@ class GradCache:
                 else:
                     rng_states[cid].restore()
                     rep = self._encode(self.encoders[i], plan.chunk(cid), i)
-                rep.backward(cache[plan.rows(cid)])
+                # A syncing chunk goes backward even when the loss ignores its input: with zeros, DDP still
+                # reduces what the module's other chunks accumulated.
+                rep.backward(cache[plan.rows(cid)] if cache is not None else torch.zeros_like(rep))
             del rep, reused
 
     # Helpers -----------------------------------------------------------------------------------
