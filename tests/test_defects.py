@@ -41,3 +41,29 @@ def test_the_optimizer_has_its_state_before_the_measured_step_when_the_scaler_sk
     with pytest.raises(Stop):
         step_module.measure_step(build_step(config, torch.device("cpu")), 1, RepeatPolicy(1, 1, 0.0))
     assert seen == [True]
+
+
+@pytest.mark.parametrize("keep", [0, "all"])
+def test_a_chunk_whose_representations_differ_in_shape_is_named(keep):
+    """Token-level representations padded per chunk: chunk 1's (2, 1, 3) would broadcast into (2, 4, 3)."""
+    from gcbench import GradCache
+
+    class PaddedPerChunk(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            tokens = 4 if self.calls % 2 == 1 else 1
+            return self.linear(x).unsqueeze(1).expand(-1, tokens, -1)
+
+    def loss(a, b):
+        return (a.flatten(1) @ b.flatten(1).T).logsumexp(1).mean()
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 12), torch.nn.Unflatten(1, (4, 3)))
+    with pytest.raises(ValueError, match=r"encoders\[0\]: chunk 1 .* shape \(2, 1, 3\)"):
+        GradCache([PaddedPerChunk(), other], loss, 2, keep_graphs=keep)(
+            torch.randn(4, 4), torch.randn(4, 4)
+        )

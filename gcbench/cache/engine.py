@@ -162,6 +162,13 @@ class GradCache:
             rep = reps.get(i)
             if rep is None:
                 rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
+            rows = plan.rows(cid)
+            if value.shape != (rows.stop - rows.start, *rep.shape[1:]):  # copy_ would broadcast, silently
+                raise ValueError(
+                    f"encoders[{i}]: chunk {cid[1]} (rows {rows.start}:{rows.stop}) gave representations of shape "
+                    f"{tuple(value.shape)}, expected {(rows.stop - rows.start, *rep.shape[1:])} as chunk 0's; "
+                    "every chunk must give one row per example and the same trailing shape"
+                )
             with torch.no_grad():
                 rep[plan.rows(cid)].copy_(value)
         return [reps[i].requires_grad_() for i in range(len(self.encoders))], kept, rng_states
