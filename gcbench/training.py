@@ -65,6 +65,7 @@ class StepConfig:
         """This step's strategy on ``objective`` (the workload's, or a wrapped one)."""
         return make_strategy(self.strategy, objective, self.chunk_sizes, scaler, self.keep_graphs)
 
+
 WARM_UP_MOST = 16  # extra warm-up steps at most: the scaler halves its scale at each skip (2^16 to 1)
 
 
