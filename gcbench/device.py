@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
 import torch
@@ -68,3 +69,31 @@ def grad_scaler(precision: str, device: torch.device, init_scale: float = 2.0**1
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.get_device_module(device.type).synchronize(device)
+
+
+def float32_settings() -> dict[str, Any]:
+    """What decides float32 arithmetic on CUDA (TF32 rounds matmul inputs to 10 bits of mantissa)."""
+    return {
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+@contextlib.contextmanager
+def exact_float32(precision: str, device: torch.device) -> Iterator[None]:
+    """An exactness check in float32 (or float64) on CUDA runs with TF32 off, cuDNN's and matmul's, and
+    "highest" matmul precision; the settings come back afterwards. Nothing changes elsewhere."""
+    if device.type != "cuda" or precision not in ("float32", "float64"):
+        yield
+        return
+    saved = float32_settings()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved["tf32_matmul"]
+        torch.backends.cudnn.allow_tf32 = saved["tf32_cudnn"]
+        torch.set_float32_matmul_precision(saved["float32_matmul_precision"])

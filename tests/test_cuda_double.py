@@ -159,3 +159,31 @@ def test_a_two_rank_sweep_on_cuda_runs_through_the_double(tmp_path):
     assert record.env.device == "cuda:0", record.env.device
     assert "cuda max_memory_allocated" in record.memory.method
     assert json.loads(record.to_json())["env"]["device"].startswith("cuda")
+
+
+def test_float32_checks_on_cuda_run_with_tf32_off_and_the_record_says_what_was_on(cuda_double, monkeypatch):
+    import gcbench.measure.equivalence as equivalence
+    from gcbench.results.environment import environment
+    from gcbench.verify import workload_config
+
+    seen = []
+    real = equivalence.backward_in_order
+
+    def spying(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(equivalence, "backward_in_order", spying)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as a user may have set them
+    try:
+        env = environment(resolve_device("cuda"))
+        assert (env.tf32_matmul, env.tf32_cudnn, env.float32_matmul_precision) == (True, True, "high")
+        equivalence.check_strategy(workload_config("dpr", 0.0), "cache", 4, (2,), device="cuda:0")
+        assert seen == [(False, False), "highest"]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # given back
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision("highest")
