@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from gcbench import _cuda_double
 from gcbench.cache import GradCache, Objective
 from gcbench.version import __version__
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
         resolve_strategy,
     )
     from gcbench.workloads import ImageConfig, ModelConfig, UserWorkload, WorkloadConfig, build_workload
+
+_cuda_double.install_if_asked()  # GCBENCH_CUDA_DOUBLE=1: CUDA's calls rehearsed on the CPU (tests, gpu-check)
 
 _LAZY = {
     **dict.fromkeys(

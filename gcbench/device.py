@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
 import torch
@@ -15,12 +16,16 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the accelerator if there is one, else CPU. Unavailable devices are a UsageError."""
+    """``auto``: the accelerator if there is one, else CPU. Unavailable devices are a UsageError.
+
+    An accelerator always comes back with its index (``cuda`` is ``cuda:N``, N the current device):
+    some of CUDA's calls (``set_per_process_memory_fraction``) refuse a device without one.
+    """
     if name == "auto":
         accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
         if accelerator is not None and torch.accelerator.is_available():
-            return accelerator
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            return _indexed(accelerator)
+        return _indexed(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -29,7 +34,14 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device: {name} requested but this torch build sees no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    return device
+    return _indexed(device)
+
+
+def _indexed(device: torch.device) -> torch.device:
+    index: int | None = device.index  # None for a bare "cuda", whatever the stubs say
+    if device.type == "cpu" or index is not None:
+        return device
+    return torch.device(device.type, torch.get_device_module(device.type).current_device())
 
 
 def check_precision(precision: str) -> str:
@@ -57,3 +69,31 @@ def grad_scaler(precision: str, device: torch.device, init_scale: float = 2.0**1
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.get_device_module(device.type).synchronize(device)
+
+
+def float32_settings() -> dict[str, Any]:
+    """What decides float32 arithmetic on CUDA (TF32 rounds matmul inputs to 10 bits of mantissa)."""
+    return {
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+@contextlib.contextmanager
+def exact_float32(precision: str, device: torch.device) -> Iterator[None]:
+    """An exactness check in float32 (or float64) on CUDA runs with TF32 off, cuDNN's and matmul's, and
+    "highest" matmul precision; the settings come back afterwards. Nothing changes elsewhere."""
+    if device.type != "cuda" or precision not in ("float32", "float64"):
+        yield
+        return
+    saved = float32_settings()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved["tf32_matmul"]
+        torch.backends.cudnn.allow_tf32 = saved["tf32_cudnn"]
+        torch.set_float32_matmul_precision(saved["float32_matmul_precision"])

@@ -268,8 +268,15 @@ def _tiles(rows: Tensor, columns: Tensor, tile_size: int) -> list[tuple[slice, s
 
 
 def _full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Tiles in the representations' own dtype, whatever autocast says around the loss (backward included)."""
+    """Tiles in the representations' own dtype, whatever autocast says around the loss (backward included);
+    what runs over the tiles is kept in :func:`_accumulating` dtype."""
     return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def _accumulating(tensor: Tensor) -> torch.dtype:
+    """float32 for half-precision representations: a running log-sum-exp (or sum) over many tiles in bf16
+    keeps 8 bits of mantissa. Each tile's scores are made in the representations' dtype, then widened."""
+    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 def _logsumexp(scores: Tensor, dim: int) -> Tensor:
@@ -305,7 +312,7 @@ class _LogSumExpTiles:
     column_lse: Tensor
 
     def scores(self, i: slice, j: slice) -> Tensor:
-        return _score_tile(self.scaled_rows, self.columns, i, j, self.exclude)
+        return _score_tile(self.scaled_rows, self.columns, i, j, self.exclude).to(self.row_lse.dtype)
 
     def forward_tile(self, i: slice, j: slice) -> None:
         scores = self.scores(i, j)
@@ -342,12 +349,12 @@ class _TiledLogSumExp(torch.autograd.Function):
                 rows * scale,
                 columns,
                 exclude,
-                rows.new_full((rows.shape[0],), -math.inf),
-                rows.new_full((columns.shape[0] if columns_too else 0,), -math.inf),
+                rows.new_full((rows.shape[0],), -math.inf, dtype=_accumulating(rows)),
+                rows.new_full((columns.shape[0] if columns_too else 0,), -math.inf, dtype=_accumulating(rows)),
             )
             for i, j in _tiles(rows, columns, tile_size):
                 tiles.forward_tile(i, j)
-            total = tiles.row_lse.sum() + tiles.column_lse.sum()
+            total = (tiles.row_lse.sum() + tiles.column_lse.sum()).to(rows.dtype)
         ctx.save_for_backward(rows, columns, scale, tiles.scaled_rows, tiles.row_lse, tiles.column_lse)
         ctx.tile_size, ctx.exclude = tile_size, exclude
         return total
@@ -357,7 +364,7 @@ class _TiledLogSumExp(torch.autograd.Function):
         rows, columns, scale, scaled_rows, row_lse, column_lse = ctx.saved_tensors
         with _full_precision(rows):
             tiles = _LogSumExpTiles(scaled_rows, columns, ctx.exclude, row_lse, column_lse)
-            sums = (torch.zeros_like(rows), torch.zeros_like(columns))
+            sums = (torch.zeros_like(rows, dtype=row_lse.dtype), torch.zeros_like(columns, dtype=row_lse.dtype))
             for i, j in _tiles(rows, columns, ctx.tile_size):
                 tiles.backward_tile(i, j, sums)
         return _gradients(ctx, grad, rows, scale, *sums)
@@ -371,28 +378,30 @@ class _TiledNegatives(torch.autograd.Function):
     def forward(ctx: Any, rows: Tensor, columns: Tensor, scale: Tensor, bias: Tensor, tile_size: int) -> Tensor:
         with _full_precision(rows):
             scaled_rows = rows * scale
-            total = rows.new_zeros(())
+            total = rows.new_zeros((), dtype=_accumulating(rows))
             for i, j in _tiles(rows, columns, tile_size):
                 _TiledNegatives.forward_tile(scaled_rows, columns, bias, i, j, total)
         ctx.save_for_backward(rows, columns, scale, bias, scaled_rows)
         ctx.tile_size = tile_size
-        return total
+        return total.to(rows.dtype)
 
     @staticmethod
     def forward_tile(scaled_rows: Tensor, columns: Tensor, bias: Tensor, i: slice, j: slice, total: Tensor) -> None:
-        logits = _score_tile(scaled_rows, columns, i, j).add_(bias)
+        logits = _score_tile(scaled_rows, columns, i, j).to(total.dtype).add_(bias)
         total.sub_(F.logsigmoid(logits.neg_()).sum())
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         rows, columns, scale, bias, scaled_rows = ctx.saved_tensors
         with _full_precision(rows):
-            sums = (torch.zeros_like(rows), torch.zeros_like(columns))
-            bias_grad = rows.new_zeros(())
+            wide = _accumulating(rows)
+            sums = (torch.zeros_like(rows, dtype=wide), torch.zeros_like(columns, dtype=wide))
+            bias_grad = rows.new_zeros((), dtype=wide)
             for i, j in _tiles(rows, columns, ctx.tile_size):
                 _TiledNegatives.backward_tile(scaled_rows, columns, bias, i, j, sums, bias_grad)
         rows_grad, columns_grad, scale_grad = _gradients(ctx, grad, rows, scale, *sums)[:3]
-        return rows_grad, columns_grad, scale_grad, bias_grad * grad if ctx.needs_input_grad[3] else None, None
+        bias_grad = (bias_grad * grad).to(bias.dtype) if ctx.needs_input_grad[3] else None
+        return rows_grad, columns_grad, scale_grad, bias_grad, None
 
     @staticmethod
     def backward_tile(
@@ -404,7 +413,7 @@ class _TiledNegatives(torch.autograd.Function):
         sums: tuple[Tensor, Tensor],
         bias_grad: Tensor,
     ) -> None:
-        weights = _score_tile(scaled_rows, columns, i, j).add_(bias).sigmoid_()
+        weights = _score_tile(scaled_rows, columns, i, j).to(bias_grad.dtype).add_(bias).sigmoid_()
         bias_grad.add_(weights.sum())
         _add_tile(sums, weights, scaled_rows, columns, i, j)
 
@@ -413,8 +422,9 @@ def _add_tile(
     sums: tuple[Tensor, Tensor], weights: Tensor, scaled_rows: Tensor, columns: Tensor, i: slice, j: slice
 ) -> None:
     """Add a tile's ``d loss / d s_ij`` (``weights``) times the other side to both sides' sums."""
-    sums[0][i].addmm_(weights, columns[j])  # d/d rows_i = scale * sum_j w_ij columns_j
-    sums[1][j].addmm_(weights.T, scaled_rows[i])  # d/d columns_j = sum_i w_ij scale * rows_i
+    wide = weights.dtype  # the sums' (a no-op unless the representations are half precision)
+    sums[0][i].addmm_(weights, columns[j].to(wide))  # d/d rows_i = scale * sum_j w_ij columns_j
+    sums[1][j].addmm_(weights.T, scaled_rows[i].to(wide))  # d/d columns_j = sum_i w_ij scale * rows_i
 
 
 def _gradients(
@@ -422,5 +432,6 @@ def _gradients(
 ) -> tuple[Tensor | None, ...]:
     """``(d rows, d columns, d scale, None...)`` from ``row_sums`` (sum_j w_ij columns_j) and ``column_sums``
     (sum_i w_ij scale * rows_i): ``d/d scale = sum_ij w_ij <rows_i, columns_j> = <row_sums, rows>``."""
-    scale_grad = (row_sums * rows).sum() * grad if ctx.needs_input_grad[2] else None
-    return row_sums.mul_(scale * grad), column_sums.mul_(grad), scale_grad, None, None, None
+    scale_grad = ((row_sums * rows).sum() * grad).to(scale.dtype) if ctx.needs_input_grad[2] else None
+    rows_grad, columns_grad = row_sums.mul_(scale * grad).to(rows.dtype), column_sums.mul_(grad).to(rows.dtype)
+    return rows_grad, columns_grad, scale_grad, None, None, None

@@ -66,6 +66,9 @@ class StepConfig:
         return make_strategy(self.strategy, objective, self.chunk_sizes, scaler, self.keep_graphs)
 
 
+WARM_UP_MOST = 16  # extra warm-up steps at most: the scaler halves its scale at each skip (2^16 to 1)
+
+
 @dataclass
 class TrainingStep:
     config: StepConfig
@@ -95,6 +98,26 @@ class TrainingStep:
         loss = self.forward_backward()
         self.optimizer_step()
         return loss
+
+    def warm_up(self, steps: int) -> None:
+        """``steps`` steps, then more until the optimizer holds its state. A GradScaler skips the optimizer's
+        step while the scaled gradients overflow (fp16 at 2^16 can on a first step); state made inside a
+        measured step would count in its peak and not in its baseline."""
+        for _ in range(steps):
+            self()
+        for _ in range(WARM_UP_MOST if steps else 0):
+            if self.optimizer_ready():
+                return
+            self()
+        if steps and not self.optimizer_ready():
+            raise RuntimeError(
+                f"the optimizer made no state in {steps + WARM_UP_MOST} warm-up steps (the GradScaler skipped them all)"
+            )
+
+    def optimizer_ready(self) -> bool:
+        """Every parameter that has a gradient has its optimizer state (adamw, adam and sgd with momentum keep
+        some)."""
+        return all(self.optimizer.state.get(p) for p in self.parameters() if p.grad is not None)
 
     @property
     def examples(self) -> int:

@@ -19,7 +19,7 @@ from gcbench.verify import verify, workload_config
 from gcbench.workloads import ModelConfig, WorkloadConfig
 
 pytestmark = pytest.mark.cuda
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda", 0)  # set_per_process_memory_fraction refuses a device without an index
 WORKLOAD = WorkloadConfig(
     "dpr", ModelConfig(hidden=64, layers=2, heads=4, vocab=2000), query_length=16, passage_length=32
 )

@@ -106,3 +106,31 @@ def test_accumulate_syncs_once_per_step(process_group):
     strategy = make_strategy("accumulate", Objective([enc, enc], loss), 2)
     strategy.forward_backward([torch.randn(8, 4), torch.randn(8, 4)])  # four micro-batches
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("keep", [0, 1, "all"])
+def test_the_syncing_chunk_goes_backward_when_the_loss_ignores_its_input(process_group, keep):
+    """A tied encoder's last chunk belongs to an input the loss ignores: it still syncs, with zeros."""
+    torch.manual_seed(0)
+    calls = []
+    enc = counting_ddp(nn.Linear(4, 3), calls)
+
+    def ignores_the_second(a, b):
+        return (a @ a.T).logsumexp(1).mean()
+
+    GradCache([enc, enc], ignores_the_second, 3, keep_graphs=keep)(torch.randn(7, 4), torch.randn(7, 4))
+    assert len(calls) == 1 and reduced_everything(enc)
+
+
+def test_a_gradient_the_loss_leaves_out_is_zeros_of_the_tensors_kind(process_group):
+    """The mean over ranks fills an unused tensor's gradient with zeros in its dtype (and on its device)."""
+    from types import SimpleNamespace
+
+    from gcbench.distributed.local import _MeanGradOverRanks
+
+    ctx = SimpleNamespace()
+    used, unused = torch.ones(2, 3, dtype=torch.float16), torch.ones(4, dtype=torch.float16)
+    _MeanGradOverRanks.forward(ctx, None, used, unused)
+    _, grad_used, grad_unused = _MeanGradOverRanks.backward(ctx, torch.ones(2, 3, dtype=torch.float16), None)
+    assert grad_used.dtype == grad_unused.dtype == torch.float16 and grad_unused.device == unused.device
+    assert torch.equal(grad_unused, torch.zeros(4, dtype=torch.float16))

@@ -23,6 +23,7 @@ LAYERS = [
     "version",
     "typed",
     "device",
+    "_cuda_double",
     "processes",
     "cache",
     "losses",

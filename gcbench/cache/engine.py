@@ -163,6 +163,13 @@ class GradCache:
             rep = reps.get(i)
             if rep is None:
                 rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
+            rows = plan.rows(cid)
+            if value.shape != (rows.stop - rows.start, *rep.shape[1:]):  # copy_ would broadcast, silently
+                raise ValueError(
+                    f"encoders[{i}]: chunk {cid[1]} (rows {rows.start}:{rows.stop}) gave representations of shape "
+                    f"{tuple(value.shape)}, expected {(rows.stop - rows.start, *rep.shape[1:])} as chunk 0's; "
+                    "every chunk must give one row per example and the same trailing shape"
+                )
             with torch.no_grad():
                 rep[plan.rows(cid)].copy_(value)
         return [reps[i].requires_grad_() for i in range(len(self.encoders))], kept, rng_states
@@ -183,7 +190,7 @@ class GradCache:
             i = cid[0]
             cache = caches[i]
             reused = kept.pop(cid, None)
-            if cache is None:  # the loss does not depend on this input
+            if cache is None and cid not in plan.syncing:  # the loss does not depend on this input
                 continue
             with self._sync_context(cid, plan):
                 if reused is not None:
@@ -191,7 +198,9 @@ class GradCache:
                 else:
                     rng_states[cid].restore()
                     rep = self._encode(self.encoders[i], plan.chunk(cid), i)
-                rep.backward(cache[plan.rows(cid)])
+                # A syncing chunk goes backward even when the loss ignores its input: with zeros, DDP still
+                # reduces what the module's other chunks accumulated.
+                rep.backward(cache[plan.rows(cid)] if cache is not None else torch.zeros_like(rep))
             del rep, reused
 
     # Helpers -----------------------------------------------------------------------------------

@@ -74,12 +74,16 @@ class _MeanGradOverRanks(torch.autograd.Function):
     def forward(ctx: Any, group: ProcessGroup | None, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.group = group
         ctx.shapes = [t.shape for t in tensors]
+        ctx.kinds = [(t.dtype, t.device) for t in tensors]  # an unused tensor's zeros: on its device, in its dtype
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         flat = torch.cat(
-            [(g if g is not None else torch.zeros(shape)).reshape(-1) for g, shape in zip(grads, ctx.shapes)]
+            [
+                (g if g is not None else torch.zeros(shape, dtype=dtype, device=device)).reshape(-1)
+                for g, shape, (dtype, device) in zip(grads, ctx.shapes, ctx.kinds)
+            ]
         )
         dist.all_reduce(flat, group=ctx.group)
         flat /= dist.get_world_size(ctx.group)

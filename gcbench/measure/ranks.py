@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gcbench.device import grad_scaler
+from gcbench.device import exact_float32, grad_scaler
 from gcbench.distributed.launch import RankInfo, launch
 from gcbench.distributed.objective import distribute_step, gathers
 from gcbench.measure.equivalence import COMPARISON_LOSS_SCALE, GradComparison, compare, gradients
@@ -40,7 +40,8 @@ def whole_loss(config: StepConfig) -> StepConfig:
 def step_gradients(step: TrainingStep) -> tuple[list[Tensor], float]:
     """One forward+backward of ``step`` from zero gradients: float64 copies, unscaled, and the loss."""
     step.zero_grad()
-    loss = step.forward_backward()
+    with exact_float32(step.config.precision, step.device):
+        loss = step.forward_backward()
     unscale = 1.0 / step.scaler.get_scale() if step.scaler is not None else 1.0
     return [g * unscale for g in gradients(step.parameters())], float(loss)
 

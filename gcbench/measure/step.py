@@ -92,9 +92,8 @@ class StepProtocol:
         """Cap the allocator to the budget (CUDA) before the first step runs."""
         limit_cuda_memory(device, self.budget)
 
-    def warm(self, step: Callable[[], object]) -> None:
-        for _ in range(self.warmup):
-            step()
+    def warm(self, step: TrainingStep) -> None:
+        step.warm_up(self.warmup)  # the optimizer's state exists from here, whatever a GradScaler skipped
 
     def peak(self, step: TrainingStep) -> MemoryMeasurement:
         """The allocator-level peak of ``step`` after set-up and warm-up (what tune checks a pick with)."""
@@ -115,7 +114,7 @@ class StepProtocol:
             block = CUDA_BLOCK if step.device.type == "cuda" else 1
             _, tracked = track_step(step, block, count_cpu_rng_states=step.device.type == "cpu")
             loss_peak = loss_memory(step, block)
-        candidates: dict[str, Callable[[], object]] = {STEP: step}
+        candidates: dict[str, TrainingStep] = {STEP: step}
         unpaired = None
         release_memory(step.device)  # the cap held the step's own peak, measured above; timing runs uncapped
         if reference is not None:

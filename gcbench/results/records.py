@@ -17,7 +17,7 @@ from pydantic import Strict
 
 from gcbench.errors import UsageError
 from gcbench.strategies import StrategyTraits
-from gcbench.typed import Float, Int, Str, dump, load, typed, typed_mutable
+from gcbench.typed import Bool, Float, Int, Str, dump, load, typed, typed_mutable
 
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.jsonl"
@@ -208,6 +208,9 @@ class Environment:
     driver: Str | None = None
     git_commit: Str | None = None
     packages: dict[str, Str] | None = None  # the optional extras' distributions, where installed
+    tf32_matmul: Bool | None = None  # torch.backends.cuda.matmul.allow_tf32 when measured
+    tf32_cudnn: Bool | None = None  # torch.backends.cudnn.allow_tf32
+    float32_matmul_precision: Str | None = None  # torch.get_float32_matmul_precision(): highest, high, medium
 
 
 @typed_mutable
