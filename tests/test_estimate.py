@@ -143,6 +143,17 @@ def test_cuda_attention_reaches_a_model_that_imported_it_by_name():
     with target("cpu").kernels():
         cpu = _aten_ops(attend)
     assert "aten._scaled_dot_product_efficient_attention" in inside
+
+    def checkpointed() -> None:  # recomputed inside backward: the same kernel, or the checkpoint refuses
+        with fake:
+            out = torch.utils.checkpoint.checkpoint(
+                lambda q: scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1), q, use_reentrant=False
+            )
+            out.sum().backward()
+
+    with target("cuda").kernels():
+        recomputed = _aten_ops(checkpointed)
+    assert "aten._scaled_dot_product_efficient_attention_backward" in recomputed
     assert (
         "aten._scaled_dot_product_efficient_attention" not in cpu
         and "aten._scaled_dot_product_flash_attention_for_cpu" in cpu

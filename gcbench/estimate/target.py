@@ -13,6 +13,7 @@ CPU tensors and models the target's differences:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -78,10 +79,47 @@ def _efficient_attention(
 
 class CudaAttention(TorchFunctionMode):
     """Every ``scaled_dot_product_attention`` call runs CUDA's memory-efficient kernel while the mode is on:
-    a function mode sees the call however the model reached the function (``F.``, or imported by name)."""
+    a function mode sees the call however the model reached the function (``F.``, or imported by name).
+
+    A mode is off while it handles a call, so whatever runs inside a call it handles goes unseen; the
+    backward pass is run with the mode back on, so a checkpoint's recomputation in it gets the kernel its
+    forward got.
+    """
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return _efficient_attention(*args, **kwargs)
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            with self:
+                _run_backward(func, args, kwargs)
+            return None
         return func(*args, **kwargs)
+
+
+def _run_backward(func: Any, args: Any, kwargs: Any) -> None:
+    """What ``Tensor.backward`` and ``torch.autograd.backward`` do after their torch-function check (the mode
+    would handle them again): the same gradients into the engine."""
+    if func is torch.Tensor.backward:
+        bound = inspect.signature(torch.Tensor.backward).bind(*args, **kwargs)
+        tensors, grads = bound.arguments["self"], bound.arguments.get("gradient")
+    else:
+        bound = inspect.signature(torch.autograd.backward).bind(*args, **kwargs)
+        tensors, grads = bound.arguments["tensors"], bound.arguments.get("grad_tensors")
+    create = bool(bound.arguments.get("create_graph", False))
+    retain = bound.arguments.get("retain_graph")
+    inputs = bound.arguments.get("inputs")
+    outputs = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+    inputs = () if inputs is None else (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    grads = torch.autograd._make_grads(
+        outputs, torch.autograd._tensor_or_tensors_to_tuple(grads, len(outputs)), is_grads_batched=False
+    )
+    torch.autograd.graph._engine_run_backward(
+        outputs,
+        grads,
+        create if retain is None else retain,
+        create,
+        inputs,
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )

@@ -114,6 +114,9 @@ def run_sweep(
         if fresh:
             store.reset()
     if launched is not None:
+        if predict is not None:  # a rank's prediction runs in a fake process group: before torchrun's is joined
+            predictions = {point.id: predict(point) for point in experiment.points()}
+            predict = lambda point: predictions[point.id]  # noqa: E731
         join_launched_group(resolve_backend(experiment.sweep.backend, device), experiment.sweep.timeout)
         done = _from_rank_zero(done)
     if on_ready is not None:
