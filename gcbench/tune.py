@@ -183,7 +183,10 @@ def tune(
     device = resolve_device(sweep.device)
     target = "cuda" if device.type == "cuda" else "cpu"
     limit = int(budget * (1 - margin))
-    estimator = Estimator(experiment.workload, sweep.precision, target, sweep.seed, experiment.optimizer)
+    capability = torch.cuda.get_device_capability(device) if target == "cuda" else None
+    estimator = Estimator(
+        experiment.workload, sweep.precision, target, sweep.seed, experiment.optimizer, capability=capability
+    )
     say(f"searching chunk sizes and kept graphs at batch {batch_size} for {format_bytes(limit)} predicted")
     candidates, refused = _search(estimator, experiment, cached, batch_size, limit)
     if not candidates:

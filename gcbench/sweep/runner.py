@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from gcbench.device import resolve_device
@@ -232,7 +233,12 @@ def _predictor(experiment: Experiment) -> Callable[[Point], Prediction]:
         raise UsageError(f"--predict: no memory model for {device.type} devices (cpu and cuda have one)")
     try:
         estimator = Estimator(
-            experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed, experiment.optimizer
+            experiment.workload,
+            experiment.sweep.precision,
+            device.type,
+            experiment.sweep.seed,
+            experiment.optimizer,
+            capability=torch.cuda.get_device_capability(device) if device.type == "cuda" else None,
         )
     except EstimateError as error:
         raise EstimateError(f"--predict: {error}") from None
