@@ -34,12 +34,12 @@ def _full_line(full: pd.DataFrame, budget: int | None, reference: str) -> str:
     ran = "" if largest is None else f"its largest batch was {largest['batch_size']} at {_peak(largest)}"
     if not over.empty:
         first = over.loc[over["batch_size"].idxmin()]
-        failed = (
-            f"{reference} ran out of memory at batch {first['batch_size']}{within}"
-            if first["status"] == "oom"
-            else f"{reference} went over the {format_bytes(budget)} budget at batch {first['batch_size']} "
-            f"({_peak(first)})"
-        )
+        if first["outcome"] == "out of memory":  # the allocator refused it (CUDA under its cap, or the host)
+            failed = f"{reference} ran out of memory at batch {first['batch_size']}{within}"
+        else:  # a threshold passed: on CPU nothing refuses the memory
+            limit = f"the {format_bytes(budget)} budget" if budget is not None else "its memory budget"
+            peak = _peak(first) if pd.notna(first["peak"]) else "peak unknown"
+            failed = f"{reference} went over {limit} at batch {first['batch_size']} ({peak})"
         return f"{failed}; " + (ran or "no batch fit") + "."
     if largest is not None:
         return (

@@ -22,6 +22,9 @@ from gcbench.typed import Bool, Float, Int, Str, dump, load, typed, typed_mutabl
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.jsonl"
 Status = Literal["ok", "oom", "error", "timeout", "skipped"]
+# In the reason of an ``oom`` point whose measured peak passed the budget as a threshold (nothing refused the
+# memory: always so on CPU); a point the allocator refused has the allocator's message instead.
+OVER_BUDGET = "over the memory budget"
 STATUSES: tuple[Status, ...] = ("ok", "oom", "error", "timeout", "skipped")
 FAILED: tuple[Status, ...] = ("error", "timeout")  # what ``--retry-failed`` runs again; oom is a result
 

@@ -40,6 +40,7 @@ from gcbench.measure.step import StepMeasurement, UntrackedBaseline, measure_ste
 from gcbench.measure.timing import Timing
 from gcbench.results.environment import environment
 from gcbench.results.records import (
+    OVER_BUDGET,
     DistributedResult,
     Environment,
     EquivalenceResult,
@@ -154,7 +155,8 @@ class PointMeasurer(ABC):
                     "" if record.distributed is None else f" of rank {record.distributed.rank_peak_bytes.index(peak)}"
                 )
                 record.status = "oom"
-                record.reason = f"peak {format_bytes(peak)}{rank} is over the memory budget {format_bytes(budget)}"
+                threshold = " (a threshold: nothing on CPU refuses the memory)" if device.type == "cpu" else ""
+                record.reason = f"peak {format_bytes(peak)}{rank} is {OVER_BUDGET} {format_bytes(budget)}{threshold}"
                 record.equivalence = None
         record.finished_at = now()
         record.wall_s = time.perf_counter() - started

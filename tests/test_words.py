@@ -1,0 +1,34 @@
+"""What a report says happened: one rule for "within the budget", and a threshold passed named as such."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gcbench.report.data import ReportData
+from gcbench.report.headline import headline
+from gcbench.report.load import Run, load_runs
+from gcbench.report.tables import every_point
+
+MIXED = Path(__file__).parent / "fixtures" / "report" / "mixed.jsonl"
+MiB = 2**20
+
+
+def test_under_a_report_budget_the_headline_and_the_tables_agree():
+    """40 MiB: full's ok batch 32 (47.64 MiB) is over it. Every line and the points table must say so."""
+    data = ReportData.of(load_runs([MIXED]), 40 * MiB)
+    full_line, memory_line, cost_line = headline(data)
+    assert full_line.startswith("full went over the 40.00 MiB budget at batch 32 (47.64 MiB)")
+    assert "batch 32" not in memory_line and "batch 32" not in cost_line  # neither compares where full did not fit
+    table = every_point(data).frame
+    full = table[table["series"] == "full"].set_index("batch")
+    assert full.loc[32, "status"] == "over the budget" and full.loc[16, "status"] == "ok"
+
+
+def test_a_threshold_passed_is_over_the_budget_and_a_refusal_is_out_of_memory():
+    data = ReportData.of(load_runs([MIXED]), 64 * MiB)
+    outcome = data.points.set_index(["series", "batch_size"])["outcome"]
+    assert outcome[("full", 64)] == "over the budget"  # its reason: the measured peak passed the threshold
+    assert outcome[("checkpoint", 16)] == "out of memory"  # its reason: the allocator's "can't allocate memory"
+    assert headline(data)[0].startswith("full went over the 64.00 MiB budget at batch 64")
+    no_budget = ReportData.of([Run("quick", MIXED, load_runs([MIXED])[0].records)])
+    assert headline(no_budget)[0].startswith("full went over its memory budget at batch 64")
