@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gcbench.device import resolve_device
+from gcbench.device import point_threads, resolve_device
 from gcbench.errors import EstimateError, UsageError, first_line
 from gcbench.estimate import Estimator
 from gcbench.estimate.plan import chunk_candidates
@@ -336,8 +336,9 @@ def _prepare(experiment_data: dict[str, Any], parent_path: Sequence[str]) -> tup
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
     experiment = Experiment.from_dict(experiment_data)
-    if experiment.sweep.threads:
-        torch.set_num_threads(experiment.sweep.threads)
+    threads = point_threads(experiment.sweep.threads, resolve_device(experiment.sweep.device))
+    if threads:
+        torch.set_num_threads(threads)
     if experiment.sweep.malloc == "steady":
         steady_allocator()
     return experiment, resolve_device(experiment.sweep.device)

@@ -32,3 +32,22 @@ def test_a_threshold_passed_is_over_the_budget_and_a_refusal_is_out_of_memory():
     assert headline(data)[0].startswith("full went over the 64.00 MiB budget at batch 64")
     no_budget = ReportData.of([Run("quick", MIXED, load_runs([MIXED])[0].records)])
     assert headline(no_budget)[0].startswith("full went over its memory budget at batch 64")
+
+
+def test_a_cpu_point_runs_one_thread_unless_told_and_an_oversubscribed_start_is_flagged(monkeypatch):
+    import os
+
+    import torch
+
+    from gcbench.device import oversubscribed, point_threads
+    from gcbench.results.environment import environment
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert point_threads(0, cpu) == 1 and point_threads(4, cpu) == 4 and point_threads(0, cuda) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert oversubscribed(1) is None
+    note = oversubscribed(4)
+    assert note is not None and "4 torch threads with 0.5 of 2 cores free" in note
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert environment(cpu).oversubscribed == note  # recorded with the point, shown beside its times

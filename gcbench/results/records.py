@@ -214,6 +214,7 @@ class Environment:
     tf32_matmul: Bool | None = None  # torch.backends.cuda.matmul.allow_tf32 when measured
     tf32_cudnn: Bool | None = None  # torch.backends.cudnn.allow_tf32
     float32_matmul_precision: Str | None = None  # torch.get_float32_matmul_precision(): highest, high, medium
+    oversubscribed: Str | None = None  # set when the point's threads exceeded the cores free as it started
 
 
 @typed_mutable

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 import torch
 import torch.distributed as dist
 
-from gcbench.device import resolve_device
+from gcbench.device import point_threads, resolve_device
 from gcbench.distributed.launch import RankError, RankInfo, launch, resolve_backend
 from gcbench.distributed.objective import ddp_bucket_bytes, distribute_step, gathers
 from gcbench.errors import UsageError, first_line
@@ -130,10 +130,10 @@ class PointMeasurer(ABC):
         the point to time in turns with this one (the reference strategy at the same batch, which ran ok)."""
         started = time.perf_counter()
         sweep = self.experiment.sweep
-        if sweep.threads:
-            torch.set_num_threads(sweep.threads)
-        malloc = steady_allocator() if sweep.malloc == "steady" else None
         device = resolve_device(sweep.device)
+        if point_threads(sweep.threads, device):
+            torch.set_num_threads(point_threads(sweep.threads, device))
+        malloc = steady_allocator() if sweep.malloc == "steady" else None
         record = Record(
             self.experiment.name,
             self.experiment.fingerprint,
@@ -263,7 +263,7 @@ class OnRanks(PointMeasurer):
                 device=device,
                 backend=backend,
                 timeout=sweep.timeout * LAUNCH_SHARE,
-                threads=sweep.threads,
+                threads=point_threads(sweep.threads, device),
             )
         except RankError as error:
             record.status = "oom" if error.exception is not None and is_out_of_memory(error.exception) else "error"
