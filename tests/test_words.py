@@ -51,3 +51,35 @@ def test_a_cpu_point_runs_one_thread_unless_told_and_an_oversubscribed_start_is_
     assert note is not None and "4 torch threads with 0.5 of 2 cores free" in note
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert environment(cpu).oversubscribed == note  # recorded with the point, shown beside its times
+
+
+def test_an_unknown_key_names_the_closest_known_one(tmp_path):
+    import pytest
+
+    from gcbench.errors import UsageError
+    from gcbench.experiment import load_experiment
+
+    path = tmp_path / "typo.toml"
+    path.write_text('[workload]\nname = "dpr"\n[sweep]\nbatch_size = [8]\n')
+    with pytest.raises(UsageError, match=r"unknown key sweep.batch_size; did you mean 'sweep.batch_sizes'\?"):
+        load_experiment(str(path))
+    path.write_text('[workload]\nname = "dpr"\n[sweeps]\n')
+    with pytest.raises(UsageError, match=r"unknown key 'sweeps'; did you mean 'sweep'\?"):
+        load_experiment(str(path))
+
+
+def test_the_workload_flag_overrides_the_files_factory(tmp_path):
+    """docs/cli.md: flags override the file's keys. --workload pkg:fn means what the file's factory means."""
+    import shutil
+
+    from gcbench.experiment import load_experiment
+
+    example = Path(__file__).resolve().parents[1] / "experiments" / "bring-your-own"
+    for file in example.iterdir():
+        shutil.copy(file, tmp_path)
+    (tmp_path / "wide.py").write_text(
+        "from my_encoders import pairs\n\n\ndef wide_pairs(seed):\n    return pairs(seed)\n"
+    )
+    path = tmp_path / "bring-your-own.toml"  # it sets factory = "my_encoders:pairs"
+    experiment = load_experiment(str(path), {"workload.name": ("wide:wide_pairs", "--workload")})
+    assert experiment.workload.factory is None and experiment.workload.name == "wide:wide_pairs"
