@@ -83,3 +83,35 @@ def test_the_workload_flag_overrides_the_files_factory(tmp_path):
     path = tmp_path / "bring-your-own.toml"  # it sets factory = "my_encoders:pairs"
     experiment = load_experiment(str(path), {"workload.name": ("wide:wide_pairs", "--workload")})
     assert experiment.workload.factory is None and experiment.workload.name == "wide:wide_pairs"
+
+
+def test_a_loss_tile_for_a_loss_that_cannot_tile_is_refused_in_one_line(tmp_path):
+    """Only gcbench's losses tile: --loss-tile on a user's own loss function is refused (exit 2), not ignored."""
+    import os
+    import subprocess
+    import sys
+
+    from gcbench.losses import InBatchSoftmax, tiling_loss
+    from gcbench.workloads.user import FirstTwoInfoNCE
+
+    assert tiling_loss(InBatchSoftmax()) is not None and tiling_loss(FirstTwoInfoNCE()) is not None
+    assert tiling_loss(lambda a, b: (a @ b.T).logsumexp(1).mean()) is None
+    (tmp_path / "own_loss.py").write_text(
+        "import torch\nfrom torch import nn\nfrom gcbench import UserWorkload\n\n\n"
+        "def my_loss(a, b):\n    return (a @ b.T).logsumexp(1).mean()\n\n\n"
+        "def pairs(seed):\n    torch.manual_seed(seed)\n    encoder = nn.Linear(4, 3)\n"
+        "    return UserWorkload([encoder, encoder], lambda n, g: [torch.randn(n, 4, generator=g)] * 2, loss_fn=my_loss)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "gcbench", "verify", "--workload", "own_loss:pairs", "--loss-tile", "4"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--loss-tile" in done.stderr and "my_loss cannot compute in tiles" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
