@@ -100,7 +100,8 @@ def test_a_loss_tile_for_a_loss_that_cannot_tile_is_refused_in_one_line(tmp_path
         "import torch\nfrom torch import nn\nfrom gcbench import UserWorkload\n\n\n"
         "def my_loss(a, b):\n    return (a @ b.T).logsumexp(1).mean()\n\n\n"
         "def pairs(seed):\n    torch.manual_seed(seed)\n    encoder = nn.Linear(4, 3)\n"
-        "    return UserWorkload([encoder, encoder], lambda n, g: [torch.randn(n, 4, generator=g)] * 2, loss_fn=my_loss)\n"
+        "    batches = lambda n, g: [torch.randn(n, 4, generator=g)] * 2\n"
+        "    return UserWorkload([encoder, encoder], batches, loss_fn=my_loss)\n"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
