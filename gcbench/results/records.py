@@ -94,6 +94,8 @@ class TimeResult:
     high_s: Float | None = None
     noise: tuple[Str, ...] = ()  # why the time is not to be trusted (see gcbench.measure.noise); empty: clean
     load_average_1m: Float | None = None  # the highest over the rounds
+    cpu_samples_s: tuple[Float, ...] = ()  # the process's CPU time of each timed step (empty: not taken)
+    cpu_median_s: Float | None = None
 
     @property
     def iqr_s(self) -> float:
@@ -121,6 +123,15 @@ class PairedResult:
     ratios_per_round: tuple[Int, ...] = ()  # how ``ratios`` splits into rounds; empty: one round
     reference_median_s: Float | None = None
     noise: tuple[Str, ...] = ()
+    # the same ratio by the process's CPU time, turn by turn (empty: not taken), its median and 95% interval
+    cpu_ratios: tuple[Float, ...] = ()
+    cpu_ratio: Float | None = None
+    cpu_low: Float | None = None
+    cpu_high: Float | None = None
+
+    @property
+    def cpu_rounds(self) -> list[tuple[float, ...]]:
+        return split_rounds(self.cpu_ratios, self.ratios_per_round) if self.cpu_ratios else []
 
     @property
     def rounds(self) -> list[tuple[float, ...]]:

@@ -59,6 +59,11 @@ def record_row(record: Record) -> dict[str, Any]:
         "paired_ratio": paired.ratio if paired else None,
         "paired_low": paired.low if paired else None,
         "paired_high": paired.high if paired else None,
+        "time_cpu_median_s": time.cpu_median_s if time else None,
+        "paired_cpu_ratio": paired.cpu_ratio if paired else None,
+        "paired_cpu_low": paired.cpu_low if paired else None,
+        "paired_cpu_high": paired.cpu_high if paired else None,
+        "torch_threads": record.env.torch_threads,
         "noisy": bool(noise),
         "noise": "; ".join(noise + crowded) or None,  # an oversubscribed start is said beside the times it stretched
         "grad_reference": eq.reference if eq else None,

@@ -105,9 +105,13 @@ def memory_result(step: StepMeasurement) -> MemoryResult:
 def timed(record: Record, measured: StepMeasurement, reference: Point | None) -> None:
     """Fill the record's ``time`` (one round) and, when the reference was timed in turns, ``paired``."""
     env = record.env
-    record.time = time_result([measured.timing.samples_s], record.point.batch_size, env.load_average_1m, env.cpu_cores)
+    timing = measured.timing
+    record.time = time_result(
+        [timing.samples_s], record.point.batch_size, env.load_average_1m, env.cpu_cores, timing.cpu_samples_s
+    )
     if reference is not None and measured.reference_timing is not None:
-        record.paired = paired_result(reference.strategy, [measured.ratios], [measured.reference_timing.median_s])
+        medians = [measured.reference_timing.median_s]
+        record.paired = paired_result(reference.strategy, [measured.ratios], medians, [measured.cpu_ratios])
 
 
 def equivalence_result(comparison: GradComparison | str, reference: str) -> EquivalenceResult:
@@ -305,7 +309,9 @@ def slowest_rank(measured: Iterable[StepMeasurement]) -> StepMeasurement:
     def slowest(timings: list[Timing | None]) -> Timing | None:
         if any(t is None for t in timings):
             return None
-        return Timing(tuple(max(samples) for samples in zip(*(t.samples_s for t in timings if t is not None))))
+        present = [t for t in timings if t is not None]
+        wall = tuple(max(samples) for samples in zip(*(t.samples_s for t in present)))
+        return Timing(wall, tuple(max(samples) for samples in zip(*(t.cpu_samples_s for t in present))))
 
     timing = slowest([r.timing for r in ranks])
     assert timing is not None
