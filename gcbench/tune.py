@@ -197,6 +197,8 @@ def tune(
         candidate.flops = estimator.flops(experiment.step_config(candidate.point(batch_size)))
     candidates = _rank(candidates)
     chosen = candidates if measure_all else candidates[:measure]
+    for candidate in candidates[len(chosen) :]:  # a blank row says why it is blank
+        candidate.note = f"not measured: ranked below the {len(chosen)} measured (--measure all measures every one)"
     say(f"measuring the peaks of {len(chosen)} settings, each in a process of its own")
     for candidate in chosen:
         candidate.measured_peak_bytes = _in_child(_child_peak, experiment, [candidate.point(batch_size)])
@@ -386,7 +388,7 @@ def render_tune(result: TuneResult) -> list[Any]:
         table.add_row(
             candidate.label,
             format_bytes(candidate.predicted_peak_bytes),
-            f"{(candidate.flops or 0) / 1e9:,.1f}",
+            f"{candidate.flops / 1e9:,.1f}" if candidate.flops else "n/a",  # none counted: say so, not 0.0
             candidate.note if candidate.measured_peak_bytes is None else format_bytes(candidate.measured_peak_bytes),
             f"{t.value * 1e3:,.1f}" if t else (candidate.note if candidate.measured_peak_bytes is not None else ""),
             f"{t.low * 1e3:,.1f}-{t.high * 1e3:,.1f}" if t else "",
@@ -395,11 +397,13 @@ def render_tune(result: TuneResult) -> list[Any]:
     lines: list[Any] = [table]
     winner = result.winner
     if winner is None or winner.time is None:
-        lines.append("nothing measured fits the budget: " + "; ".join(c.note for c in result.candidates if c.note))
+        notes = [c.note for c in result.candidates if c.note and not c.note.startswith("not measured")]
+        lines.append("nothing measured fits the budget: " + "; ".join(notes))
         return lines
     lines.append(
         f"fastest: {winner.label}: {winner.time.value * 1e3:,.1f} ms a step (95% CI {winner.time.low * 1e3:,.1f} to "
-        f"{winner.time.high * 1e3:,.1f}, {winner.time.rounds} rounds), peak {format_bytes(winner.measured_peak_bytes)} "
+        f"{winner.time.high * 1e3:,.1f}, {winner.time.rounds} round{'s' if winner.time.rounds != 1 else ''}), "
+        f"peak {format_bytes(winner.measured_peak_bytes)} "
         f"of {format_bytes(result.budget_bytes)}"
     )
     lines.append(f"use: {paste(winner)}")

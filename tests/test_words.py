@@ -116,3 +116,21 @@ def test_a_loss_tile_for_a_loss_that_cannot_tile_is_refused_in_one_line(tmp_path
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--loss-tile" in done.stderr and "my_loss cannot compute in tiles" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_tune_says_one_round_and_why_a_row_is_blank_and_no_flops_is_not_zero():
+    from rich.console import Console
+
+    from gcbench.measure.stats import Estimate
+    from gcbench.tune import Candidate, TuneResult, render_tune
+
+    timed = Candidate("cache", (8, 8), 1, 10 * MiB, 4, flops=2 * 10**9, measured_peak_bytes=9 * MiB)
+    timed.time = timed.vs_winner = Estimate(0.010, 0.009, 0.011, 1, 5)
+    unmeasured = Candidate("cache", (4, 4), 1, 8 * MiB, 8, flops=0)
+    unmeasured.note = "not measured: ranked below the 1 measured (--measure all measures every one)"
+    console = Console(record=True, width=240)
+    for line in render_tune(TuneResult("mine", 16, 12 * MiB, 0.1, "cpu", [timed, unmeasured], 1)):
+        console.print(line)
+    text = console.export_text()
+    assert "1 round)" in text and "1 rounds" not in text
+    assert "not measured: ranked below the 1 measured" in text and "n/a" in text and "2.0" in text
