@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gcbench.errors import EstimateError, UsageError
+from gcbench.errors import EstimateError, UsageError, unknown_key
 from gcbench.experiment import Experiment, load_experiment
 from gcbench.experiment.schema import Key, find_key, flag_keys, override_value, value_from_text
 from gcbench.results.units import parse_bytes
@@ -240,7 +240,10 @@ def load_with_overrides(experiment: str, settings: Sequence[str], flags: dict[st
         label = f"--set {dotted}"
         entry = find_key(dotted)
         if entry is None:
-            raise UsageError(f"{label}: unknown key {dotted!r}")
+            from gcbench.experiment.experiment import section_keys
+            from gcbench.experiment.schema import SECTIONS
+
+            raise unknown_key(label, dotted, (f"{s}.{k}" for s in SECTIONS for k in section_keys(s)))
         overrides[dotted] = (override_value(entry, value, label), label)
     keyed = {entry.dotted.replace(".", "__"): entry for entry in flag_keys().values()}
     for param, value in flags.items():

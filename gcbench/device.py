@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
@@ -42,6 +44,29 @@ def _indexed(device: torch.device) -> torch.device:
     if device.type == "cpu" or index is not None:
         return device
     return torch.device(device.type, torch.get_device_module(device.type).current_device())
+
+
+def point_threads(requested: int, device: torch.device) -> int:
+    """Torch threads for one point (or rank): what the experiment asks, else one on CPU, where torch's
+    default (every core) on a shared machine made a step 50x slower without a word; 0 elsewhere (torch's)."""
+    if requested:
+        return requested
+    return 1 if device.type == "cpu" else 0
+
+
+def oversubscribed(threads: int, processes: int = 1) -> str | None:
+    """A note when ``threads`` x ``processes`` exceed the cores free now (cores less the 1-minute load,
+    rounded up)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    free = max(0.0, cores - load)
+    wanted = threads * processes
+    if wanted <= math.ceil(free):  # a core half free still runs one thread
+        return None
+    return f"{wanted} torch threads with {free:.1f} of {cores} cores free (load {load:.1f}): times are stretched"
 
 
 def check_precision(precision: str) -> str:

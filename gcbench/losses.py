@@ -78,6 +78,15 @@ def _whole(rows: Sequence[Tensor], columns: Sequence[Tensor | None]) -> bool:
     return all(r is c for r, c in zip(rows, columns))
 
 
+def tiling_loss(loss_fn: object) -> ContrastiveLoss | None:
+    """The gcbench loss that computes ``loss_fn`` in tiles: itself, or the one it wraps as ``.loss`` (the
+    user workloads' default); None for any other function, which cannot tile."""
+    for candidate in (loss_fn, getattr(loss_fn, "loss", None)):
+        if isinstance(candidate, ContrastiveLoss):
+            return candidate
+    return None
+
+
 class InBatchSoftmax(ContrastiveLoss):
     """DPR: each query against every passage of the batch; its positive is first of its group.
 

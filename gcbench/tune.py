@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gcbench.device import resolve_device
+from gcbench.device import point_threads, resolve_device
 from gcbench.errors import EstimateError, UsageError, first_line
 from gcbench.estimate import Estimator
 from gcbench.estimate.plan import chunk_candidates
@@ -186,7 +186,10 @@ def tune(
     device = resolve_device(sweep.device)
     target = "cuda" if device.type == "cuda" else "cpu"
     limit = int(budget * (1 - margin))
-    estimator = Estimator(experiment.workload, sweep.precision, target, sweep.seed, experiment.optimizer)
+    capability = torch.cuda.get_device_capability(device) if target == "cuda" else None
+    estimator = Estimator(
+        experiment.workload, sweep.precision, target, sweep.seed, experiment.optimizer, capability=capability
+    )
     say(f"searching chunk sizes and kept graphs at batch {batch_size} for {format_bytes(limit)} predicted")
     candidates, refused = _search(estimator, experiment, cached, batch_size, limit)
     if not candidates:
@@ -197,6 +200,8 @@ def tune(
         candidate.flops = estimator.flops(experiment.step_config(candidate.point(batch_size)))
     candidates = _rank(candidates)
     chosen = candidates if measure_all else candidates[:measure]
+    for candidate in candidates[len(chosen) :]:  # a blank row says why it is blank
+        candidate.note = f"not measured: ranked below the {len(chosen)} measured (--measure all measures every one)"
     say(f"measuring the peaks of {len(chosen)} settings, each in a process of its own")
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
@@ -351,8 +356,9 @@ def _in_child(function: Callable[..., Any], experiment: Experiment, points: Sequ
 
 def _prepare(experiment_data: dict[str, Any]) -> tuple[Experiment, torch.device]:
     experiment = Experiment.from_dict(experiment_data)
-    if experiment.sweep.threads:
-        torch.set_num_threads(experiment.sweep.threads)
+    threads = point_threads(experiment.sweep.threads, resolve_device(experiment.sweep.device))
+    if threads:
+        torch.set_num_threads(threads)
     if experiment.sweep.malloc == "steady":
         steady_allocator()
     return experiment, resolve_device(experiment.sweep.device)
@@ -392,7 +398,7 @@ def render_tune(result: TuneResult) -> list[Any]:
         table.add_row(
             candidate.label,
             format_bytes(candidate.predicted_peak_bytes),
-            f"{(candidate.flops or 0) / 1e9:,.1f}",
+            f"{candidate.flops / 1e9:,.1f}" if candidate.flops else "n/a",  # none counted: say so, not 0.0
             candidate.note if candidate.measured_peak_bytes is None else format_bytes(candidate.measured_peak_bytes),
             f"{t.value * 1e3:,.1f}" if t else (candidate.note if candidate.measured_peak_bytes is not None else ""),
             f"{t.low * 1e3:,.1f}-{t.high * 1e3:,.1f}" if t else "",
@@ -401,11 +407,13 @@ def render_tune(result: TuneResult) -> list[Any]:
     lines: list[Any] = [table]
     winner = result.winner
     if winner is None or winner.time is None:
-        lines.append("nothing measured fits the budget: " + "; ".join(c.note for c in result.candidates if c.note))
+        notes = [c.note for c in result.candidates if c.note and not c.note.startswith("not measured")]
+        lines.append("nothing measured fits the budget: " + "; ".join(notes))
         return lines
     lines.append(
         f"fastest: {winner.label}: {winner.time.value * 1e3:,.1f} ms a step (95% CI {winner.time.low * 1e3:,.1f} to "
-        f"{winner.time.high * 1e3:,.1f}, {winner.time.rounds} rounds), peak {format_bytes(winner.measured_peak_bytes)} "
+        f"{winner.time.high * 1e3:,.1f}, {winner.time.rounds} round{'s' if winner.time.rounds != 1 else ''}), "
+        f"peak {format_bytes(winner.measured_peak_bytes)} "
         f"of {format_bytes(result.budget_bytes)}"
     )
     lines.append(f"use: {paste(winner)}")

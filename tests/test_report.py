@@ -104,7 +104,7 @@ def test_report_md_starts_with_a_headline_from_the_data(mixed_report: ReportFile
     bullets = [line for line in first[1:6] if line.startswith("- ")]
     assert len(bullets) == 3
     assert bullets[0] == (
-        "- full ran out of memory at batch 64 (budget 64.00 MiB); its largest batch was 32 at 47.64 MiB."
+        "- full went over the 64.00 MiB budget at batch 64 (80.90 MiB); its largest batch was 32 at 47.64 MiB."
     )
     assert bullets[1] == (
         "- cache (chunk 8) ran batch 128 in 23.26 MiB; at batch 32, the largest where both fit, "
@@ -341,7 +341,7 @@ def test_compare_the_same_file_twice(tmp_path: Path) -> None:
     files = write_report([MIXED, MIXED], tmp_path, memory_budget=BUDGET)
     text = files.report.read_text()
     assert text.startswith("# gcbench report: quick #1 vs quick #2")
-    assert "- quick #2: full ran out of memory at batch 64" in text
+    assert "- quick #2: full went over the 64.00 MiB budget at batch 64" in text
     assert "line style and marker the run" in text
     frame = summary(ReportData.of(load_runs([MIXED, MIXED]), BUDGET)).frame
     assert frame["run"].tolist() == ["quick #1"] * 4 + ["quick #2"] * 4

@@ -25,12 +25,15 @@ from gcbench.errors import EstimateError
 from gcbench.estimate.ranks import DDP_GRADIENT_COPIES, fake_world, gathering_objective
 from gcbench.estimate.repeats import skipping_objective
 from gcbench.estimate.target import Target, target
+from gcbench.estimate.workspaces import HOPPER
 from gcbench.measure.loss import loss_memory
 from gcbench.measure.memory import track_step
 from gcbench.results.records import Prediction
 from gcbench.training import OptimizerConfig, StepConfig, TrainingStep, make_optimizer, step_on
 from gcbench.workloads import WorkloadConfig, build_workload
 from gcbench.workloads.shapes import value_free_init
+
+WORKSPACES = "cublas_workspaces"  # the breakdown's line for them (see gcbench.estimate.workspaces)
 
 
 class Estimator:
@@ -44,8 +47,10 @@ class Estimator:
         seed: int = 0,
         optimizer: OptimizerConfig | None = None,
         skip_repeats: bool = True,
+        capability: tuple[int, int] | None = None,
     ) -> None:
-        self.target: Target = target(target_name)
+        """``capability``: the CUDA card's compute capability (default Hopper's, 9.0)."""
+        self.target: Target = target(target_name, capability or HOPPER)
         self.skip_repeats = skip_repeats
         self.precision = precision
         self.optimizer_config = self.target.optimizer(optimizer or OptimizerConfig())
@@ -100,12 +105,15 @@ class Estimator:
             baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
             loss = loss_memory(step, self.target.block_size)
         breakdown = {**tracked.breakdown, "gradients": tracked.breakdown["gradients"] + buckets}
+        held = buckets + self.target.workspace_bytes  # beside the tracked tensors, the whole step long
+        if self.target.workspace_bytes:
+            breakdown[WORKSPACES] = self.target.workspace_bytes
         return Prediction(
             target=self.target.name,
-            peak_bytes=tracked.total + buckets,
-            baseline_bytes=baseline + buckets,
-            forward_backward_peak_bytes=tracked.phase_peaks["forward_backward"] + buckets,
-            optimizer_peak_bytes=tracked.phase_peaks["optimizer"] + buckets,
+            peak_bytes=tracked.total + held,
+            baseline_bytes=baseline + held,
+            forward_backward_peak_bytes=tracked.phase_peaks["forward_backward"] + held,
+            optimizer_peak_bytes=tracked.phase_peaks["optimizer"] + held,
             breakdown=breakdown,
             loss_peak_bytes=loss,
             seconds=time.perf_counter() - started,

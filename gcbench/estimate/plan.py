@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from gcbench.errors import EstimateError
 from gcbench.estimate.estimator import Estimator
 from gcbench.experiment import Experiment
+from gcbench.losses import tiling_loss
 from gcbench.results.records import Point, Prediction
 from gcbench.results.units import format_bytes
 from gcbench.strategies import resolve_strategy
@@ -165,7 +166,11 @@ def recommend_chunks(
                 None,
                 f"nothing fits {format_bytes(device_memory)} at any chunk size: {start}, and the loss alone "
                 f"needs {format_bytes(loss)} more"
-                + ("" if experiment.workload.loss_tile else " (workload.loss_tile computes it in tiles)"),
+                + (
+                    " (workload.loss_tile computes it in tiles)"
+                    if not experiment.workload.loss_tile and tiling_loss(estimator.workload.objective.loss_fn)
+                    else ""
+                ),
             )
     if low < 0:
         smallest = candidates[0]

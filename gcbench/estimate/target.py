@@ -6,7 +6,8 @@ CPU tensors and models the target's differences:
 - ``cuda``: the caching allocator rounds every block up to 512 bytes; optimizers default to their
   ``foreach`` implementation (whole-list temporaries); masked attention in training runs the
   memory-efficient kernel, which keeps the output and one log-sum-exp per row instead of the
-  L x L probabilities the CPU path stores; host-side RNG states are not device memory.
+  L x L probabilities the CPU path stores; host-side RNG states are not device memory; cuBLAS's
+  workspaces (:mod:`gcbench.estimate.workspaces`) are held beside the tensors.
 - ``cpu``: raw bytes, the for-loop optimizer, CPU attention kernels, CPU RNG states counted.
 """
 
@@ -23,6 +24,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from gcbench.errors import UsageError
+from gcbench.estimate.workspaces import HOPPER, workspace_bytes
 from gcbench.measure.memory import CUDA_BLOCK
 from gcbench.training import OptimizerConfig
 
@@ -35,6 +37,7 @@ class Target:
     block_size: int
     count_cpu_rng_states: bool
     foreach_optimizer: bool | None  # the optimizer implementation torch picks there by default
+    workspace_bytes: int = 0  # held by the device's libraries, outside every tensor (cuBLAS)
 
     def optimizer(self, config: OptimizerConfig) -> OptimizerConfig:
         if config.foreach is None and self.foreach_optimizer is not None:
@@ -46,9 +49,10 @@ class Target:
         return CudaAttention() if self.name == "cuda" else contextlib.nullcontext()
 
 
-def target(name: str) -> Target:
+def target(name: str, capability: tuple[int, int] = HOPPER) -> Target:
+    """``capability``: the CUDA device's compute capability (it sizes cuBLAS's workspaces)."""
     if name == "cuda":
-        return Target("cuda", CUDA_BLOCK, count_cpu_rng_states=False, foreach_optimizer=True)
+        return Target("cuda", CUDA_BLOCK, False, foreach_optimizer=True, workspace_bytes=workspace_bytes(capability))
     if name == "cpu":
         return Target("cpu", 1, count_cpu_rng_states=True, foreach_optimizer=None)
     raise UsageError(f"--target: unknown target {name!r}; choose from {', '.join(TARGETS)}")

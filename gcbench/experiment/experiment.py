@@ -29,9 +29,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gcbench.errors import UsageError
+from gcbench.errors import UsageError, unknown_key
 from gcbench.experiment.schema import SECTIONS, SUBSECTIONS, TOP_LEVEL, SweepConfig
-from gcbench.imports import search
+from gcbench.imports import is_import_path, search
 from gcbench.measure.step import StepProtocol
 from gcbench.measure.timing import RepeatPolicy
 from gcbench.results.records import Point
@@ -186,15 +186,18 @@ def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str
             known = section_keys(name)
             for sub, sub_value in value.items():
                 if sub not in known:
-                    raise UsageError(f"{source}: unknown key {name}.{sub}; known: {', '.join(known)}")
+                    raise unknown_key(source, f"{name}.{sub}", (f"{name}.{k}" for k in known), quoted=False)
                 entries[name][sub] = (_from_file(sub, sub_value, source), f"{source}: {name}.{sub}")
         else:
-            raise UsageError(f"{source}: unknown key {name!r}; known: {', '.join([*TOP_LEVEL, *SECTIONS])}")
+            raise unknown_key(source, name, [*TOP_LEVEL, *SECTIONS])
     for dotted, (value, label) in overrides.items():
         section, _, name = dotted.partition(".")
         name, _, inner = name.partition(".")  # model.config.hidden_size: one value of a table-valued key
         if section not in SECTIONS or name not in section_keys(section):
-            raise UsageError(f"{label}: unknown key {dotted!r}")
+            raise unknown_key(label, dotted, (f"{s}.{k}" for s in SECTIONS for k in section_keys(s)))
+        if (section, name) == ("workload", "name") and is_import_path(str(value)):
+            # --workload pkg.module:function means what the file's workload.factory does: the flag wins
+            entries["workload"].pop("factory", None)
         if inner:
             table = entries[section].get(name, (None, ""))[0]
             value = {**(table if isinstance(table, dict) else {}), inner: value}

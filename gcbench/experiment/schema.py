@@ -158,7 +158,9 @@ class SweepConfig:
         shown_type="memory size or none",
     )
     seed: Int = key("seed of weights and data", flag="--seed", default=0, ge=0)
-    threads: Int = key("torch threads per point (0: torch's default)", flag="--threads", default=0, ge=0)
+    threads: Int = key(
+        "torch threads per point or rank (0: one on CPU, torch's default on a GPU)", flag="--threads", default=0, ge=0
+    )
     timeout: Float = key("seconds per point before it is ended as a timeout", flag="--timeout", default=900.0, ge=1.0)
     equivalence: Bool = key("check each point's gradients against the full batch", default=True)
     predict: Bool = key(

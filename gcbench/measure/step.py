@@ -60,6 +60,14 @@ class StepMeasurement:
             return ()
         return tuple(a / b for a, b in zip(self.timing.samples_s, self.reference_timing.samples_s))
 
+    @property
+    def cpu_ratios(self) -> tuple[float, ...]:
+        """The same ratios by the process's CPU time (nothing where it was not taken)."""
+        if self.reference_timing is None:
+            return ()
+        pairs = zip(self.timing.cpu_samples_s, self.reference_timing.cpu_samples_s)
+        return tuple(a / b for a, b in pairs if b > 0)
+
 
 @dataclass(frozen=True)
 class UntrackedBaseline:

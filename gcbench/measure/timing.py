@@ -26,7 +26,10 @@ from gcbench.measure.stats import Estimate, estimate, quartiles, spread
 
 @dataclass(frozen=True)
 class Timing:
-    samples_s: tuple[float, ...]
+    samples_s: tuple[float, ...]  # wall time of each timed call
+    # the process's CPU time over the same calls (time.process_time): with one torch thread, the seconds
+    # the process waited for a core on a shared machine are not in it; empty where not taken
+    cpu_samples_s: tuple[float, ...] = ()
 
     @property
     def median_s(self) -> float:
@@ -67,9 +70,10 @@ class Turns:
     """Candidates timed in turns in one process: ``samples_s[name][i]`` is ``name``'s call in turn ``i``."""
 
     samples_s: dict[str, tuple[float, ...]]
+    cpu_s: dict[str, tuple[float, ...]] | None = None  # the process's CPU time of the same calls
 
     def timing(self, name: str) -> Timing:
-        return Timing(self.samples_s[name])
+        return Timing(self.samples_s[name], self.cpu_s[name] if self.cpu_s else ())
 
     def ratios(self, name: str, baseline: str) -> tuple[float, ...]:
         """``name``'s time over ``baseline``'s, turn by turn (paired: the same seconds of the machine)."""
@@ -120,6 +124,7 @@ def time_in_turns(
     if not names:
         raise ValueError("time_in_turns: no candidates")
     samples: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     timed = 0.0
     turn = 0
     while True:
@@ -128,10 +133,11 @@ def time_in_turns(
             if before_each is not None:
                 before_each()
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             candidates[name]()
             synchronize(device)
             elapsed = time.perf_counter() - start
+            cpu[name].append(time.process_time() - cpu_start)
             samples[name].append(elapsed)
             timed += elapsed
         turn += 1
@@ -141,7 +147,10 @@ def time_in_turns(
         if agree is not None:
             stop = agree(stop)
         if stop:
-            return Turns({name: tuple(values) for name, values in samples.items()})
+            return Turns(
+                {name: tuple(values) for name, values in samples.items()},
+                {name: tuple(values) for name, values in cpu.items()},
+            )
 
 
 def _settled(samples: dict[str, list[float]], target: float) -> bool:

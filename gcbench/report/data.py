@@ -15,6 +15,7 @@ import pandas as pd
 from gcbench.errors import UsageError
 from gcbench.report.load import Run
 from gcbench.report.style import Look
+from gcbench.results.records import OVER_BUDGET
 from gcbench.results.table import records_frame
 from gcbench.strategies import Full
 
@@ -46,6 +47,10 @@ class ReportData:
         ok = points["status"] == "ok"
         points["fits"] = ok & (True if budget is None else ~(points["peak"] > budget))
         points["over"] = (points["status"] == "oom") | (ok & ~points["fits"])
+        # One word for what happened, used everywhere: a threshold passed is not an allocator's refusal.
+        threshold = points["reason"].map(lambda reason: isinstance(reason, str) and OVER_BUDGET in reason)
+        points["outcome"] = points["status"].mask(points["over"] & (ok | threshold), "over the budget")
+        points["outcome"] = points["outcome"].mask((points["status"] == "oom") & ~threshold, "out of memory")
         order = points.assign(_run=points["run"].map(look.runs.index), _series=points["series"].map(look.series.index))
         points = points.loc[order.sort_values(["_run", "_series", "batch_size"], kind="stable").index]
         return cls(tuple(runs), points.reset_index(drop=True), look, budget)
@@ -87,17 +92,16 @@ class ReportData:
         return bool(self.points["has_interval"].any())
 
     def caching_cost(self) -> pd.DataFrame:
-        """Caching points with a full point at the same batch (both ok), with ``time_ratio`` = their step
-        time over full's: the paired ratio with its interval (``ratio_low``, ``ratio_high``) where the
-        two were timed in turns, else the ratio of their medians (``paired`` False, no interval)."""
+        """Caching points with a full point at the same batch (both ok and within the budget), with
+        ``time_ratio`` = their step time over full's: the paired ratio with its interval (``ratio_low``,
+        ``ratio_high``) where the two were timed in turns, else the ratio of their medians (``paired`` False,
+        no interval)."""
         pairs = []
         for run in self.look.runs:
             full = self.reference(run)
-            full = full.loc[
-                (full["status"] == "ok") & full["time_median_s"].notna(), ["batch_size", "strategy", "time_median_s"]
-            ]
+            full = full.loc[full["fits"] & full["time_median_s"].notna(), ["batch_size", "strategy", "time_median_s"]]
             caching = self.caching(run)
-            caching = caching[(caching["status"] == "ok") & caching["time_median_s"].notna()]
+            caching = caching[caching["fits"] & caching["time_median_s"].notna()]  # within the budget, as elsewhere
             pairs.append(caching.merge(full, on="batch_size", suffixes=("", "_full")))
         ratios = pd.concat(pairs, ignore_index=True)
         paired = ratios["paired_ratio"].notna() & (ratios["paired_reference"] == ratios["strategy_full"])

@@ -81,7 +81,8 @@ def memory_figure(data: ReportData) -> Figure | None:
                 fontsize="x-small",
                 color=data.look.colour(series),
             )
-        extra.append(Line2D([], [], lw=0, marker="x", color="0.3", mew=2.5, label="out of memory"))
+        said = " or ".join(sorted(set(oom["outcome"]), reverse=True))  # over the budget, out of memory
+        extra.append(Line2D([], [], lw=0, marker="x", color="0.3", mew=2.5, label=said))
     if data.budget is not None:
         extra.append(ax.axhline(unit(data.budget), **GUIDE, label=f"budget {format_bytes(data.budget)}"))
     _batch_axis(ax, points["batch_size"])

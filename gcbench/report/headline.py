@@ -34,12 +34,12 @@ def _full_line(full: pd.DataFrame, budget: int | None, reference: str) -> str:
     ran = "" if largest is None else f"its largest batch was {largest['batch_size']} at {_peak(largest)}"
     if not over.empty:
         first = over.loc[over["batch_size"].idxmin()]
-        failed = (
-            f"{reference} ran out of memory at batch {first['batch_size']}{within}"
-            if first["status"] == "oom"
-            else f"{reference} went over the {format_bytes(budget)} budget at batch {first['batch_size']} "
-            f"({_peak(first)})"
-        )
+        if first["outcome"] == "out of memory":  # the allocator refused it (CUDA under its cap, or the host)
+            failed = f"{reference} ran out of memory at batch {first['batch_size']}{within}"
+        else:  # a threshold passed: on CPU nothing refuses the memory
+            limit = f"the {format_bytes(budget)} budget" if budget is not None else "its memory budget"
+            peak = _peak(first) if pd.notna(first["peak"]) else "peak unknown"
+            failed = f"{reference} went over {limit} at batch {first['batch_size']} ({peak})"
         return f"{failed}; " + (ran or "no batch fit") + "."
     if largest is not None:
         return (
@@ -90,18 +90,40 @@ def _cost_line(ratios: pd.DataFrame, reference: str) -> str:
             f"caching {verb} {abs(change):.0%} step time against {reference} at batch {cheapest['batch_size']} "
             f"({which})."
         )
-    # The interval of the quantity named: of the cost, or of the saving.
-    low, high = cheapest["ratio_low"] - 1, cheapest["ratio_high"] - 1
-    low, high = (low, high) if change >= 0 else (-high, -low)
     rounds = int(cheapest["time_rounds"]) if pd.notna(cheapest["time_rounds"]) else 1
-    line = (
-        f"caching {verb} {abs(change):.0%} step time (95% CI {low:.0%} to {high:.0%}) against {reference} at batch "
-        f"{cheapest['batch_size']} ({which}; timed in turns with {reference}, {rounds} "
-        f"round{'s' if rounds != 1 else ''})."
+    wall, wall_interval = _cost(cheapest["time_ratio"], cheapest["ratio_low"], cheapest["ratio_high"])
+    where = (
+        f"against {reference} at batch {cheapest['batch_size']} ({which}; timed in turns with {reference}, "
+        f"{rounds} round{'s' if rounds != 1 else ''})"
     )
+    has_cpu = pd.notna(cheapest.get("paired_cpu_ratio"))
+    if has_cpu:
+        cpu, cpu_interval = _cost(cheapest["paired_cpu_ratio"], cheapest["paired_cpu_low"], cheapest["paired_cpu_high"])
+    one_thread = cheapest.get("torch_threads") == 1 and str(cheapest.get("device", "")).startswith("cpu")
+    if has_cpu and one_thread:
+        # One torch thread on a CPU: the process's CPU time leaves out the seconds it waited for a core on a
+        # shared machine, so it is the steadier figure; the wall time, what a run waits for, follows it.
+        line = (
+            f"caching {cpu} step time by process CPU time ({cpu_interval}) {where}; by wall time {wall} "
+            f"({wall_interval}). The headline takes the CPU time: with one torch thread it leaves out time spent "
+            "waiting for a core."
+        )
+    else:
+        line = f"caching {wall} step time ({wall_interval}) {where}."
+        if has_cpu:
+            line += f" By process CPU time: {cpu} ({cpu_interval})."
     if isinstance(cheapest["noise"], str):
         line += f" Noisy: {cheapest['noise']}."
     return line
+
+
+def _cost(ratio: float, low: float, high: float) -> tuple[str, str]:
+    """``("cost 55%", "95% CI 45% to 71%")``: the interval of the quantity named, the cost or the saving."""
+    change = ratio - 1
+    verb = "cost" if change >= 0 else "saved"
+    low, high = low - 1, high - 1
+    low, high = (low, high) if change >= 0 else (-high, -low)
+    return f"{verb} {abs(change):.0%}", f"95% CI {low:.0%} to {high:.0%}"
 
 
 def _peak(point: pd.Series) -> str:

@@ -24,7 +24,8 @@ FIGURE_FORMATS = ("png", "svg")
 CAPTIONS = {  # what a first-time reader needs to read each figure
     "memory": "The peak memory of one training step (parameters, gradients, optimizer state and inputs included; "
     "for several processes, the largest rank's), per strategy and chunk size. An x marks a point that ran "
-    "out of memory, at the peak it reached (on the top edge when that is unknown).",
+    "out of memory or went over the budget (a threshold on CPU, where nothing refuses the memory), at the peak it "
+    "reached (on the top edge when that is unknown).",
     "largest-batch": 'How far each series got. "The largest tried" means it never failed: it may go further.',
     "breakdown": "What the memory held at the step's peak, as the dispatch-level tracker saw it "
     "(a second run of the step; its total can differ slightly from the allocator's peak).",

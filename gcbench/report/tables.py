@@ -140,7 +140,7 @@ def every_point(data: ReportData) -> ReportTable:
             "batch": points["batch_size"],
             "chunks": points["chunk_sizes"],
             "world size": points["world_size"],
-            "status": points["status"],
+            "status": points["outcome"],  # ok, over the budget, out of memory, error, ...
             "reason": points["reason"],
             peak: unit(points["peak"]),
             "step time (ms)": points["time_median_s"] * 1e3,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gcbench.device import float32_settings
+from gcbench.device import float32_settings, oversubscribed
 from gcbench.peers import installed_versions
 from gcbench.results.records import Environment
 from gcbench.version import __version__
@@ -72,6 +72,7 @@ def environment(device: torch.device, git: str | None = None, malloc: str | None
         "malloc": malloc,
         "packages": installed_versions() or None,  # the optional extras' packages, where installed
         **float32_settings(),  # TF32 changes float32 results on a GPU: a check's tolerance depends on it
+        "oversubscribed": oversubscribed(torch.get_num_threads()) if device.type == "cpu" else None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -22,6 +22,9 @@ from gcbench.typed import Bool, Float, Int, Str, dump, load, typed, typed_mutabl
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.jsonl"
 Status = Literal["ok", "oom", "error", "timeout", "skipped"]
+# In the reason of an ``oom`` point whose measured peak passed the budget as a threshold (nothing refused the
+# memory: always so on CPU); a point the allocator refused has the allocator's message instead.
+OVER_BUDGET = "over the memory budget"
 STATUSES: tuple[Status, ...] = ("ok", "oom", "error", "timeout", "skipped")
 FAILED: tuple[Status, ...] = ("error", "timeout")  # what ``--retry-failed`` runs again; oom is a result
 
@@ -91,6 +94,8 @@ class TimeResult:
     high_s: Float | None = None
     noise: tuple[Str, ...] = ()  # why the time is not to be trusted (see gcbench.measure.noise); empty: clean
     load_average_1m: Float | None = None  # the highest over the rounds
+    cpu_samples_s: tuple[Float, ...] = ()  # the process's CPU time of each timed step (empty: not taken)
+    cpu_median_s: Float | None = None
 
     @property
     def iqr_s(self) -> float:
@@ -118,6 +123,15 @@ class PairedResult:
     ratios_per_round: tuple[Int, ...] = ()  # how ``ratios`` splits into rounds; empty: one round
     reference_median_s: Float | None = None
     noise: tuple[Str, ...] = ()
+    # the same ratio by the process's CPU time, turn by turn (empty: not taken), its median and 95% interval
+    cpu_ratios: tuple[Float, ...] = ()
+    cpu_ratio: Float | None = None
+    cpu_low: Float | None = None
+    cpu_high: Float | None = None
+
+    @property
+    def cpu_rounds(self) -> list[tuple[float, ...]]:
+        return split_rounds(self.cpu_ratios, self.ratios_per_round) if self.cpu_ratios else []
 
     @property
     def rounds(self) -> list[tuple[float, ...]]:
@@ -211,6 +225,7 @@ class Environment:
     tf32_matmul: Bool | None = None  # torch.backends.cuda.matmul.allow_tf32 when measured
     tf32_cudnn: Bool | None = None  # torch.backends.cudnn.allow_tf32
     float32_matmul_precision: Str | None = None  # torch.get_float32_matmul_precision(): highest, high, medium
+    oversubscribed: Str | None = None  # set when the point's threads exceeded the cores free as it started
 
 
 @typed_mutable

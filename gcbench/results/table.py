@@ -28,6 +28,7 @@ def record_row(record: Record) -> dict[str, Any]:
     breakdown = (memory.breakdown if memory else None) or {}
     prediction, distributed, traits, paired = record.prediction, record.distributed, record.traits, record.paired
     noise = [*(time.noise if time else ()), *(f"ratio: {reason}" for reason in (paired.noise if paired else ()))]
+    crowded = [record.env.oversubscribed] if record.env is not None and record.env.oversubscribed else []
     return {
         "experiment": record.experiment,
         "point": p.id,
@@ -58,8 +59,13 @@ def record_row(record: Record) -> dict[str, Any]:
         "paired_ratio": paired.ratio if paired else None,
         "paired_low": paired.low if paired else None,
         "paired_high": paired.high if paired else None,
+        "time_cpu_median_s": time.cpu_median_s if time else None,
+        "paired_cpu_ratio": paired.cpu_ratio if paired else None,
+        "paired_cpu_low": paired.cpu_low if paired else None,
+        "paired_cpu_high": paired.cpu_high if paired else None,
+        "torch_threads": record.env.torch_threads,
         "noisy": bool(noise),
-        "noise": "; ".join(noise) or None,
+        "noise": "; ".join(noise + crowded) or None,  # an oversubscribed start is said beside the times it stretched
         "grad_reference": eq.reference if eq else None,
         "grad_max_abs_err": eq.max_abs_err if eq else None,
         "grad_max_rel_err": eq.max_rel_err if eq else None,

@@ -20,9 +20,14 @@ from gcbench.results.records import PairedResult, Record, TimeResult
 
 
 def time_result(
-    rounds: Sequence[Sequence[float]], examples: int, load_average: float | None = None, cores: int | None = None
+    rounds: Sequence[Sequence[float]],
+    examples: int,
+    load_average: float | None = None,
+    cores: int | None = None,
+    cpu_samples: Sequence[float] = (),
 ) -> TimeResult:
-    """Step times of one or more rounds (samples in the order taken) as a record's ``time``."""
+    """Step times of one or more rounds (samples in the order taken) as a record's ``time``; ``cpu_samples``:
+    the process's CPU time of the same steps."""
     rounds = [tuple(r) for r in rounds if len(r)]
     median = estimate(rounds)
     samples = tuple(s for r in rounds for s in r)
@@ -38,15 +43,23 @@ def time_result(
         high_s=median.high,
         noise=noise_reasons(rounds, load_average=load_average, cores=cores),
         load_average_1m=load_average,
+        cpu_samples_s=tuple(cpu_samples),
+        cpu_median_s=statistics.median(cpu_samples) if cpu_samples else None,
     )
 
 
 def paired_result(
-    reference: str, rounds: Sequence[Sequence[float]], reference_medians_s: Sequence[float]
+    reference: str,
+    rounds: Sequence[Sequence[float]],
+    reference_medians_s: Sequence[float],
+    cpu_rounds: Sequence[Sequence[float]] = (),
 ) -> PairedResult:
-    """Ratios to the reference, turn by turn, of one or more rounds, as a record's ``paired``."""
+    """Ratios to the reference, turn by turn, of one or more rounds, as a record's ``paired``; ``cpu_rounds``:
+    the same by the process's CPU time (every round, or none)."""
     rounds = [tuple(r) for r in rounds if len(r)]
     ratio = estimate(rounds)
+    cpu = [tuple(r) for r in cpu_rounds if len(r)]
+    by_cpu = estimate(cpu) if cpu and len(cpu) == len(rounds) else None
     return PairedResult(
         reference,
         ratio.value,
@@ -56,6 +69,10 @@ def paired_result(
         ratios_per_round=tuple(len(r) for r in rounds) if len(rounds) > 1 else (),
         reference_median_s=statistics.median(reference_medians_s) if reference_medians_s else None,
         noise=noise_reasons(rounds),
+        cpu_ratios=tuple(x for r in cpu for x in r) if by_cpu else (),
+        cpu_ratio=by_cpu.value if by_cpu else None,
+        cpu_low=by_cpu.low if by_cpu else None,
+        cpu_high=by_cpu.high if by_cpu else None,
     )
 
 
@@ -86,10 +103,12 @@ def _merged(first: Record, later: list[Record]) -> Record:
         if (load := (r.time.load_average_1m if r.time else None) or r.env.load_average_1m) is not None
     ]
     rounds = [samples for r in records if r.time is not None for samples in r.time.rounds]
-    time = time_result(rounds, first.point.batch_size, max(loads, default=None), first.env.cpu_cores)
+    cpu = [s for r in records if r.time is not None for s in r.time.cpu_samples_s]
+    time = time_result(rounds, first.point.batch_size, max(loads, default=None), first.env.cpu_cores, cpu)
     paired = first.paired
     if paired is not None:
         same = [r.paired for r in records if r.paired is not None and r.paired.reference == paired.reference]
         medians = [p.reference_median_s for p in same if p.reference_median_s is not None]
-        paired = paired_result(paired.reference, [x for p in same for x in p.rounds], medians)
+        cpu_rounds = [x for p in same for x in p.cpu_rounds]
+        paired = paired_result(paired.reference, [x for p in same for x in p.rounds], medians, cpu_rounds)
     return replace(first, time=time, paired=paired)

@@ -80,6 +80,7 @@ def summary_tables(records: Iterable[Record]) -> list[Table]:
                 else ("ref" if eq and eq.reference == "self" else "n/a")
             )
             reasons = [*(r.time.noise if r.time else ()), *(r.paired.noise if r.paired else ())]
+            reasons += [r.env.oversubscribed] if r.env is not None and r.env.oversubscribed else []
             if reasons:
                 noisy.append(f"{r.point.id}: {'; '.join(reasons)}")
             table.add_row(

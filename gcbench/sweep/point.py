@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import torch
 import torch.distributed as dist
 
-from gcbench.device import resolve_device
+from gcbench.device import point_threads, resolve_device
 from gcbench.distributed.launch import RankError, RankInfo, launch, resolve_backend
 from gcbench.distributed.objective import ddp_bucket_bytes, distribute_step, gathers
 from gcbench.errors import UsageError, first_line
@@ -41,6 +41,7 @@ from gcbench.measure.step import StepMeasurement, StepProtocol, UntrackedBaselin
 from gcbench.measure.timing import Timing
 from gcbench.results.environment import environment
 from gcbench.results.records import (
+    OVER_BUDGET,
     DistributedResult,
     Environment,
     EquivalenceResult,
@@ -105,9 +106,13 @@ def memory_result(step: StepMeasurement) -> MemoryResult:
 def timed(record: Record, measured: StepMeasurement, reference: Point | None) -> None:
     """Fill the record's ``time`` (one round) and, when the reference was timed in turns, ``paired``."""
     env = record.env
-    record.time = time_result([measured.timing.samples_s], record.point.batch_size, env.load_average_1m, env.cpu_cores)
+    timing = measured.timing
+    record.time = time_result(
+        [timing.samples_s], record.point.batch_size, env.load_average_1m, env.cpu_cores, timing.cpu_samples_s
+    )
     if reference is not None and measured.reference_timing is not None:
-        record.paired = paired_result(reference.strategy, [measured.ratios], [measured.reference_timing.median_s])
+        medians = [measured.reference_timing.median_s]
+        record.paired = paired_result(reference.strategy, [measured.ratios], medians, [measured.cpu_ratios])
 
 
 def equivalence_result(comparison: GradComparison | str, reference: str) -> EquivalenceResult:
@@ -130,10 +135,10 @@ class PointMeasurer(ABC):
         the point to time in turns with this one (the reference strategy at the same batch, which ran ok)."""
         started = time.perf_counter()
         sweep = self.experiment.sweep
-        if sweep.threads:
-            torch.set_num_threads(sweep.threads)
-        malloc = steady_allocator() if sweep.malloc == "steady" else None
         device = resolve_device(sweep.device)
+        if point_threads(sweep.threads, device):
+            torch.set_num_threads(point_threads(sweep.threads, device))
+        malloc = steady_allocator() if sweep.malloc == "steady" else None
         record = Record(
             self.experiment.name,
             self.experiment.fingerprint,
@@ -155,7 +160,8 @@ class PointMeasurer(ABC):
                     "" if record.distributed is None else f" of rank {record.distributed.rank_peak_bytes.index(peak)}"
                 )
                 record.status = "oom"
-                record.reason = f"peak {format_bytes(peak)}{rank} is over the memory budget {format_bytes(budget)}"
+                threshold = " (a threshold: nothing on CPU refuses the memory)" if device.type == "cpu" else ""
+                record.reason = f"peak {format_bytes(peak)}{rank} is {OVER_BUDGET} {format_bytes(budget)}{threshold}"
                 record.equivalence = None
         record.finished_at = now()
         record.wall_s = time.perf_counter() - started
@@ -261,7 +267,7 @@ class OnRanks(PointMeasurer):
                 device=device,
                 backend=backend,
                 timeout=sweep.timeout * LAUNCH_SHARE,
-                threads=sweep.threads,
+                threads=point_threads(sweep.threads, device),
             )
         except RankError as error:
             record.status = "oom" if error.exception is not None and is_out_of_memory(error.exception) else "error"
@@ -303,7 +309,9 @@ def slowest_rank(measured: Iterable[StepMeasurement]) -> StepMeasurement:
     def slowest(timings: list[Timing | None]) -> Timing | None:
         if any(t is None for t in timings):
             return None
-        return Timing(tuple(max(samples) for samples in zip(*(t.samples_s for t in timings if t is not None))))
+        present = [t for t in timings if t is not None]
+        wall = tuple(max(samples) for samples in zip(*(t.samples_s for t in present)))
+        return Timing(wall, tuple(max(samples) for samples in zip(*(t.cpu_samples_s for t in present))))
 
     timing = slowest([r.timing for r in ranks])
     assert timing is not None

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from gcbench.device import resolve_device
@@ -33,7 +34,7 @@ from gcbench.estimate import Estimator
 from gcbench.experiment import Experiment
 from gcbench.processes import run_child
 from gcbench.results.environment import git_commit
-from gcbench.results.records import FAILED, RESULTS_FILE, Point, Prediction, Record, Status
+from gcbench.results.records import FAILED, OVER_BUDGET, RESULTS_FILE, Point, Prediction, Record, Status
 from gcbench.results.store import ResultsStore, current
 from gcbench.results.table import records_frame
 from gcbench.results.units import format_bytes
@@ -217,7 +218,8 @@ def _skip_reason(
             and p.chunk_sizes == point.chunk_sizes
             and p.batch_size < point.batch_size
         ):
-            return f"{p.series} ran out of memory at batch {p.batch_size}"
+            went = "went over the memory budget" if OVER_BUDGET in (record.reason or "") else "ran out of memory"
+            return f"{p.series} {went} at batch {p.batch_size}"
     budget = experiment.sweep.memory_budget
     peak = prediction.peak_bytes if prediction else None
     if budget is not None and peak is not None and peak > budget * PREDICTED_SKIP_MARGIN:
@@ -232,7 +234,12 @@ def _predictor(experiment: Experiment) -> Callable[[Point], Prediction]:
         raise UsageError(f"--predict: no memory model for {device.type} devices (cpu and cuda have one)")
     try:
         estimator = Estimator(
-            experiment.workload, experiment.sweep.precision, device.type, experiment.sweep.seed, experiment.optimizer
+            experiment.workload,
+            experiment.sweep.precision,
+            device.type,
+            experiment.sweep.seed,
+            experiment.optimizer,
+            capability=torch.cuda.get_device_capability(device) if device.type == "cuda" else None,
         )
     except EstimateError as error:
         raise EstimateError(f"--predict: {error}") from None

@@ -20,7 +20,7 @@ from gcbench.cache.engine import GetRep, as_encoder_list
 from gcbench.cache.objective import Objective
 from gcbench.errors import UsageError, first_line
 from gcbench.imports import import_object
-from gcbench.losses import InBatchSoftmax
+from gcbench.losses import InBatchSoftmax, tiling_loss
 from gcbench.workloads.config import WorkloadConfig
 from gcbench.workloads.shapes import shapes_only
 from gcbench.workloads.tasks import Workload
@@ -101,6 +101,11 @@ def build_user(config: WorkloadConfig, seed: int) -> Workload:
     assert factory is not None
     made = make_user_workload(factory, seed)
     loss = made.loss_fn or FirstTwoInfoNCE(config.temperature or 1.0)
+    if config.loss_tile:
+        tiled = tiling_loss(loss)
+        if tiled is None:
+            raise _cannot_tile(factory, loss)
+        tiled.tile_size = config.loss_tile_size
     objective = Objective(as_encoder_list(made.encoders), loss, made.get_rep)
     per_example = tuple(example_rows(made, 1, seed))
     return Workload(config, objective, lambda rows, g: list(made.make_batches(rows, g)), per_example)
@@ -117,21 +122,32 @@ def check_user_workload(config: WorkloadConfig, seed: int = 0, what: str = "work
     import_object(factory, what)  # outside fake tensors: what the module makes when imported stays real
     try:
         with shapes_only():
-            return _check(factory, seed, what)
+            return _check(factory, seed, what, config.loss_tile)
     except UsageError:
         raise
     except Exception:  # it cannot run under fake tensors: check it for real
         pass
     try:
-        return _check(factory, seed, what)
+        return _check(factory, seed, what, config.loss_tile)
     except UsageError:
         raise
     except Exception as error:
         raise UsageError(f"{what}: {factory}({seed}) raised {first_line(error)}") from None
 
 
-def _check(factory: str, seed: int, what: str) -> int:
+def _cannot_tile(factory: str, loss: object) -> UsageError:
+    name = getattr(loss, "__qualname__", type(loss).__qualname__)
+    return UsageError(
+        f"--loss-tile (workload.loss_tile): {factory}'s loss_fn {name} cannot compute in tiles; only gcbench's "
+        "losses can (InBatchSoftmax, SymmetricInfoNCE, NTXent, SigmoidLoss, or the default loss): give one of "
+        "them or drop the tile"
+    )
+
+
+def _check(factory: str, seed: int, what: str, loss_tile: int = 0) -> int:
     made = make_user_workload(factory, seed, what)
+    if loss_tile and made.loss_fn is not None and tiling_loss(made.loss_fn) is None:
+        raise _cannot_tile(factory, made.loss_fn)
     one, two = example_rows(made, 1, seed, what), example_rows(made, 2, seed, what)
     for i, (rows_one, rows_two) in enumerate(zip(one, two)):
         if rows_two != 2 * rows_one:
