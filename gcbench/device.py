@@ -66,7 +66,8 @@ def oversubscribed(threads: int, processes: int = 1) -> str | None:
     wanted = threads * processes
     if wanted <= math.ceil(free):  # a core half free still runs one thread
         return None
-    return f"{wanted} torch threads with {free:.1f} of {cores} cores free (load {load:.1f}): times are stretched"
+    threads_said = f"{wanted} torch thread{'s' if wanted != 1 else ''}"
+    return f"{threads_said} with {free:.1f} of {cores} cores free (load {load:.1f}): times are stretched"
 
 
 def check_precision(precision: str) -> str:

@@ -398,7 +398,8 @@ def render_tune(result: TuneResult) -> list[Any]:
         table.add_row(
             candidate.label,
             format_bytes(candidate.predicted_peak_bytes),
-            f"{candidate.flops / 1e9:,.1f}" if candidate.flops else "n/a",  # none counted: say so, not 0.0
+            # three significant digits: a small user model's 3 MFLOP read "0.0" at one decimal
+            f"{candidate.flops / 1e9:.3g}" if candidate.flops else "n/a",
             candidate.note if candidate.measured_peak_bytes is None else format_bytes(candidate.measured_peak_bytes),
             f"{t.value * 1e3:,.1f}" if t else (candidate.note if candidate.measured_peak_bytes is not None else ""),
             f"{t.low * 1e3:,.1f}-{t.high * 1e3:,.1f}" if t else "",

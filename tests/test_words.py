@@ -124,7 +124,7 @@ def test_tune_says_one_round_and_why_a_row_is_blank_and_no_flops_is_not_zero():
     from gcbench.measure.stats import Estimate
     from gcbench.tune import Candidate, TuneResult, render_tune
 
-    timed = Candidate("cache", (8, 8), 1, 10 * MiB, 4, flops=2 * 10**9, measured_peak_bytes=9 * MiB)
+    timed = Candidate("cache", (8, 8), 1, 10 * MiB, 4, flops=3_170_304, measured_peak_bytes=9 * MiB)  # a user's
     timed.time = timed.vs_winner = Estimate(0.010, 0.009, 0.011, 1, 5)
     unmeasured = Candidate("cache", (4, 4), 1, 8 * MiB, 8, flops=0)
     unmeasured.note = "not measured: ranked below the 1 measured (--measure all measures every one)"
@@ -133,4 +133,14 @@ def test_tune_says_one_round_and_why_a_row_is_blank_and_no_flops_is_not_zero():
         console.print(line)
     text = console.export_text()
     assert "1 round)" in text and "1 rounds" not in text
-    assert "not measured: ranked below the 1 measured" in text and "n/a" in text and "2.0" in text
+    assert "not measured: ranked below the 1 measured" in text and "n/a" in text and "0.00317" in text
+
+
+def test_the_gradient_error_figure_explains_its_markers_and_draws_the_tolerance():
+    from gcbench.report.figures import gradient_error_figure
+
+    figure = gradient_error_figure(ReportData.of(load_runs([MIXED])))
+    labels = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+    assert any("tolerance" in label and "1e-05" in label for label in labels)
+    hollow = [line for ax in figure.axes for line in ax.get_lines() if line.get_markerfacecolor() == "white"]
+    assert not hollow, "hollow markers (noisy times) have no meaning for gradients and no legend entry"

@@ -24,6 +24,7 @@ from gcbench.measure.tracker import CATEGORIES
 from gcbench.report.data import ReportData
 from gcbench.report.style import CATEGORY_COLOURS, FAILED_COLOUR, MemoryUnit
 from gcbench.results.units import format_bytes
+from gcbench.verify import DEFAULT_TOLERANCE
 
 WIDTH_IN, DPI = 6.4, 125  # 800 px
 GUIDE: dict[str, Any] = {"color": "0.45", "linestyle": "--", "linewidth": 1.2}  # reference lines: budget, y = 1, y = x
@@ -183,13 +184,15 @@ def gradient_error_figure(data: ReportData) -> Figure | None:
     positive = rows.loc[rows["grad_max_rel_err"] > 0, "grad_max_rel_err"]
     floor = 10.0 ** (math.floor(math.log10(positive.min())) - 1) if not positive.empty else 1e-12
     fig, ax = _figure("Gradient error against the full batch")
-    _series_lines(ax, data, rows, rows["grad_max_rel_err"].clip(lower=floor))
-    extra = []
+    # Filled markers only: the hollow ones of the time figures flag noisy times, which say nothing of gradients.
+    _series_lines(ax, data, rows.assign(noisy=False), rows["grad_max_rel_err"].clip(lower=floor))
+    tolerance = DEFAULT_TOLERANCE["float32"]  # the records do not say their precision: float32's, the default
+    extra = [ax.axhline(tolerance, **GUIDE, label=f"float32 tolerance of gcbench verify ({tolerance:.0e})")]
     if (rows["grad_max_rel_err"] <= 0).any():
         extra.append(
             ax.axhline(floor, color="0.45", linestyle=":", linewidth=1.2, label=f"exactly 0 (drawn at {floor:.0e})")
         )
-    ax.set_ylim(floor / 3, max(rows["grad_max_rel_err"].max() * 3, floor * 100))
+    ax.set_ylim(floor / 3, max(rows["grad_max_rel_err"].max() * 3, floor * 100, tolerance * 3))
     ax.set_yscale("log")
     _batch_axis(ax, data.points["batch_size"])
     ax.set_ylabel("max relative error of the gradients")
