@@ -194,15 +194,15 @@ def launch(
             logs=None if log is None else [log.with_name(f"{log.stem}.rank{rank}.log") for rank in range(nproc)],
             together=True,
         )
-    failures = [o.failure for o in outcomes if o.failure is not None]
-    if failures:
-        raise _error_of(min(failures, key=lambda f: f.at))
     running = [o.index for o in outcomes if o.timed_out]
-    if running:
+    if running:  # the wall clock first, as a rank that failed meanwhile was waiting on the hung ones
         raise TimeoutError(
             f"{nproc} ranks did not finish within {timeout:g} s (a hung collective?); "
             f"ranks {running} were still running and all were ended"
         )
+    failures = [o.failure for o in outcomes if o.failure is not None]
+    if failures:
+        raise _error_of(min(failures, key=lambda f: f.at))
     for outcome in outcomes:
         if not outcome.finished:  # a signal or a crash, before any rank could report
             raise RankError(outcome.index, outcome.exit_reason())
