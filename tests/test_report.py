@@ -683,3 +683,16 @@ def test_report_show_prints_the_summary_table_it_wrote(tmp_path: Path, monkeypat
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "--out", str(tmp_path / "quiet"), "--memory-budget", "64MiB"])
     assert not any(line.count("│") > 2 for line in capsys.readouterr().out.splitlines())  # the control: no --show
+
+
+def test_runs_are_compared_only_with_a_run_of_their_own_experiment() -> None:
+    """Four runs of two experiments: each later run against the first of its own (never CLIP's times
+    against SimCLR's)."""
+    quick = load_runs([ROUNDS])[0]
+    other = Run("other", ROUNDS, tuple(replace(r, experiment="other") for r in quick.records))
+    runs = [replace(quick, label="a"), replace(other, label="b"), replace(quick, label="c"), replace(other, label="d")]
+    frame = report_tables(ReportData.of(runs))["comparison"].frame
+    assert set(zip(frame["run"], frame["against"])) == {("c", "a"), ("d", "b")}
+    assert (frame["factor"] == 1.0).all()  # the same times: the pairing, not the numbers, is under test
+    alone = [replace(quick, label="a"), replace(other, label="b")]
+    assert "comparison" not in report_tables(ReportData.of(alone))  # nothing of the same experiment to compare
