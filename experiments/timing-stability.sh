@@ -14,25 +14,31 @@
 #   experiments/timing-stability.sh 3            # on an idle machine: check `uptime` first
 #   OUT=runs/stability experiments/timing-stability.sh 5
 #   EXTRA="--threads 2" experiments/timing-stability.sh 3   # more sweep flags (here: against quick's 1 thread)
+#   experiments/timing-stability.sh --render 3  # stability.md again from OUT/run-1..3, measuring nothing
 #
 # About a minute per run on 2 idle cores (estimated from the step times of reports/quick).
 # Output: OUT/run-<i>/ (each sweep with its report), OUT/comparison/ and OUT/stability.md (what this prints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+RENDER=0
+if [ "${1:-}" = "--render" ]; then RENDER=1; shift; fi
 RUNS=${1:-3}
 OUT=${OUT:-reports/timing-stability}
 BIN=${BIN:-.venv/bin}
 mkdir -p "$OUT"
 folders=()
 for i in $(seq 1 "$RUNS"); do
+  folders+=("$OUT/run-$i")
+  [ "$RENDER" = 1 ] && continue
   echo "run $i of $RUNS (load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown))" >&2
   "$BIN/gcbench" sweep quick --strategies full,cache --batch-sizes 8,16,32,128 --chunk-sizes 8,32 --keep-graphs 1,all \
     --set sweep.predict=false --set sweep.equivalence=false ${EXTRA:-} --fresh --quiet --out "$OUT/run-$i" >/dev/null
-  folders+=("$OUT/run-$i")
 done
 labels=()
 for i in $(seq 1 "$RUNS"); do labels+=(--label "run $i"); done
-"$BIN/gcbench" report "${folders[@]}" "${labels[@]}" --memory-budget 256MiB --out "$OUT/comparison" >/dev/null
+if [ "$RENDER" = 0 ]; then
+  "$BIN/gcbench" report "${folders[@]}" "${labels[@]}" --memory-budget 256MiB --out "$OUT/comparison" >/dev/null
+fi
 "$BIN/python" - "${folders[@]}" <<'PYTHON' | tee "$OUT/stability.md"
 """The runs' caching cost at batch 128 (chunk 32), how far apart they are, and the same-work points."""
 import sys
@@ -41,6 +47,11 @@ from pathlib import Path
 from gcbench.experiment import load_experiment
 from gcbench.report import load_runs
 from gcbench.report.data import ReportData
+
+def noise(row) -> str:
+    """The point's noise, or nothing: a point without any has none (not NaN) in the table."""
+    return row["noise"] if isinstance(row["noise"], str) else ""
+
 
 folders = [Path(folder) for folder in sys.argv[1:]]
 runs = load_runs(folders, [f"run {i}" for i in range(1, len(folders) + 1)])
@@ -73,7 +84,7 @@ def _cost(row, ratio, low, high):
 for _, row in head.iterrows():
     wall = _cost(row, "time_ratio", "ratio_low", "ratio_high") if row["paired"] else (f"{row['time_ratio'] - 1:.1%}", "none (not paired)")
     cpu = _cost(row, "paired_cpu_ratio", "paired_cpu_low", "paired_cpu_high")
-    print(f"| {row['run']} | {wall[0]} | {wall[1]} | {cpu[0]} | {cpu[1]} | {row['time_rounds']:.0f} | {row['noise'] or ''} |")
+    print(f"| {row['run']} | {wall[0]} | {wall[1]} | {cpu[0]} | {cpu[1]} | {row['time_rounds']:.0f} | {noise(row)} |")
 for label, ratio, low, high in (
     ("wall time", "time_ratio", "ratio_low", "ratio_high"),
     ("CPU time", "paired_cpu_ratio", "paired_cpu_low", "paired_cpu_high"),
@@ -102,7 +113,7 @@ for _, row in near.iterrows():
     inside = 0.9 <= row["time_ratio"] <= 1.1
     print(f"| {row['run']} | {row['batch_size']} | {row['chunk_sizes']} | "
           f"{'yes' if row['one_chunk'] else 'queries only'} | {row['time_ratio']:.3f} | "
-          f"{row['ratio_low']:.3f} to {row['ratio_high']:.3f} | {'yes' if inside else 'NO'} | {row['noise'] or ''} |")
+          f"{row['ratio_low']:.3f} to {row['ratio_high']:.3f} | {'yes' if inside else 'NO'} | {noise(row)} |")
 same = cost[cost["one_chunk"]]
 bad = same[~same["time_ratio"].between(0.9, 1.1) & ~same["noisy"]]
 print(f"\nOne chunk per input, outside 0.9 to 1.1 and not flagged noisy: {len(bad)} of {len(same)} points.")

@@ -134,3 +134,23 @@ def test_a_gradient_the_loss_leaves_out_is_zeros_of_the_tensors_kind(process_gro
     _, grad_used, grad_unused = _MeanGradOverRanks.backward(ctx, torch.ones(2, 3, dtype=torch.float16), None)
     assert grad_used.dtype == grad_unused.dtype == torch.float16 and grad_unused.device == unused.device
     assert torch.equal(grad_unused, torch.zeros(4, dtype=torch.float16))
+
+
+def test_the_count_and_the_content_check_bite(process_group):
+    """The controls of the checks above: chunks backpropagated one by one through DDP without ``no_sync``
+    all-reduce once per chunk; syncing on the first chunk instead of the last reduces once, but only a part
+    of the step's gradient."""
+    torch.manual_seed(0)
+    chunks = torch.randn(8, 4).split(2)
+    calls: list[int] = []
+    every_chunk = counting_ddp(nn.Linear(4, 3), calls)
+    for chunk in chunks:
+        every_chunk(chunk).pow(2).sum().backward()
+    assert len(calls) == 4 and not reduced_everything(every_chunk)
+    calls = []
+    first_only = counting_ddp(nn.Linear(4, 3), calls)
+    first_only(chunks[0]).pow(2).sum().backward()
+    with first_only.no_sync():
+        for chunk in chunks[1:]:
+            first_only(chunk).pow(2).sum().backward()
+    assert len(calls) == 1 and not reduced_everything(first_only)

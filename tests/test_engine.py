@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from encoded_rows import mismatches, record_calls, swap_two_equal_steps
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -288,26 +289,27 @@ class TestBadInput:
 
 
 def test_every_strategy_encodes_in_the_order_it_declares():
-    """encode_order is what the mask-consistent reference relies on: check it against real calls."""
+    """encode_order is what the mask-consistent reference relies on: check it against real calls, row by row."""
     from gcbench.strategies import STRATEGIES
 
+    controls = 0
     for name, cls in STRATEGIES.items():
         if cls.__module__ != "gcbench.strategies":
             continue  # the peers' strategies need their extra and one chunk size: tests/test_peers.py
         config = workload_config("dpr", 0.0)
         workload = build_workload(config, seed=0)
-        calls = []
-        hooks = [
-            enc.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out.shape[0])))
-            for i, enc in enumerate(workload.objective.encoders)
-        ]
+        calls, hooks = record_calls(workload.objective.encoders)
         strategy = make_strategy(name, workload.objective, (3, 4))
-        strategy.forward_backward(workload.batches(7, seed=1))
+        batches = workload.batches(7, seed=1)
+        strategy.forward_backward(batches)
         for h in hooks:
             h.remove()
-        declared = [(i, rows.stop - rows.start) for i, rows in strategy.encode_order(workload.rows(7))]
-        first_pass = calls[: len(declared)]
-        assert first_pass == declared, name
+        declared = strategy.encode_order(workload.rows(7))
+        assert mismatches(calls, declared, batches) == [], name
+        if strategy.uses_chunks:  # the control: the same sizes in the same order, two chunks' rows exchanged
+            assert mismatches(calls, swap_two_equal_steps(declared), batches), name
+            controls += 1
+    assert controls >= 3
 
 
 def test_objective_lists_a_tied_encoder_once():

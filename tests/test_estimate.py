@@ -55,6 +55,9 @@ def test_cpu_prediction_within_5_percent_of_the_allocator(quick, quick_cpu_estim
     predicted = quick_cpu_estimator.predict(quick.step_config(point)).peak_bytes
     measured = measured_peak(quick, point)
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+    # The control: an estimate that forgot AdamW's two moments (a real past mistake's size) is caught.
+    optimizer = quick_cpu_estimator.predict(quick.step_config(point)).breakdown["optimizer"]
+    assert abs(predicted - optimizer - measured) > 0.05 * measured, (predicted - optimizer, measured)
 
 
 TINY = WorkloadConfig("dpr", ModelConfig(hidden=16, layers=1, heads=2, vocab=2000), query_length=8, passage_length=12)
@@ -95,10 +98,22 @@ def test_cuda_target_models_the_device():
     assert cuda.optimizer_config.foreach is True and cpu.optimizer_config.foreach is None
     cpu_peak, cuda_peak = cpu.predict(config), cuda.predict(config)
     assert cuda_peak.peak_bytes % 512 == 0 and cuda_peak.peak_bytes > cpu_peak.peak_bytes
-    assert (
-        F.scaled_dot_product_attention.__module__ == "torch.nn.functional"
-        or F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
-    )
+
+
+def test_the_cuda_target_runs_cuda_s_attention_kernel_and_puts_torch_s_back(monkeypatch):
+    """For the prediction only, SDPA is CUDA's memory-efficient kernel (its log-sum-exp kept, not the
+    probabilities); afterwards torch's own function is back, for the CPU target and for the user's code."""
+    from gcbench.estimate import target
+    from gcbench.training import StepConfig
+
+    called: list[str] = []
+    kernel = target._efficient_attention
+    monkeypatch.setattr(target, "_efficient_attention", lambda *a, **k: called.append("cuda") or kernel(*a, **k))
+    torch_sdpa = F.scaled_dot_product_attention
+    Estimator(TINY, "float32", "cpu").predict(StepConfig(TINY, "full", 8))
+    assert called == [] and F.scaled_dot_product_attention is torch_sdpa  # the CPU target keeps torch's kernel
+    Estimator(TINY, "float32", "cuda").predict(StepConfig(TINY, "full", 8))
+    assert called and F.scaled_dot_product_attention is torch_sdpa
 
 
 def _aten_ops(fn) -> set[str]:
@@ -248,7 +263,12 @@ def test_estimate_cli_formats(capsys):
     code, out, _ = run_cli(capsys, "estimate", *small, "--format", "json", "--device-memory", "30MiB")
     data = json.loads(out)
     assert code == 0 and len(data["predictions"]) == 4
-    assert data["largest_batch"]["full"][str(30 * 2**20)] == 8
+    # The largest batch is the one its own predictions give: the largest whose peak, and every smaller
+    # batch's, fits 30 MiB.
+    peaks = sorted((r["batch_size"], r["peak_bytes"]) for r in data["predictions"] if r["strategy"] == "full")
+    fitting = [batch for i, (batch, _) in enumerate(peaks) if all(p <= 30 * 2**20 for _, p in peaks[: i + 1])]
+    assert data["largest_batch"]["full"][str(30 * 2**20)] == (max(fitting) if fitting else None)
+    assert fitting and len(fitting) < len(peaks)  # the budget falls between the two batches: a real choice
     assert data["chunk_advice"][0]["chunk_sizes"]
     code, out, _ = run_cli(capsys, "estimate", *small, "--format", "csv")
     assert code == 0 and out.splitlines()[0].startswith("strategy,batch_size") and len(out.splitlines()) == 5

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gcbench import GradCache
+from gcbench.cache.batching import call_encoder
 from gcbench.errors import UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment import build_experiment
@@ -157,8 +158,14 @@ def test_a_checkpoint_s_weights_are_loaded(tmp_path):
 )
 def test_an_hf_model_that_cannot_work_is_refused_before_any_work(model, message):
     raw = {"workload": {"name": "dpr", "passage_length": 24}, "model": model}
-    if message is None:
-        build_experiment(raw, "exp.toml", {})
+    if message is None:  # BERT's own pooled output: a pooling the hf kind offers, and the representation
+        experiment = build_experiment(raw, "exp.toml", {})
+        assert experiment.workload.model.pooling == "pooler"
+        workload = build_workload(experiment.workload, seed=0)
+        encoder = workload.objective.encoders[0].eval()
+        batch = workload.batches(2, seed=0)[0]
+        with torch.no_grad():
+            assert torch.equal(call_encoder(encoder, batch), encoder.model(**batch).pooler_output)
         return
     with pytest.raises(UsageError, match=message.replace("[", r"\[")):
         build_experiment(raw, "exp.toml", {})
@@ -240,11 +247,13 @@ def test_a_sentence_transformers_model_folder_is_a_model_kind(minilm_folder):
         hard_negatives=0,
         tied=True,
     )
-    build_experiment(
+    experiment = build_experiment(
         {"workload": {"name": "dpr"}, "model": {"kind": "sentence-transformers", "name_or_path": minilm_folder}},
         "x.toml",
         {},
     )
+    assert experiment.workload.model.kind == "sentence-transformers"
+    assert Path(experiment.workload.model.name_or_path) == Path(minilm_folder)
     result = check_strategy(config, "cache", 6, (4,))
     assert result.max_rel_err <= 1e-5, result
     estimator = Estimator(config, "float32", "cuda")  # its real weights become fake copies: nothing allocated

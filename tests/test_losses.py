@@ -90,6 +90,24 @@ def test_tiled_equals_untiled_in_float32(case):
     assert loss_error <= 1e-5 and grad_error <= 1e-5, (case, loss_error, grad_error)
 
 
+def _without_the_short_last_tile(size: int, tile_size: int) -> list[slice]:
+    """A tiling bug on purpose: the last, short block of rows or columns left out."""
+    return [slice(start, start + tile_size) for start in range(0, size - tile_size + 1, tile_size)]
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_tiled_loss_that_skips_a_tile_fails_the_comparison(monkeypatch, name, dtype, tolerance):
+    """The controls of the two checks above: batch 9 in tiles of 4 leaves a short tile (SimCLR's 18 views
+    too); a loss that forgets it is far outside either tolerance."""
+    reps = representations(name, 9, 2, 5, dtype, 3)
+    loss_error, grad_error = tiled_vs_untiled(name, reps, 0.3, 4)
+    assert loss_error <= tolerance and grad_error <= tolerance
+    monkeypatch.setattr("gcbench.losses._blocks", _without_the_short_last_tile)
+    loss_error, grad_error = tiled_vs_untiled(name, reps, 0.3, 4)
+    assert loss_error > 1e3 * tolerance or grad_error > 1e3 * tolerance, (loss_error, grad_error)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("tile", [None, 3])
 def test_parts_over_rows_sum_to_the_whole(name, tile):
@@ -133,6 +151,34 @@ def test_the_untiled_losses_are_the_textbook_ones():
     scores = (views @ views.T / 0.5).fill_diagonal_(-math.inf)
     expected = torch.nn.functional.cross_entropy(scores, torch.cat([torch.arange(5, 10), torch.arange(5)]))
     assert torch.allclose(NTXent(0.5).double()(x, y), expected, rtol=1e-14)
+    # CLIP (Radford et al. 2021): cosine similarities times 1/temperature, cross-entropy over rows and columns.
+    t, i = representations("clip", 5, 1, 4, torch.float64, 3)
+    logits = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(i, dim=-1).T / 0.5
+    labels = torch.arange(5)
+    expected = (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+    ) / 2
+    assert torch.allclose(SymmetricInfoNCE(0.5).double()(t, i), expected, rtol=1e-14)
+    # SigLIP (Zhai et al. 2023): -1/N sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)), z = 1 on the diagonal, else -1.
+    logits = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(i, dim=-1).T / 0.5 - 2.0
+    signs = 2 * torch.eye(5, dtype=torch.float64) - 1
+    expected = -torch.nn.functional.logsigmoid(signs * logits).sum() / 5
+    assert torch.allclose(SigmoidLoss(0.5, -2.0).double()(t, i), expected, rtol=1e-14)
+
+
+def test_the_textbook_check_bites():
+    """Its control: the formulas with one detail changed (SigLIP's bias of the wrong sign, CLIP one way
+    only, DPR against the hard negative as the positive) are not what the losses compute."""
+    t, i = representations("clip", 5, 1, 4, torch.float64, 3)
+    logits = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(i, dim=-1).T / 0.5
+    one_way = torch.nn.functional.cross_entropy(logits, torch.arange(5))
+    assert not torch.allclose(SymmetricInfoNCE(0.5).double()(t, i), one_way, rtol=1e-6)
+    signs = 2 * torch.eye(5, dtype=torch.float64) - 1
+    wrong_bias = -torch.nn.functional.logsigmoid(signs * (logits + 2.0)).sum() / 5
+    assert not torch.allclose(SigmoidLoss(0.5, -2.0).double()(t, i), wrong_bias, rtol=1e-6)
+    q, p = representations("dpr", 6, 2, 4, torch.float64, 1)
+    negative_first = torch.nn.functional.cross_entropy(q @ p.T / 0.5, torch.arange(6) * 2 + 1)
+    assert not torch.allclose(InBatchSoftmax(0.5)(q, p), negative_first, rtol=1e-6)
 
 
 @pytest.mark.parametrize("tile", [0, -1, 2.5, True])
@@ -177,6 +223,28 @@ def test_autocast_leaves_the_tiled_loss_in_float32():
         results.append((value, encoder.weight.grad.clone()))  # type: ignore[union-attr]
     (loss, grad), (tiled_loss, tiled_grad) = results
     assert relative(tiled_loss, loss) <= 1e-6 and relative(tiled_grad, grad) <= 3e-2
+
+
+def test_bf16_s_tolerance_still_catches_a_tiling_bug(monkeypatch):
+    """The control of the 3e-2 above: the same bf16 run with a tile left out is
+    outside it, in the encoder's gradient as in the loss."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(8, 6)
+    inputs = [torch.randn(9, 8), torch.randn(9, 8)]  # 18 views in tiles of 4: a short one of 2
+
+    def run(tile: int | None) -> tuple[Tensor, Tensor]:
+        encoder.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = GradCache([encoder, encoder], NTXent(tile_size=tile), chunk_size=4)(*inputs)
+        return value.detach(), encoder.weight.grad.clone()  # type: ignore[union-attr]
+
+    loss, grad = run(None)
+    monkeypatch.setattr("gcbench.losses._blocks", _without_the_short_last_tile)
+    wrong_loss, wrong_grad = run(4)
+    assert relative(wrong_loss, loss) > 3e-2 and relative(wrong_grad, grad) > 3e-2, (
+        relative(wrong_loss, loss),
+        relative(wrong_grad, grad),
+    )
 
 
 def peak_bytes(loss: ContrastiveLoss, reps: list[Tensor]) -> int:

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from encoded_rows import mismatches, record_calls, swap_two_equal_steps
 
 import gcbench.peers
 from gcbench.errors import UsageError
@@ -20,7 +21,7 @@ from gcbench.measure.equivalence import check_strategy, compare, gradients
 from gcbench.peers.models import TOWERS
 from gcbench.peers.strategies import SentenceTransformersCached
 from gcbench.strategies import STRATEGIES, make_strategy
-from gcbench.workloads import ModelConfig, TextTower, WorkloadConfig, build_workload
+from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
 
 gcbench.peers.register()  # idempotent; gcbench's own import does it once the lead wires it in
 
@@ -94,10 +95,6 @@ def test_peer_strategy_without_sentence_transformers_names_the_pip_line(monkeypa
         make_strategy("st-full", objective)
 
 
-@pytest.mark.skipif(
-    not hasattr(TextTower, "check"),
-    reason="experiment validation does not call the extras' checks yet (the hook in gcbench/sweep/config.py)",
-)
 def test_experiment_validation_stops_a_missing_extra_before_any_work(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UsageError, match=r"pip install 'gcbench\[real\]'"):
@@ -222,11 +219,15 @@ def test_peer_gradients_equal_gcbench(real, peers, ours, peer, dropout, hard_neg
     (grads, loss), (peer_grads, peer_loss) = (step_gradients(config, s, 8, chunk) for s in (ours, peer))
     comparison = compare(peer_grads, grads, peer_loss, loss)
     assert comparison.max_rel_err <= 1e-5 and comparison.passes(1e-5), comparison
+    # The control: gradient accumulation's gradients (in-batch negatives of one micro-batch only) fail it.
+    accumulated, accumulated_loss = step_gradients(config, "accumulate", 8, 4)
+    assert not compare(peer_grads, accumulated, peer_loss, accumulated_loss).passes(1e-5)
 
 
 def test_st_cached_passes_gcbench_equivalence_check_with_dropout(real, peers):
     """Its encode order is the peer's, so the sweep's mask-consistent reference applies to it."""
     assert check_strategy(dpr(), "st-cached", 8, [4, 4]).passes(1e-5)
+    assert not check_strategy(dpr(), "accumulate", 8, [4, 4]).passes(1e-5)  # the control: the check bites
 
 
 def test_peer_checks_reject_what_it_cannot_run(peers):
@@ -262,13 +263,14 @@ def test_peer_encodes_in_the_order_it_declares(peers, name):
         "dpr", ModelConfig(hidden=16, heads=2, layers=1), query_length=6, passage_length=9, hard_negatives=0
     )
     workload = build_workload(config)
-    calls = []
-    for index, encoder in enumerate(workload.objective.encoders):
-        encoder.register_forward_hook(lambda module, args, out, index=index: calls.append((index, out.shape[0])))
+    calls, _ = record_calls(workload.objective.encoders)
     strategy = make_strategy(name, workload.objective, 3)
-    strategy.forward_backward(workload.batches(7, seed=1))
-    declared = [(i, rows.stop - rows.start) for i, rows in strategy.encode_order(workload.rows(7))]
-    assert calls[: len(declared)] == declared
+    batches = workload.batches(7, seed=1)
+    strategy.forward_backward(batches)
+    declared = strategy.encode_order(workload.rows(7))
+    assert mismatches(calls, declared, batches) == []
+    if name == "st-cached":  # the control: the same sizes, two mini-batches' rows exchanged
+        assert mismatches(calls, swap_two_equal_steps(declared), batches)
     with pytest.raises(UsageError, match="column by column"):
         strategy.encode_order([7, 14])
 

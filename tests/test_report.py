@@ -34,6 +34,7 @@ from gcbench.report.figures import (
 from gcbench.report.headline import headline
 from gcbench.report.tables import every_point, pareto, report_tables, summary
 from gcbench.results import Point, Record, ResultsStore, current, time_result
+from gcbench.results.units import format_bytes
 from gcbench.strategies import resolve_strategy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -103,12 +104,17 @@ def test_report_md_starts_with_a_headline_from_the_data(mixed_report: ReportFile
     assert first[0] == "# gcbench report: quick"
     bullets = [line for line in first[1:6] if line.startswith("- ")]
     assert len(bullets) == 3
+    peak = {point: record.memory.peak_bytes for point, record in records(MIXED).items() if record.memory}
+    full_32, cache_32 = peak["full batch=32 chunks=-"], peak["cache batch=32 chunks=8"]
+    assert peak["full batch=64 chunks=-"] > BUDGET >= full_32  # what the sentence is about, in the fixture
     assert bullets[0] == (
-        "- full went over the 64.00 MiB budget at batch 64 (80.90 MiB); its largest batch was 32 at 47.64 MiB."
+        f"- full went over the {format_bytes(BUDGET)} budget at batch 64 ({format_bytes(peak['full batch=64 chunks=-'])}); "
+        f"its largest batch was 32 at {format_bytes(full_32)}."
     )
     assert bullets[1] == (
-        "- cache (chunk 8) ran batch 128 in 23.26 MiB; at batch 32, the largest where both fit, "
-        "it needed 2.1× less than full (23.14 MiB against 47.64 MiB)."
+        f"- cache (chunk 8) ran batch 128 in {format_bytes(peak['cache batch=128 chunks=8'])}; at batch 32, the "
+        f"largest where both fit, it needed {full_32 / cache_32:.1f}× less than full ({format_bytes(cache_32)} "
+        f"against {format_bytes(full_32)})."
     )
 
 
@@ -293,7 +299,10 @@ def test_repeated_points_are_merged_into_medians(tmp_path: Path) -> None:
     frame = every_point(ReportData.of(load_runs([FIXTURES / "repeats.jsonl"]))).frame.set_index("series")
     full = frame.loc["full"]
     assert full["runs"] == 3 and full["status"] == "ok"  # two ok runs, one out of memory
-    assert full["step time (ms)"] == pytest.approx((0.017485240000041813 + 0.0195) / 2 * 1e3)
+    runs = [r for r in ResultsStore(FIXTURES / "repeats.jsonl").load(repair=False) if r.point.strategy == "full"]
+    ok = [r.time.median_s for r in runs if r.status == "ok" and r.time]
+    assert len(runs) == 3 and len(ok) == 2
+    assert full["step time (ms)"] == pytest.approx(float(np.median(ok)) * 1e3)
     assert full["reason"] == "2 of 3 runs ok, others 1 oom"
     assert frame.loc["cache (chunk 8)", "runs"] == 2
     assert "2 points were recorded more than once" in files.report.read_text()
@@ -334,7 +343,8 @@ def test_nothing_ran_ok_and_no_full_or_cache(tmp_path: Path) -> None:
     assert {path.stem for path in files.figures} == {"memory", "largest-batch"}  # out of memory marks; no bars
     no_full = tuple(r for r in records(MIXED).values() if r.point.strategy != "full")
     lines = headline(ReportData.of([Run("no full", MIXED, no_full)]))
-    assert lines[1] == "cache (chunk 8) ran batch 128 in 23.26 MiB; full fit no batch it ran, nothing to compare."
+    cache_128 = format_bytes(records(MIXED)["cache batch=128 chunks=8"].memory.peak_bytes)
+    assert lines[1] == f"cache (chunk 8) ran batch 128 in {cache_128}; full fit no batch it ran, nothing to compare."
 
 
 def test_compare_the_same_file_twice(tmp_path: Path) -> None:
@@ -435,7 +445,9 @@ def test_the_headline_gives_the_cost_with_its_interval_and_why_it_is_noisy() -> 
         f"caching cost {paired.ratio - 1:.0%} step time (95% CI {low:.0%} to {high:.0%}) against full at batch 128 "
         "(cache (chunk 32), the cheapest setting there; timed in turns with full, 2 rounds)."
     ), line
-    assert line.endswith(" Noisy: rounds disagree by 136%; ratio: rounds disagree by 52%.")
+    record = merged(ROUNDS)["cache batch=128 chunks=32"]
+    (time_noise,), (ratio_noise,) = record.time.noise, record.paired.noise  # recorded when it was measured
+    assert line.endswith(f" Noisy: {time_noise}; ratio: {ratio_noise}.")
     # A clean point says no more; results without intervals keep the old wording (the README quotes it).
     clean = [replace(r, time=replace(r.time, noise=()), paired=replace(r.paired, noise=())) if r.paired else r
              for r in merged(ROUNDS).values()]  # fmt: skip
@@ -465,9 +477,12 @@ def test_every_point_shows_intervals_noise_and_load_only_where_there_are_some() 
         assert column in columns and column not in every_point(mixed_data()).frame.columns, column
     table = every_point(rounds_data()).text()
     busy = table[(table["series"] == "cache (chunk 8)") & (table["batch"] == "8")].iloc[0]
-    assert "busy machine (load 6.9 on 2 cores)" in busy["noise"] and busy["rounds"] == "2"
+    busy_noise = merged(ROUNDS)["cache batch=8 chunks=8"].time.noise
+    assert any(n.startswith("busy machine (load ") for n in busy_noise)
+    assert all(n in busy["noise"] for n in busy_noise) and busy["rounds"] == "2"
     full = table[(table["series"] == "full") & (table["batch"] == "32")].iloc[0]
-    assert full["vs full, paired"] == "-" and full["load"] == "1.2"
+    load = merged(ROUNDS)["full batch=32 chunks=-"].time.load_average_1m
+    assert full["vs full, paired"] == "-" and full["load"] == f"{load:.1f}"
 
 
 def _retimed(path: Path, factor: float, rng: np.random.Generator | None) -> Path:
@@ -510,7 +525,8 @@ def test_the_sweep_s_terminal_tables_name_the_noise_and_the_load() -> None:
         console.print(table)
     text = console.export_text()
     assert "vs full (95% CI)" in text and "noisy" in text
-    assert "cache batch=8 chunks=8: busy machine (load 6.9 on 2 cores)" in text and "load average while timing" in text
+    (busy,) = [n for n in merged(ROUNDS)["cache batch=8 chunks=8"].time.noise if n.startswith("busy machine")]
+    assert f"cache batch=8 chunks=8: {busy}" in text and "load average while timing" in text
 
 
 # Time against memory: the Pareto figure and table ------------------------------------------------------
@@ -643,3 +659,40 @@ def test_the_pareto_figure_of_compared_runs_has_a_frontier_per_run() -> None:
     assert {"Pareto frontier [pareto]", "Pareto frontier [again]", "full [again]"} <= set(lines)
     table = pareto(data, 32).frame
     assert table["run"].tolist() == ["pareto"] * 7 + ["again"] * 7
+
+
+def test_report_show_prints_the_summary_table_it_wrote(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``gcbench report --show``: the summary table in the terminal, the same numbers as tables/summary.csv."""
+    from gcbench.cli import main
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # never a window
+    shutil.copy(MIXED, tmp_path / "results.jsonl")
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--show", "--memory-budget", "64MiB"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "report: " in out
+    frame = summary(mixed_data()).frame.set_index("series")
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 2}
+    assert set(frame.index) <= set(rows)
+    for series, row in frame.iterrows():
+        largest = row["largest batch within 64.00 MiB"]
+        cells = [cell.strip() for cell in rows[series].split("│")]
+        assert (str(int(largest)) if largest == largest else "-") == cells[2], (series, cells)
+    assert (tmp_path / "out" / "report.md").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path), "--out", str(tmp_path / "quiet"), "--memory-budget", "64MiB"])
+    assert not any(line.count("│") > 2 for line in capsys.readouterr().out.splitlines())  # the control: no --show
+
+
+def test_runs_are_compared_only_with_a_run_of_their_own_experiment() -> None:
+    """Four runs of two experiments: each later run against the first of its own (never CLIP's times
+    against SimCLR's)."""
+    quick = load_runs([ROUNDS])[0]
+    other = Run("other", ROUNDS, tuple(replace(r, experiment="other") for r in quick.records))
+    runs = [replace(quick, label="a"), replace(other, label="b"), replace(quick, label="c"), replace(other, label="d")]
+    frame = report_tables(ReportData.of(runs))["comparison"].frame
+    assert set(zip(frame["run"], frame["against"])) == {("c", "a"), ("d", "b")}
+    assert (frame["factor"] == 1.0).all()  # the same times: the pairing, not the numbers, is under test
+    alone = [replace(quick, label="a"), replace(other, label="b")]
+    assert "comparison" not in report_tables(ReportData.of(alone))  # nothing of the same experiment to compare

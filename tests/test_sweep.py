@@ -15,7 +15,7 @@ import torch
 
 from gcbench.cli import main
 from gcbench.errors import UsageError
-from gcbench.experiment import load_experiment
+from gcbench.experiment import build_experiment, load_experiment
 from gcbench.measure.memory import measure_step_memory, track_step
 from gcbench.results import Point, ResultsStore
 from gcbench.sweep import run_sweep
@@ -194,11 +194,35 @@ def test_a_crashing_point_is_an_error_record(micro, tmp_path):
     assert record.status == "error" and "chunk_sizes: got 3 sizes for 2 encoders" in record.reason
 
 
-def test_a_slow_point_is_a_timeout(micro, tmp_path):
-    experiment = load_experiment(
-        str(micro), {"sweep.timeout": (1.0, "--timeout"), "model.layers": (6, "--set"), "model.hidden": (256, "--set")}
-    )
-    record = run_point_process(experiment, Point("full", 256), None, tmp_path)
+HANGING = """
+import threading
+
+import torch
+from torch import nn
+
+from gcbench import UserWorkload
+
+
+class Hangs(nn.Linear):
+    def forward(self, x):
+        threading.Event().wait()  # never set: the step never ends, however fast the machine
+        return super().forward(x)
+
+
+def build(seed):
+    make = lambda n, g: [torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)]
+    return UserWorkload([Hangs(4, 4), Hangs(4, 4)], make, loss_fn=lambda a, b: (a @ b.T).sum())
+"""
+
+
+def test_a_point_that_never_ends_is_a_timeout(tmp_path, monkeypatch):
+    """A step that waits forever (not one that is merely slow, which a fast machine would finish) is ended at
+    the point's timeout and recorded as such."""
+    (tmp_path / "hanging_encoders.py").write_text(HANGING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {"workload": {"name": "hanging_encoders:build"}, "sweep": {"timeout": 1.0, "device": "cpu"}}
+    experiment = build_experiment(raw, "hanging", {})
+    record = run_point_process(experiment, Point("full", 4), None, tmp_path)
     assert record.status == "timeout" and "timeout" in record.reason
 
 

@@ -41,7 +41,7 @@ def test_quartiles_are_statistics_inclusive_quantiles(values: list[float]) -> No
 
 
 def test_t_quantiles_match_scipy() -> None:
-    stats = pytest.importorskip("scipy.stats")
+    stats = pytest.importorskip("scipy.stats", reason="needs the test extra: pip install 'gcbench[test]'")
     for df in (1, 2, 3, 5, 10, 29, 30, 31, 40, 60, 200):
         assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-4), df
 
@@ -51,7 +51,7 @@ samples = st.lists(st.integers(1, 12).map(lambda x: x / 4), min_size=1, max_size
 
 @given(samples, samples)
 def test_mann_whitney_is_scipy_s_asymptotic_test(a: list[float], b: list[float]) -> None:
-    stats = pytest.importorskip("scipy.stats")
+    stats = pytest.importorskip("scipy.stats", reason="needs the test extra: pip install 'gcbench[test]'")
     ours = mann_whitney(a, b)
     if len(set(a + b)) == 1:  # every value tied: no information (scipy returns nan)
         assert ours.p == 1.0

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from gcbench.errors import UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment import load_experiment
+from gcbench.measure.stats import Estimate, estimate
 from gcbench.results import Point
-from gcbench.tune import Candidate, _most_kept, _search, paste, tune
+from gcbench.results.units import format_bytes
+from gcbench.tune import DEFAULT_MEASURED, Candidate, TuneResult, _most_kept, _search, _time, paste, render_tune, tune
 
 TINY = """
 name = "tiny"
@@ -103,8 +105,74 @@ def test_tune_measures_a_winner_within_the_budget(tiny):
     assert winner is not None and winner.measured_peak_bytes is not None and winner.time is not None
     assert winner.measured_peak_bytes <= budget and winner.chunk_sizes is not None
     assert result.measured == 2 and len([c for c in result.candidates if c.time]) <= 2
-    assert winner.vs_winner is not None and winner.vs_winner.value == 1.0
+    timed = [c for c in result.candidates if c.time is not None]
+    assert winner.time.value == min(c.time.value for c in timed)  # the winner is the fastest measured
+    assert all(c.vs_winner is not None and c.vs_winner.rounds == winner.time.rounds for c in timed)
     assert json.loads(json.dumps(result.to_dict()))["call"].startswith("GradCache(")
+
+
+def test_each_setting_s_time_is_over_the_fastest_turn_by_turn(monkeypatch, tiny):
+    """The ratios are of samples taken in the same turn; the fastest by median is the one they are over."""
+    experiment = load_experiment(str(tiny))
+    candidates = [Candidate("cache", (4,), k, 0, 0) for k in (0, 1, 2)]
+    names = [c.point(32).id for c in candidates]
+    # Two rounds of four turns: keep 1 is the fastest; keep 0 is twice its time in every turn but one.
+    turns = [[1.0, 1.2, 0.9, 1.1], [1.3, 1.0, 1.1, 1.2]]
+    times = {
+        names[0]: [[2 * t for t in r] for r in turns],
+        names[1]: turns,
+        names[2]: [[1.5 * t for t in r] for r in turns],
+    }
+    times[names[0]][1][3] = 5.0
+    rounds = iter([{n: tuple(times[n][i]) for n in names} for i in range(2)])
+    monkeypatch.setattr("gcbench.tune._in_child", lambda function, experiment, points: next(rounds))
+    _time(experiment, 32, candidates, 2, lambda _: None)
+    for candidate, name in zip(candidates, names):
+        assert candidate.time == estimate(times[name])
+        paired = [[a / b for a, b in zip(mine, fastest)] for mine, fastest in zip(times[name], turns)]
+        assert candidate.vs_winner == estimate(paired)
+    assert candidates[0].vs_winner.value == 2.0 and candidates[2].vs_winner.value == 1.5
+
+
+def interval(value: float) -> Estimate:
+    return Estimate(value, value * 0.9, value * 1.2, 3, 30)
+
+
+def test_render_tune_shows_every_candidate_the_winner_and_its_call():
+    from rich.console import Console
+
+    grid = [
+        Candidate("cache", (8, 8), 3, 40 * 2**20, 10, 2 * 10**9, 41 * 2**20, interval(0.012), interval(1.0)),
+        Candidate("cache", (4, 4), "all", 30 * 2**20, 16, 3 * 10**9, 31 * 2**20, interval(0.015), interval(1.25)),
+        Candidate("full", None, None, 50 * 2**20, 2, 10**9, None, note="ran out of memory"),
+        Candidate("cache", (2, 2), 0, 20 * 2**20, 64, 4 * 10**9, 60 * 2**20, note="measured peak over the budget"),
+        Candidate("cache", (1, 1), 1, 10 * 2**20, 127, 5 * 10**9, 11 * 2**20, interval(0.02), interval(1.6)),
+    ]
+    result = TuneResult("tiny", 32, 48 * 2**20, 0.05, "cpu", grid, len(grid), ["checkpoint: predicted 99 MiB"])
+    console = Console(width=250, record=True)
+    for line in render_tune(result):
+        console.print(line)
+    text = console.export_text()
+    assert f"tiny: batch 32, budget {format_bytes(result.budget_bytes)}" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 2}
+    assert set(rows) == {c.label for c in grid}
+    for candidate in grid:
+        row = rows[candidate.label]
+        assert format_bytes(candidate.predicted_peak_bytes) in row and f"{candidate.flops / 1e9:,.1f}" in row
+        if candidate.time is not None:
+            t, r = candidate.time, candidate.vs_winner
+            assert f"{t.value * 1e3:,.1f}" in row and f"{t.low * 1e3:,.1f}-{t.high * 1e3:,.1f}" in row
+            assert f"x{r.value:.2f} ({r.low:.2f}-{r.high:.2f})" in row
+        else:
+            assert candidate.note in row
+    winner = grid[0]
+    assert result.winner is winner
+    assert f"fastest: {winner.label}: {winner.time.value * 1e3:,.1f} ms a step" in text
+    assert f"use: {paste(winner)}" in text and "left out: checkpoint: predicted 99 MiB" in text
+    assert len(grid) > DEFAULT_MEASURED and f"x{grid[0].vs_winner.value:.3f} the fastest of all 5 measured" in text
+    nothing = TuneResult("tiny", 32, 2**20, 0.05, "cpu", grid[2:4], 2)
+    lines = render_tune(nothing)
+    assert lines[-1] == "nothing measured fits the budget: ran out of memory; measured peak over the budget"
 
 
 def test_tune_refuses_bad_input_before_measuring(tiny):

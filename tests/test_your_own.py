@@ -248,12 +248,14 @@ def test_chunk_settings_are_checked_against_the_workload_s_inputs(user_folder, m
         "user_three",
         "def build(seed):\n    m = nn.Linear(2, 2)\n"
         "    make = lambda n, g: [torch.randn(n, 2), torch.randn(2 * n, 2), torch.randn(n, 2)]  # global RNG: fine\n"
-        "    return UserWorkload([m, m, m], make, loss_fn=lambda a, b, c: a.sum() - b.sum() + c.pow(2).sum())\n",
+        "    return UserWorkload([m, m, m], make, loss_fn=lambda a, b, c: a.sum() - b.sum() + c.sum().pow(2))\n",
     )
     monkeypatch.chdir(user_folder)
     results = verify(["user_three:build"], ["cache", "accumulate"], chunk_sizes=((2,), (1, 3, 2)), precision="float64")
     assert [r.chunk_sizes for r in results] == [(2, 2, 2), (1, 3, 2), (2, 2, 2), (1, 3, 2)]
     assert all(r.passed for r in results[:2])
+    # The control: the square of a sum over the whole batch is not the sum of its chunks' squares.
+    assert [r.strategy for r in results[2:]] == ["accumulate"] * 2 and not any(r.passed for r in results[2:])
     with pytest.raises(UsageError, match=r"one per input \(3 for user_three:build\)"):
         verify(["user_three:build"], ["cache"], chunk_sizes=((2, 3),))
     with pytest.raises(UsageError, match="its model's dropout is its own"):

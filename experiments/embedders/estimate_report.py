@@ -61,7 +61,13 @@ def plan_from(data: dict) -> EstimatePlan:
     for row in data["predictions"]:
         chunks = None if row["chunk_sizes"] == "-" else tuple(int(c) for c in row["chunk_sizes"].split("/"))
         breakdown = {k.removeprefix("memory_"): v for k, v in row.items() if k.startswith("memory_") and v is not None}
-        prediction = Prediction(data["target"], row["peak_bytes"], breakdown=breakdown) if row["peak_bytes"] else None
+        prediction = (
+            Prediction(
+                data["target"], row["peak_bytes"], breakdown=breakdown, loss_peak_bytes=row.get("loss_peak_bytes")
+            )
+            if row["peak_bytes"]
+            else None
+        )
         rows.append(EstimateRow(Point(row["strategy"], row["batch_size"], chunks), prediction, row["error"]))
     advice = tuple(
         ChunkAdvice(

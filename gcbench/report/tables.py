@@ -73,7 +73,7 @@ def report_tables(data: ReportData, pareto_batch: int | None = None) -> dict[str
         summary(data),
         *([pareto(data, batch)] if batch is not None else []),
         every_point(data),
-        *([comparison(data)] if data.look.several_runs else []),
+        *([compared] if data.look.several_runs and not (compared := comparison(data)).frame.empty else []),
         sources(data),
     ]
     return {table.name: table for table in tables}
@@ -216,13 +216,22 @@ def _run_order(data: ReportData) -> Any:
 
 
 def comparison(data: ReportData) -> ReportTable:
-    """Each later run against the first, point by point: the factor of their median step times and
-    whether the difference is significant (asv's rule: a factor past 1.1 and a Mann-Whitney U test
-    at p < 0.01, over every timed step of every round)."""
-    first, *others = data.runs
-    base = _timed_points(first)
+    """Each later run against the first of the same experiment, point by point: the factor of their median
+    step times and whether the difference is significant (asv's rule: a factor past 1.1 and a Mann-Whitney
+    U test at p < 0.01, over every timed step of every round). Runs of other experiments are not compared."""
+    firsts: dict[str, Run] = {}
+    pairs = []
+    for run in data.runs:
+        if run.experiment in firsts:
+            pairs.append((firsts[run.experiment], run))
+        else:
+            firsts[run.experiment] = run
+    bases = list(dict.fromkeys(base.label for base, _ in pairs)) or [data.runs[0].label]
+    one_base = len(bases) == 1
+    against = f"{bases[0]} (ms)" if one_base else "against (ms)"
     rows = []
-    for run in others:
+    for first, run in pairs:
+        base = _timed_points(first)
         for point, (p, samples, median) in _timed_points(run).items():
             if point not in base:
                 continue
@@ -231,19 +240,23 @@ def comparison(data: ReportData) -> ReportTable:
             rows.append(
                 {
                     "run": run.label,
+                    "against": first.label,
                     "series": p.series,
                     "batch": p.batch_size,
-                    f"{first.label} (ms)": base_median * 1e3,
+                    against: base_median * 1e3,
                     "this run (ms)": median * 1e3,
                     "factor": result.factor,
                     "p": result.p,
                     "difference": result.verdict,
                 }
             )
-    columns = ["run", "series", "batch", f"{first.label} (ms)", "this run (ms)", "factor", "p", "difference"]
-    formats = {f"{first.label} (ms)": ",.1f", "this run (ms)": ",.1f", "factor": ".2f", "p": ".3g"}
-    title = f"Step time against {first.label}: a difference is significant past a factor of {FACTOR} at p < {ALPHA}"
-    return ReportTable("comparison", title, pd.DataFrame(rows, columns=columns), formats)
+    columns = ["run", "against", "series", "batch", against, "this run (ms)", "factor", "p", "difference"]
+    if one_base:
+        columns.remove("against")
+    formats = {against: ",.1f", "this run (ms)": ",.1f", "factor": ".2f", "p": ".3g"}
+    which = bases[0] if one_base else "the first run of the same experiment"
+    title = f"Step time against {which}: a difference is significant past a factor of {FACTOR} at p < {ALPHA}"
+    return ReportTable("comparison", title, pd.DataFrame(rows, columns=columns)[columns], formats)
 
 
 def _timed_points(run: Run) -> dict[str, tuple[Point, list[float], float]]:
