@@ -15,20 +15,34 @@ import torch
 from torch import Tensor, nn
 
 from gcbench import GradCache
+from gcbench.cache.checkpointing import checkpoint_layers
 from gcbench.cache.sharded import Wrapping, check_reduce, wrapping_of
 from gcbench.distributed import GatherLoss, LocalLoss, RankInfo, launch, shard
 from gcbench.distributed.collectives import CountCollectives, collective_kind
 from gcbench.distributed.sharding import deepspeed_engine, full_gradients, shard_fsdp2
 from gcbench.losses import InBatchSoftmax
-from gcbench.measure.equivalence import compare
+from gcbench.measure.equivalence import compare, gradients
 
 ROWS, WIDTH, CHUNK = 16, 6, 2  # the global batch; 8 rows and 4 chunks per encoder on each of 2 ranks
 F64 = 1e-12
 
 
-def tower(seed: int, dtype: torch.dtype) -> nn.Module:
+def tower(seed: int, dtype: torch.dtype, variant: str = "plain") -> nn.Module:
+    """A two-layer tower; ``lora``: peft adapters on both layers (B started non-zero, so both factors get a
+    gradient); ``checkpoint``: each layer in torch's checkpoint wrapper."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(WIDTH, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
+    model: nn.Module = nn.Sequential(nn.Linear(WIDTH, 8), nn.Tanh(), nn.Linear(8, 4)).double()  # drawn in float64
+    if variant == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))  # type: ignore[arg-type]
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    param.normal_()
+    elif variant == "checkpoint":
+        assert checkpoint_layers(model) == 2
+    return model.to(dtype)
 
 
 def global_batch(dtype: torch.dtype) -> list[Tensor]:
@@ -36,16 +50,15 @@ def global_batch(dtype: torch.dtype) -> list[Tensor]:
     return [torch.randn(ROWS, WIDTH, generator=generator, dtype=torch.float64).to(dtype) for _ in range(2)]
 
 
-def reference(tied: bool) -> tuple[list[Tensor], float]:
+def reference(tied: bool, variant: str) -> tuple[list[Tensor], float]:
     """One process, float64, the whole global batch in one backward (every case's loss is this one)."""
     loss = InBatchSoftmax(0.5)
-    q = tower(0, torch.float64)
-    p = q if tied else tower(1, torch.float64)
+    q = tower(0, torch.float64, variant)
+    p = q if tied else tower(1, torch.float64, variant)
     x, y = global_batch(torch.float64)
     value = loss(q(x), p(y))
     value.backward()
-    modules = [q] if tied else [q, p]
-    return [param.grad.clone() for m in modules for param in m.parameters()], float(value)
+    return gradients([param for m in ([q] if tied else [q, p]) for param in m.parameters()]), float(value)
 
 
 def run_case(
@@ -55,6 +68,7 @@ def run_case(
     loss: Callable[..., Tensor],
     dtype: torch.dtype,
     plain: bool = False,
+    variant: str = "plain",
     **options: Any,
 ) -> dict[str, Any]:
     """One GradCache step on this rank's rows; its full gradients against the reference, its collectives."""
@@ -65,7 +79,7 @@ def run_case(
     with CountCollectives() as counted:
         value = engine(*batches)
     grads = [g.double() for t in (towers[:1] if tied else towers) for g in full_gradients(t)]
-    ref_grads, ref_loss = reference(tied)
+    ref_grads, ref_loss = reference(tied, variant)
     comparison = compare(grads, ref_grads, float(value), ref_loss)
     return {"comparison": comparison, "collectives": counted.collectives.to_dict()}
 
@@ -73,8 +87,8 @@ def run_case(
 # FSDP2 -----------------------------------------------------------------------------------------------
 
 
-def fsdp_towers(tied: bool) -> list[nn.Module]:
-    return [shard_fsdp2(tower(seed, torch.float64)) for seed in ((0,) if tied else (0, 1))]
+def fsdp_towers(tied: bool, variant: str = "plain") -> list[nn.Module]:
+    return [shard_fsdp2(tower(seed, torch.float64, variant)) for seed in ((0,) if tied else (0, 1))]
 
 
 def _fsdp_rank(info: RankInfo) -> dict[str, dict[str, Any]]:
@@ -99,9 +113,14 @@ def _fsdp_rank(info: RankInfo) -> dict[str, dict[str, Any]]:
             info, fsdp_towers(tied), tied, LocalLoss(InBatchSoftmax(0.5, tile_size=tile)), torch.float64
         )
     out["own rows only"] = run_case(info, fsdp_towers(False), False, InBatchSoftmax(0.5), torch.float64)
+    for variant, reduce in itertools.product(("lora", "checkpoint"), ("step", "chunk")):
+        out[f"{variant} reduce={reduce}"] = run_case(
+            info, fsdp_towers(False, variant), False, gathered, torch.float64, variant=variant, reduce=reduce
+        )
     return out
 
 
+@pytest.mark.slow
 def test_fsdp2_equals_one_process_and_reduce_scatters_once_per_unit_per_step():
     results = launch(_fsdp_rank, 2)
     for rank in results:
@@ -114,7 +133,7 @@ def test_fsdp2_equals_one_process_and_reduce_scatters_once_per_unit_per_step():
     counted = {label: result["collectives"] for label, result in results[0].items()}
     chunks_backward = 2 * (ROWS // 2 // CHUNK)  # both encoders' chunks on one rank
     for label, collectives in counted.items():
-        if "reduce=" not in label:
+        if "reduce=" not in label or label.startswith(("lora", "checkpoint")):
             continue
         units = 2 if "tied=True" in label else 4  # two sharded Linear layers per tower (the root has none)
         scatters = collectives["calls"]["reduce_scatter"]
@@ -134,9 +153,9 @@ def test_fsdp2_equals_one_process_and_reduce_scatters_once_per_unit_per_step():
 F32 = 1e-5
 
 
-def ds_towers(tied: bool, stage: int, device: torch.device) -> list[nn.Module]:
+def ds_towers(tied: bool, stage: int, device: torch.device, variant: str = "plain") -> list[nn.Module]:
     return [
-        deepspeed_engine(tower(seed, torch.float32), stage, device, micro_batch=ROWS // 2)
+        deepspeed_engine(tower(seed, torch.float32, variant), stage, device, micro_batch=ROWS // 2)
         for seed in ((0,) if tied else (0, 1))
     ]
 
@@ -162,6 +181,10 @@ def _deepspeed_rank(info: RankInfo) -> dict[str, dict[str, Any]]:
             LocalLoss(InBatchSoftmax(0.5, tile_size=3)),
             torch.float32,
         )
+        for variant in ("lora", "checkpoint"):
+            out[f"zero{stage} {variant}"] = run_case(
+                info, ds_towers(False, stage, info.device, variant), False, gathered, torch.float32, variant=variant
+            )
     for stage in (2, 3):
         out[f"zero{stage} naive"] = run_case(
             info, ds_towers(True, stage, info.device), True, gathered, torch.float32, plain=True
@@ -169,6 +192,7 @@ def _deepspeed_rank(info: RankInfo) -> dict[str, dict[str, Any]]:
     return out
 
 
+@pytest.mark.slow
 def test_deepspeed_zero_0_to_3_equal_one_process_and_reduce_once():
     pytest.importorskip("deepspeed")
     results = launch(_deepspeed_rank, 2)

@@ -28,7 +28,7 @@ def checkpoint_layers(model: nn.Module, classes: Sequence[str] | None = None) ->
     Layers already checkpointed (or inside a checkpointed layer) are left alone, so calling it twice wraps
     nothing more and no checkpoint is nested in another.
     """
-    targets = layers_of_class(model, classes) if classes else repeated_layers(model)
+    targets = layers_of_class(model, tuple(classes)) if classes else repeated_layers(model)
     inside = {id(m) for w in model.modules() if isinstance(w, CheckpointWrapper) for m in w.modules()}
     wanted = {id(t) for t in targets if id(t) not in inside}
     wrapped = 0

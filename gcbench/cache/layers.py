@@ -2,7 +2,8 @@
 
 A transformer keeps its blocks in one ``nn.ModuleList`` (``encoder.layer``, ``layers``, ``blocks``) of
 modules of one class; the largest such list is taken for the model's layers. A model without one (a plain
-``nn.Sequential``) has its parameter-holding children taken instead.
+``nn.Sequential``) has its parameter-holding children taken instead, looking through wrappers that hold
+one child (a peft model calls its base model's forward directly, so a unit must lie inside it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ def repeated_layers(model: nn.Module) -> list[nn.Module]:
                 best = list(module)
     if best:
         return best
-    return [child for child in model.children() if any(True for _ in child.parameters())]
+    holders = [child for child in model.children() if any(True for _ in child.parameters())]
+    if len(holders) == 1 and not isinstance(holders[0], nn.ModuleList):
+        return repeated_layers(holders[0])  # a wrapper around the model (peft's PeftModel, LoraModel): look inside
+    return holders
 
 
 def layers_of_class(model: nn.Module, names: list[str] | tuple[str, ...]) -> list[nn.Module]:

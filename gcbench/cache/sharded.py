@@ -43,7 +43,7 @@ REDUCE_CHOICES: tuple[str, ...] = ("step", "chunk")
 def check_reduce(reduce: Any, name: str = "reduce") -> Reduce:
     if reduce not in REDUCE_CHOICES:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, REDUCE_CHOICES))}, got {reduce!r}")
-    return reduce  # type: ignore[no-any-return]
+    return reduce
 
 
 class Wrapping:
@@ -162,7 +162,8 @@ class DeepSpeedWrapping(Wrapping):
 
     def __init__(self, module: nn.Module, reduce: Reduce) -> None:
         super().__init__(module)
-        self.engine: Any = module
+        engine: Any = module
+        self.engine = engine
         self.stage = int(self.engine.zero_optimization_stage())
         self.reduce = reduce
         self.kind = f"deepspeed-zero{self.stage}"
@@ -179,7 +180,7 @@ class DeepSpeedWrapping(Wrapping):
 
     def step(self) -> contextlib.AbstractContextManager[Any]:
         if self.reduce == "step" and self.stage > 0:
-            return self.engine.coalesce_grad_reduction()  # type: ignore[no-any-return]
+            return self.engine.coalesce_grad_reduction()
         return contextlib.nullcontext()
 
     @contextlib.contextmanager

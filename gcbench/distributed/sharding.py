@@ -55,7 +55,8 @@ def deepspeed_engine(
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     return engine
 
 
