@@ -41,6 +41,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     check_targets(model, config.target_modules)
     adapters = peft.LoraConfig(
         r=config.r,
-        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft takes any number lora_dropout=config.dropout, target_modules=list(config.target_modules)
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # annotated int, used as a number
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
     )
     return peft.get_peft_model(model, adapters)
