@@ -251,6 +251,7 @@ class Cache(Strategy):
     caches_representations = True
     keeps_graphs = True
     default_keep: ClassVar[KeepGraphs] = 1
+    checkpoints_layers: ClassVar[bool] = False  # every chunk's forward checkpointed per layer
 
     def __init__(
         self,
@@ -270,6 +271,14 @@ class Cache(Strategy):
             scaler=scaler,
             keep_graphs=self.keep_graphs,
         )
+        if self.checkpoints_layers:
+            for encoder in distinct_encoders(objective):
+                set_checkpointing(encoder, True)
+
+    def release(self) -> None:
+        if self.checkpoints_layers:
+            for encoder in distinct_encoders(self.objective):
+                set_checkpointing(encoder, False)
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         return self.engine(*batches, **loss_kwargs)
@@ -293,21 +302,7 @@ class CacheCheckpoint(Cache):
     together keep dropout exact)."""
 
     name = "cache-checkpoint"
-
-    def __init__(
-        self,
-        objective: Objective,
-        chunk_sizes: int | Sequence[int] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        keep_graphs: KeepGraphs | None = None,
-    ) -> None:
-        super().__init__(objective, chunk_sizes, scaler, keep_graphs)
-        for encoder in distinct_encoders(objective):
-            set_checkpointing(encoder, True)
-
-    def release(self) -> None:
-        for encoder in distinct_encoders(self.objective):
-            set_checkpointing(encoder, False)
+    checkpoints_layers = True
 
 
 class Accumulate(Strategy):

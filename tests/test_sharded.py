@@ -229,3 +229,41 @@ def test_collective_kinds_and_bad_options():
         wrapping_of(nn.Linear(2, 2), keep_unsharded=True)
     with pytest.raises(ValueError, match="reduce must be one of"):
         GradCache(nn.Linear(2, 2), InBatchSoftmax(), 2, reduce="never")  # type: ignore[arg-type]
+
+
+# Four ranks --------------------------------------------------------------------------------------------
+
+
+def _four_rank(info: RankInfo, with_deepspeed: bool) -> dict[str, dict[str, Any]]:
+    """Two sharded units per tower over 4 ranks (4 rows, 2 chunks per encoder each): FSDP2 both ways, with
+    LoRA and checkpointed layers; ZeRO-0..3 once each (DeepSpeed installed)."""
+    gathered = GatherLoss(InBatchSoftmax(0.5))
+    out = {
+        f"fsdp2 {variant} reduce={reduce}": run_case(
+            info, fsdp_towers(False, variant), False, gathered, torch.float64, variant=variant, reduce=reduce
+        )
+        for variant in ("plain", "lora", "checkpoint")
+        for reduce in ("step", "chunk")
+    }
+    if with_deepspeed:
+        for stage in (0, 1, 2, 3):
+            out[f"zero{stage}"] = run_case(info, ds_towers(False, stage, info.device), False, gathered, torch.float32)
+    return out
+
+
+@pytest.mark.slow
+def test_four_ranks_fsdp2_and_zero_equal_one_process():
+    try:
+        import deepspeed  # noqa: F401
+
+        with_deepspeed = True
+    except ImportError:
+        with_deepspeed = False
+    results = launch(_four_rank, 4, (with_deepspeed,))
+    for rank in results:
+        for label, result in rank.items():
+            tolerance = F64 if label.startswith("fsdp2") else F32
+            assert result["comparison"].passes(tolerance), (label, result["comparison"])
+    counted = results[0]
+    assert counted["fsdp2 plain reduce=step"]["collectives"]["calls"]["reduce_scatter"] == 4  # 2 towers x 2 units
+    assert counted["fsdp2 plain reduce=chunk"]["collectives"]["calls"]["reduce_scatter"] == 2 * 2 * 2 * 2

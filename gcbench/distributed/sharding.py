@@ -37,9 +37,16 @@ def shard_fsdp2(model: nn.Module, units: Sequence[nn.Module] | None = None) -> n
 
 
 def deepspeed_engine(
-    model: nn.Module, stage: int, device: torch.device, *, lr: float = 1e-3, micro_batch: int = 1
+    model: nn.Module,
+    stage: int,
+    device: torch.device,
+    *,
+    lr: float = 1e-3,
+    micro_batch: int = 1,
+    zero: dict[str, Any] | None = None,
 ) -> Any:
-    """A DeepSpeed engine over ``model`` at ZeRO ``stage`` (0-3) with AdamW, in this rank's process group."""
+    """A DeepSpeed engine over ``model`` at ZeRO ``stage`` (0-3) with AdamW, in this rank's process group;
+    ``zero``: more ``zero_optimization`` settings (bucket sizes, say)."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage!r}")
     deepspeed = import_deepspeed(device)
@@ -51,7 +58,7 @@ def deepspeed_engine(
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(zero or {})},
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "wall_clock_breakdown": False,
     }
