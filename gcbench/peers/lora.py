@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import nn
+from torch._guards import detect_fake_mode
 
 from gcbench.errors import UsageError
 from gcbench.peers.extras import require
@@ -39,6 +40,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     import peft
 
     check_targets(model, config.target_modules)
+    if detect_fake_mode() is not None:  # gcbench estimate: peft cannot move its adapters onto fake parameters
+        raise UsageError("model.lora: gcbench estimate does not cover LoRA models yet (sweep and verify do)")
     adapters = peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,  # type: ignore[arg-type]  # annotated int, used as a number
