@@ -4,10 +4,13 @@ dropout on (the adapters' own too), and a target that names no module is refused
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gcbench.errors import UsageError
 from gcbench.experiment import build_experiment
 from gcbench.measure.equivalence import check_strategy
+from gcbench.measure.memory import measure_step_memory
+from gcbench.training import StepConfig, build_step
 from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
 from gcbench.workloads.config import LoraConfig
 
@@ -43,6 +46,12 @@ def test_lora_is_exact_under_cache_with_dropout(strategy):
     comparison = check_strategy(workload(), strategy, 4, (3, 5), precision="float64", keep_graphs=1)
     assert comparison.passes(1e-10), comparison
     assert comparison.max_abs_err >= 0.0
+
+
+def test_a_lora_step_is_measured():
+    """The memory tracker watches the gradients of trainable parameters only (a frozen one has none)."""
+    step = build_step(StepConfig(workload(), "cache", 4, (2,)), torch.device("cpu"))
+    assert measure_step_memory(step).peak_bytes > 0
 
 
 def test_the_check_bites_on_lora():

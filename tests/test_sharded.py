@@ -266,4 +266,5 @@ def test_four_ranks_fsdp2_and_zero_equal_one_process():
             assert result["comparison"].passes(tolerance), (label, result["comparison"])
     counted = results[0]
     assert counted["fsdp2 plain reduce=step"]["collectives"]["calls"]["reduce_scatter"] == 4  # 2 towers x 2 units
-    assert counted["fsdp2 plain reduce=chunk"]["collectives"]["calls"]["reduce_scatter"] == 2 * 2 * 2 * 2
+    per_chunk = counted["fsdp2 plain reduce=chunk"]["collectives"]["calls"]["reduce_scatter"]
+    assert per_chunk == 2 * 2 * 2  # 2 towers, 2 chunks each per rank, 2 units each
