@@ -266,6 +266,10 @@ class _Plan:
             own = [c for c in chunk_ids if encoders[c[0]] is module]
             if len(own) > 1 and all(c in kept for c in own):
                 kept.discard(own[-1])
+        for module in {id(e): e for e, w in zip(encoders, wrappings) if w.arms_in_forward and not w.syncs}.values():
+            # DDP reducing every chunk: each forward re-arms the reducer, so at most one graph of the module may
+            # wait for its backward; the module keeps its last kept graph only.
+            kept.difference_update([c for c in chunk_ids if encoders[c[0]] is module and c in kept][:-1])
         backward_order = tuple(c for c in chunk_ids if c in kept) + tuple(c for c in chunk_ids if c not in kept)
         last_use: dict[int, ChunkId] = {}  # per distinct module, the last chunk to go backward syncs
         for cid in backward_order:
