@@ -12,7 +12,9 @@ import torch
 
 from gcbench.errors import UsageError
 
-Precision = Literal["float64", "float32", "bf16", "fp16"]
+# bf16 and fp16: float32 weights under autocast; pure-bf16: bfloat16 weights, gradients and optimizer state (as
+# large-embedder recipes train), no autocast and no loss scaling.
+Precision = Literal["float64", "float32", "bf16", "fp16", "pure-bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,8 +79,8 @@ def check_precision(precision: str) -> str:
 
 
 def param_dtype(precision: str) -> torch.dtype:
-    """Parameters are float64 for a float64 run and float32 otherwise (autocast does the rest)."""
-    return torch.float64 if precision == "float64" else torch.float32
+    """Parameters are float64 for a float64 run, bfloat16 for pure-bf16, float32 otherwise (autocast does the rest)."""
+    return {"float64": torch.float64, "pure-bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -7,7 +7,8 @@ Every strategy accumulates gradients for one batch into ``.grad`` and returns th
 - ``cache-rerun``: GradCache re-encoding every chunk, as the paper and public libraries do;
 - ``accumulate``: gradient accumulation over micro-batches, in-batch negatives only within a
   micro-batch. NOT equivalent to ``full``: that is what it is here to show;
-- ``checkpoint``: ``full`` with per-layer activation checkpointing of the encoders.
+- ``checkpoint``: ``full`` with per-layer activation checkpointing of the encoders;
+- ``cache-checkpoint``: ``cache`` with every chunk's forward checkpointed per layer.
 
 The harness swaps them freely: they differ only in :meth:`Strategy.forward_backward`. Each also
 names the order in which it encodes its inputs (:meth:`Strategy.encode_order`), so that a reference
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.batching import Batch, batch_size, chunk_bounds, distinct, slice_batch
+from gcbench.cache.checkpointing import checkpoint_layers, uncheckpoint_layers
 from gcbench.cache.engine import GradCache, KeepGraphs, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
@@ -200,7 +202,12 @@ class Checkpoint(Full):
             set_checkpointing(encoder, False)
 
     def _distinct_encoders(self) -> list[nn.Module]:
-        return distinct(unwrap_ddp(e) for e in self.objective.encoders)
+        return distinct_encoders(self.objective)
+
+
+def distinct_encoders(objective: Objective) -> list[nn.Module]:
+    """Each encoder once (a tied one is one), DDP's wrapper taken off."""
+    return distinct(unwrap_ddp(e) for e in objective.encoders)
 
 
 class _CheckpointingSwitch(Protocol):
@@ -216,7 +223,8 @@ def _has_checkpointing_switch(module: nn.Module) -> TypeGuard[_CheckpointingSwit
 
 
 def set_checkpointing(module: nn.Module, enabled: bool) -> None:
-    """Per-layer activation checkpointing on or off: Hugging Face models and gcbench's own models."""
+    """Per-layer activation checkpointing on or off: Hugging Face's and gcbench's switches, else torch's
+    ``checkpoint_wrapper`` around the model's repeated layers (:mod:`gcbench.cache.checkpointing`)."""
     if _has_checkpointing_switch(module):
         if enabled:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -225,10 +233,12 @@ def set_checkpointing(module: nn.Module, enabled: bool) -> None:
     elif hasattr(module, "gradient_checkpointing"):
         # torch types Module.__setattr__ for tensors and modules only; a plain attribute takes any value
         module.gradient_checkpointing = enabled  # type: ignore[assignment]
-    else:  # a user's model, say: the checkpoint strategy cannot run it
+    elif not enabled:
+        uncheckpoint_layers(module)
+    elif not checkpoint_layers(module):  # any other model: torch's checkpoint_wrapper around its layers
         raise UsageError(
-            f"strategy checkpoint: {type(module).__name__} has no per-layer activation checkpointing "
-            "(gradient_checkpointing_enable() or a gradient_checkpointing attribute)"
+            f"strategy checkpoint: {type(module).__name__} has no layers to checkpoint (no repeated layers "
+            "and no child with parameters)"
         )
 
 
@@ -241,6 +251,7 @@ class Cache(Strategy):
     caches_representations = True
     keeps_graphs = True
     default_keep: ClassVar[KeepGraphs] = 1
+    checkpoints_layers: ClassVar[bool] = False  # every chunk's forward checkpointed per layer
 
     def __init__(
         self,
@@ -260,6 +271,14 @@ class Cache(Strategy):
             scaler=scaler,
             keep_graphs=self.keep_graphs,
         )
+        if self.checkpoints_layers:
+            for encoder in distinct_encoders(objective):
+                set_checkpointing(encoder, True)
+
+    def release(self) -> None:
+        if self.checkpoints_layers:
+            for encoder in distinct_encoders(self.objective):
+                set_checkpointing(encoder, False)
 
     def forward_backward(self, batches: Sequence[Batch], **loss_kwargs: Any) -> Tensor:
         return self.engine(*batches, **loss_kwargs)
@@ -275,6 +294,15 @@ class CacheRerun(Cache):
     name = "cache-rerun"
     keeps_graphs = False
     default_keep = 0
+
+
+class CacheCheckpoint(Cache):
+    """GradCache with every chunk's forward checkpointed per layer: a re-encoded chunk holds one layer's
+    activations and the layers' inputs, not its whole graph (the checkpoint's RNG replay and the cache's
+    together keep dropout exact)."""
+
+    name = "cache-checkpoint"
+    checkpoints_layers = True
 
 
 class Accumulate(Strategy):
@@ -346,7 +374,9 @@ def _device_of(objective: Objective) -> torch.device:
     return torch.device("cpu")
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, Cache, CacheRerun, Accumulate, Checkpoint)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Full, Cache, CacheRerun, Accumulate, Checkpoint, CacheCheckpoint)
+}
 
 
 def resolve_strategy(name: str) -> type[Strategy]:

@@ -154,3 +154,17 @@ def test_the_count_and_the_content_check_bite(process_group):
         for chunk in chunks[1:]:
             first_only(chunk).pow(2).sum().backward()
     assert len(calls) == 1 and not reduced_everything(first_only)
+
+
+@pytest.mark.parametrize("keep", [0, 1, "all"])
+def test_reduce_every_chunk_all_reduces_each_backward_and_is_exact(process_group, keep):
+    torch.manual_seed(0)
+    plain = nn.Linear(4, 3)
+    calls = []
+    wrapped = counting_ddp(nn.Linear(4, 3), calls)
+    wrapped.module.load_state_dict(plain.state_dict())
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    GradCache([plain, plain], loss, 2, keep_graphs=keep)(x, y)
+    GradCache([wrapped, wrapped], loss, 2, keep_graphs=keep, reduce="chunk")(x, y)
+    assert len(calls) == 8  # one bucket, 8 backwards
+    assert torch.allclose(plain.weight.grad, wrapped.module.weight.grad, atol=1e-7)

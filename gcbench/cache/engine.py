@@ -43,6 +43,7 @@ from gcbench.cache.batching import (
 )
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.rng import RngState
+from gcbench.cache.sharded import Reduce, Wrapping, check_reduce, wrapping_of
 
 GetRep = Callable[[Any], Tensor]
 ChunkId = tuple[int, int]  # (encoder index, chunk index)
@@ -105,6 +106,9 @@ class GradCache:
     cached gradients carry the scale. Unscaling and stepping stay the caller's.
     ``keep_graphs``: how many chunks' first-pass graphs to keep instead of encoding them again (an int,
     or ``"all"``); more is faster and holds more memory (see the module docstring).
+    ``reduce``: for DDP, FSDP2 (``fully_shard``) and DeepSpeed encoders, reduce gradients once per step
+    (``"step"``) or after every chunk (``"chunk"``); ``keep_unsharded``: FSDP2 parameters gathered once
+    for the whole step (see :mod:`gcbench.cache.sharded`).
 
     Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
     detached, and never touches an optimizer. DDP-wrapped encoders all-reduce once per step.
@@ -119,6 +123,8 @@ class GradCache:
         get_rep: GetRep | None = None,
         scaler: torch.amp.GradScaler | None = None,
         keep_graphs: KeepGraphs = 1,
+        reduce: Reduce = "step",
+        keep_unsharded: bool = False,
     ) -> None:
         self.encoders = as_encoder_list(encoders)
         if not callable(loss_fn):
@@ -130,18 +136,24 @@ class GradCache:
         self.get_rep = get_rep
         self.scaler = scaler
         self.keep_graphs = check_keep_graphs(keep_graphs)
+        self.reduce = check_reduce(reduce)
+        by_module = {id(e): wrapping_of(e, self.reduce, keep_unsharded) for e in self.encoders}
+        self.wrappings: list[Wrapping] = [by_module[id(e)] for e in self.encoders]  # a tied encoder: one each
         self._warned_batchnorm: set[str] = set()
 
     def __call__(self, *batches: Batch, **loss_kwargs: Any) -> Tensor:
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
-        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.keep_graphs)
-        reps, kept, rng_states = self._encode_without_graph(plan)
-        rng_after = RngState.capture(plan.devices)
-        # Detached at once: the loss's graph reaches the representations, which step 3 frees.
-        loss = self._cache_gradients(reps, loss_kwargs).detach()
-        self._push_gradients(plan, reps, kept, rng_states)
+        plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs)
+        with contextlib.ExitStack() as step:
+            for wrapping in {id(w): w for w in self.wrappings}.values():
+                step.enter_context(wrapping.step())
+            reps, kept, rng_states = self._encode_without_graph(plan)
+            rng_after = RngState.capture(plan.devices)
+            # Detached at once: the loss's graph reaches the representations, which step 3 frees.
+            loss = self._cache_gradients(reps, loss_kwargs).detach()
+            self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
         return loss
 
@@ -159,7 +171,7 @@ class GradCache:
                 value = kept[cid].detach()
             else:
                 with torch.no_grad():
-                    value = self._encode(unwrap_ddp(self.encoders[i]), plan.chunk(cid), i)
+                    value = self._encode(self.wrappings[i].no_grad_module(), plan.chunk(cid), i)
             rep = reps.get(i)
             if rep is None:
                 rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
@@ -200,7 +212,7 @@ class GradCache:
                     rep = self._encode(self.encoders[i], plan.chunk(cid), i)
                 # A syncing chunk goes backward even when the loss ignores its input: with zeros, DDP still
                 # reduces what the module's other chunks accumulated.
-                rep.backward(cache[plan.rows(cid)] if cache is not None else torch.zeros_like(rep))
+                self.wrappings[i].backward(rep, cache[plan.rows(cid)] if cache is not None else torch.zeros_like(rep))
             del rep, reused
 
     # Helpers -----------------------------------------------------------------------------------
@@ -208,10 +220,7 @@ class GradCache:
         return encode(encoder, batch, self.get_rep, f"encoders[{index}]")
 
     def _sync_context(self, cid: ChunkId, plan: _Plan) -> contextlib.AbstractContextManager[Any]:
-        encoder = self.encoders[cid[0]]
-        if isinstance(encoder, DistributedDataParallel) and cid not in plan.syncing:
-            return encoder.no_sync()
-        return contextlib.nullcontext()
+        return self.wrappings[cid[0]].chunk(cid in plan.syncing)
 
     def _warn_batchnorm(self) -> None:
         for name, module in self._named_modules():
@@ -244,7 +253,12 @@ class _Plan:
 
     @classmethod
     def make(
-        cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...], keep: KeepGraphs
+        cls,
+        encoders: list[nn.Module],
+        wrappings: list[Wrapping],
+        batches: tuple[Batch, ...],
+        chunk_sizes: tuple[int, ...],
+        keep: KeepGraphs,
     ) -> _Plan:
         sizes = tuple(batch_size(batch, f"batches[{i}]") for i, batch in enumerate(batches))
         for i, size in enumerate(sizes):
@@ -255,18 +269,22 @@ class _Plan:
         chunk_ids = tuple((i, j) for i, encoder_bounds in enumerate(bounds) for j in range(len(encoder_bounds)))
         count = len(chunk_ids) if keep == "all" else min(keep, len(chunk_ids))
         kept = set(chunk_ids[len(chunk_ids) - count :])
-        for module in distinct(e for e in encoders if isinstance(e, DistributedDataParallel)):
+        for module in distinct(e for e, w in zip(encoders, wrappings) if w.arms_in_forward and w.syncs):
             # DDP arms its reducer in the forward of the chunk that syncs; another graph of the module going
             # backward after that forward would be reduced with it. So the module's syncing chunk is kept only
             # when it is the module's only chunk; otherwise it is encoded again, just before its backward.
             own = [c for c in chunk_ids if encoders[c[0]] is module]
             if len(own) > 1 and all(c in kept for c in own):
                 kept.discard(own[-1])
+        for module in distinct(e for e, w in zip(encoders, wrappings) if w.arms_in_forward and not w.syncs):
+            # DDP reducing every chunk: each forward re-arms the reducer, so at most one graph of the module may
+            # wait for its backward; the module keeps its last kept graph only.
+            kept.difference_update([c for c in chunk_ids if encoders[c[0]] is module and c in kept][:-1])
         backward_order = tuple(c for c in chunk_ids if c in kept) + tuple(c for c in chunk_ids if c not in kept)
         last_use: dict[int, ChunkId] = {}  # per distinct module, the last chunk to go backward syncs
         for cid in backward_order:
             last_use[id(encoders[cid[0]])] = cid
-        syncing = frozenset(c for c in last_use.values() if isinstance(encoders[c[0]], DistributedDataParallel))
+        syncing = frozenset(c for c in last_use.values() if wrappings[c[0]].syncs)
         return cls(batches, sizes, bounds, devices, chunk_ids, frozenset(kept), backward_order, syncing)
 
     def rows(self, cid: ChunkId) -> slice:

@@ -212,7 +212,8 @@ def build_experiment(raw: Mapping[str, Any], source: str, overrides: Mapping[str
         def where(location: tuple[str | int, ...], section: str = section, labels: dict[str, str] = labels) -> str:
             if not location:
                 return source
-            return labels.get(str(location[0]), f"{source}: {section}.{location[0]}")
+            named = labels.get(str(location[0]), f"{source}: {section}.{location[0]}")
+            return ".".join([named, *map(str, location[1:])])  # a key of a table-valued key: model.lora.r
 
         built[section] = load(SECTIONS[section], values, where)
     experiment = Experiment(

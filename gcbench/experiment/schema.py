@@ -111,7 +111,8 @@ class SweepConfig:
         "auto (the accelerator if any, else cpu), cpu, cuda, cuda:1", flag="--device", default="auto"
     )
     precision: Precision = key(
-        "float64/float32 parameters, or bf16/fp16 autocast (fp16 with a GradScaler)",
+        "float64/float32 parameters, or bf16/fp16 autocast (fp16 with a GradScaler), or pure-bf16: bfloat16 "
+        "weights, gradients and optimizer state",
         flag="--precision",
         default="float32",
     )

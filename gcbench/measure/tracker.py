@@ -68,8 +68,10 @@ class MemoryTracker(TorchDispatchMode):
         self._update_peak()
 
     def watch_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Re-tag each ``.grad`` as a gradient when autograd accumulates it."""
+        """Re-tag each ``.grad`` as a gradient when autograd accumulates it (frozen parameters get none: LoRA)."""
         for p in parameters:
+            if not p.requires_grad:
+                continue
             self._hooks.append(
                 p.register_post_accumulate_grad_hook(lambda param: self._track(param.grad, "gradients", retag=True))
             )

@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from gcbench.errors import UsageError
 from gcbench.peers.extras import PEERS, REAL, require
+from gcbench.peers.lora import LORA, LORA_MODULES, apply_lora, check_targets
 from gcbench.workloads.config import (
     IMAGE_TOWERS,
     POOLINGS,
@@ -242,6 +243,8 @@ def vision_config(workload: WorkloadConfig) -> PretrainedConfig:
 def build_text(config: ModelConfig, max_length: int) -> nn.Module:
     require(f"model.kind {config.kind!r}", REAL, HF_MODULES)
     model = _model(text_config(config), config.name_or_path, config.attention, config.pooling)
+    if config.lora is not None:
+        model = apply_lora(model, config.lora)
     return TextEncoder(model, config.pooling, config.normalize)
 
 
@@ -288,6 +291,13 @@ class HFTextTower(TextTower):
         super().check(workload)
         hf = text_config(workload.model)
         check_length("hf", getattr(hf, "max_position_embeddings", None), longest_input(workload))
+        if workload.model.lora is not None:
+            require("model.lora", LORA, LORA_MODULES)
+            with torch.device("meta"):  # the module names only: no weights allocated
+                check_targets(model_class(hf)._from_config(hf), workload.model.lora.target_modules)
+
+    def accepts_lora(self) -> bool:
+        return True
 
 
 # The hf image tower ------------------------------------------------------------------------------------

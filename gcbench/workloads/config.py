@@ -44,6 +44,11 @@ class TextTower:
                 f"model.pooling: model.kind {workload.model.kind!r} pools by {', '.join(self.poolings)}, "
                 f"not {workload.model.pooling!r}"
             )
+        if workload.model.lora is not None and not self.accepts_lora():
+            raise UsageError(f"model.lora: LoRA applies to model.kind 'hf', not {workload.model.kind!r}")
+
+    def accepts_lora(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,22 @@ HFConfig = dict[str, Any]  # an inline Hugging Face config: a TOML table, model_
 
 
 @typed
+class LoraConfig:
+    """LoRA adapters on an ``hf`` model (``[model.lora]``, extra ``lora``: peft): the base frozen, only the
+    adapters train."""
+
+    r: Int = key("rank of each adapter", default=8, ge=1)
+    alpha: Float = key("scale numerator: an adapter's output is multiplied by alpha / r", default=16.0, gt=0.0)
+    dropout: Float = key("dropout on each adapter's input", default=0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[Str, ...] = key(
+        "names of the modules to adapt, matched as peft matches them (a module's name or its last parts), "
+        'e.g. ["query", "value"] for BERT, ["q_proj", "v_proj"] for Qwen3 and Llama',
+        default=("query", "value"),
+        min_length=1,
+    )
+
+
+@typed
 class ModelConfig:
     """Sizes of an encoder (``[model]`` in an experiment; clip's and siglip's text tower)."""
 
@@ -126,6 +147,11 @@ class ModelConfig:
     config: HFConfig | None = key(
         "hf: the config inline ([model.config]: model_type and sizes, as AutoConfig.for_model takes them); "
         "over name_or_path's values when both are given",
+        default=None,
+        shown_type="table or none",
+    )
+    lora: LoraConfig | None = key(
+        "hf: LoRA adapters ([model.lora]: r, alpha, dropout, target_modules; extra lora); none: every weight trains",
         default=None,
         shown_type="table or none",
     )
