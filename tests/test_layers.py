@@ -28,6 +28,7 @@ LAYERS = [
     "training",
     "distributed",
     "peers",
+    "integrations",
     "measure",
     "results",
     "experiment",

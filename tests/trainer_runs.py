@@ -1,0 +1,154 @@
+"""Short training runs through the frameworks' own trainers, cached and not, for tests/test_integrations.py.
+
+A tiny BERT bi-encoder (one layer, width 16, no dropout, from a config), a few rows of random token
+ids, in-batch softmax; each run returns the parameters after its last optimizer step and the logged
+losses. Also a script, run by torchrun on 2 gloo ranks: ``trainer_runs.py FRAMEWORK OUT.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROWS, LENGTH, VOCAB = 40, 6, 64
+
+
+class TinyBert(nn.Module):
+    """``forward(input_ids, attention_mask) -> (rows, 16)``: mean-pooled, one BERT layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.bert = BertModel(config, add_pooling_layer=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def model(dtype: torch.dtype = torch.float64) -> TinyBert:
+    torch.manual_seed(0)
+    return TinyBert().to(dtype)
+
+
+def in_batch_softmax(queries: Tensor, passages: Tensor) -> Tensor:
+    scores = queries @ passages.T / 0.1
+    return F.cross_entropy(scores, torch.arange(len(queries), device=scores.device))
+
+
+def rows(count: int = ROWS) -> list[dict[str, dict[str, Tensor]]]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (count, 2, LENGTH), generator=generator)
+    lengths = torch.randint(2, LENGTH + 1, (count, 2), generator=generator)
+    mask = (torch.arange(LENGTH) < lengths.unsqueeze(-1)).long()
+    return [
+        {name: {"input_ids": ids[i, j] * mask[i, j], "attention_mask": mask[i, j]} for j, name in enumerate(NAMES)}
+        for i in range(count)
+    ]
+
+
+NAMES = ("query", "passage")
+
+
+def collate(batch: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, Tensor]]:
+    return {name: {key: torch.stack([row[name][key] for row in batch]) for key in batch[0][name]} for name in NAMES}
+
+
+def parameters(module: nn.Module) -> dict[str, list[float]]:
+    return {name: p.detach().double().flatten().tolist() for name, p in module.named_parameters()}
+
+
+# Hugging Face Trainer -----------------------------------------------------------------------------------
+
+
+def train_hf(
+    cached: bool,
+    dtype: torch.dtype = torch.float64,
+    steps: int = 5,
+    micro_batch: int = 4,
+    accumulation: int = 2,
+    **options: Any,
+) -> dict[str, Any]:
+    """``steps`` optimizer steps of ``accumulation`` micro-batches (``options`` go to GradCacheTrainer)."""
+    from transformers import Trainer, TrainingArguments
+
+    encoder = model(dtype)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=micro_batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=steps,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            remove_unused_columns=cached,  # GradCacheTrainer keeps its inputs; the reference keeps everything
+        )
+        common = {"model": encoder, "args": args, "train_dataset": rows(), "data_collator": collate}
+        if cached:
+            from gcbench.integrations.transformers import GradCacheTrainer
+
+            options = {"chunk_size": 3, **options}
+            trainer: Trainer = GradCacheTrainer(**common, loss_fn=in_batch_softmax, **options)
+        else:
+            trainer = _FullTrainer(**common)
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    syncs = getattr(trainer, "gradcache_sync", None)
+    return {"params": parameters(encoder), "losses": losses, "syncs": syncs.calls if syncs is not None else None}
+
+
+def _full_trainer_class() -> type:
+    from transformers import Trainer
+
+    class FullTrainer(Trainer):
+        """The uncached reference: both inputs through the model with their graphs, the loss over the batch."""
+
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = in_batch_softmax(model(**inputs["query"]), model(**inputs["passage"]))
+            return (loss, {}) if return_outputs else loss
+
+    return FullTrainer
+
+
+def _FullTrainer(**kwargs: Any) -> Any:
+    return _full_trainer_class()(**kwargs)
+
+
+def main(framework: str, out: str) -> None:
+    runs = {"hf": train_hf}
+    train = runs[framework]
+    result = {"cached": train(True), "full": train(False)}
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out, "w") as file:
+            json.dump(result, file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
