@@ -141,11 +141,126 @@ def _FullTrainer(**kwargs: Any) -> Any:
     return _full_trainer_class()(**kwargs)
 
 
+# sentence-transformers ---------------------------------------------------------------------------------
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his".split()
+
+
+def sentence_transformer(folder: str, dtype: torch.dtype = torch.float64) -> Any:
+    """A SentenceTransformer over a one-layer BERT (random weights) and MiniLM's tokenizer, mean-pooled."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from sentence_transformers.base.modules import Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from gcbench.peers.models import minilm_dir
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True).save_pretrained(folder)
+    transformer = Transformer(folder, max_seq_length=12)
+    return SentenceTransformer(modules=[transformer, Pooling(16, "mean")], device="cpu").to(dtype)
+
+
+def texts(count: int, seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 8, (count,), generator=generator).tolist()
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=generator).tolist()) for n in lengths]
+
+
+def columns(model: Any, count: int, seed: int = 0, negatives: int = 0) -> list[dict[str, Tensor]]:
+    """Tokenised anchor, positive (and negative) columns, as the trainer's collator hands them to a loss."""
+    return [model.preprocess(texts(count, seed + j)) for j in range(2 + negatives)]
+
+
+# Lightning --------------------------------------------------------------------------------------------
+
+
+def _lightning_classes() -> tuple[type, type]:
+    from lightning.pytorch import LightningModule
+
+    from gcbench.integrations.lightning import GradCacheMixin
+
+    class Full(LightningModule):
+        """The uncached reference: automatic optimization, the loss over the whole batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = model(torch.float32)
+
+        def training_step(self, batch, batch_idx):
+            loss = in_batch_softmax(self.encoder(**batch["query"]), self.encoder(**batch["passage"]))
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Cached(GradCacheMixin, Full):
+        """``loss_per_chunk``: the control, in-batch softmax within groups of that many rows (accumulation's loss)."""
+
+        def __init__(self, loss_per_chunk: int = 0, **options: Any) -> None:
+            super().__init__()
+            loss = in_batch_softmax
+            if loss_per_chunk:
+
+                def loss(q: Tensor, p: Tensor) -> Tensor:
+                    parts = [in_batch_softmax(a, b) for a, b in zip(q.split(loss_per_chunk), p.split(loss_per_chunk))]
+                    return torch.stack(parts).mean()
+
+            self.configure_gradcache(self.encoder, loss, **{"chunk_size": 3, **options})
+
+    return Full, Cached
+
+
+def train_lightning(cached: bool, precision: str = "64-true", steps: int = 5, **options: Any) -> dict[str, Any]:
+    """``steps`` optimizer steps of batch 8 (per rank) through ``lightning.Trainer``, on CPU."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    full, cached_class = _lightning_classes()
+    module = cached_class(**options) if cached else full()
+    distributed = "WORLD_SIZE" in os.environ
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=int(os.environ.get("WORLD_SIZE", "1")),
+        strategy="ddp" if distributed else "auto",
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, DataLoader(rows(), batch_size=8, collate_fn=collate))
+    sync = getattr(module, "gradcache_sync", None)
+    return {"params": parameters(module.encoder), "losses": [], "syncs": sync.calls if sync is not None else None}
+
+
 def main(framework: str, out: str) -> None:
-    runs = {"hf": train_hf}
-    train = runs[framework]
+    import torch.distributed as dist
+
+    from gcbench.integrations.common import GradientSync
+
+    train = {"hf": train_hf, "lightning": train_lightning}[framework]
     result = {"cached": train(True), "full": train(False)}
-    if int(os.environ.get("RANK", "0")) == 0:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result["cached"]["params"])
+    result["cached"]["ranks_agree"] = all(params == gathered[0] for params in gathered)
+    sync = GradientSync.__call__
+    GradientSync.__call__ = lambda self: None  # the control: gradients left local to each rank
+    result["unsynced"] = train(True)
+    GradientSync.__call__ = sync
+    if dist.get_rank() == 0:
         with open(out, "w") as file:
             json.dump(result, file)
 
