@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import trainer_runs as runs
+
 from gcbench.cache.deferred import DeferredGradCache
 from gcbench.errors import UsageError
 
@@ -103,6 +103,7 @@ def hf_runs():
     }
 
 
+@pytest.mark.slow
 def test_hf_trainer_trains_5_steps_equal_to_the_uncached_trainer(hf_runs):
     full = hf_runs["full"]
     assert moved(full, hf_runs["start"]) > 1e-4  # the check compares runs that trained
@@ -112,6 +113,7 @@ def test_hf_trainer_trains_5_steps_equal_to_the_uncached_trainer(hf_runs):
     assert distance(hf_runs["accumulated"]["params"], full["params"]) > 1e3 * EXACT  # the check bites
 
 
+@pytest.mark.slow
 def test_hf_trainer_float32_within_its_bound():
     pytest.importorskip("transformers")
     cached, full = runs.train_hf(True, dtype=torch.float32), runs.train_hf(False, dtype=torch.float32)
@@ -220,6 +222,7 @@ def test_st_scores_of_the_step_are_mnrls(st_model):
     torch.testing.assert_close(loss.last_scores(), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_st_trains_5_steps_equal_to_mnrl(st_model):
     """Five AdamW steps of two micro-batches (the loss divided by 2, as the trainer does), from one start."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -232,6 +235,7 @@ def test_st_trains_5_steps_equal_to_mnrl(st_model):
         with torch.no_grad():
             for name, p in st_model.named_parameters():
                 p.copy_(start[name])
+        st_model.zero_grad()  # the module's model: earlier tests left gradients on it
         optimizer = torch.optim.AdamW(st_model.parameters(), lr=1e-3)
         for step in range(5):
             for micro in range(2):
@@ -266,7 +270,8 @@ def test_st_loss_refuses_contradicting_arguments_in_one_line(st_model, options, 
 
 
 def test_import_gcbench_imports_no_framework():
-    code = "import sys, gcbench; print(sorted(m for m in ('transformers', 'lightning', 'sentence_transformers') if m in sys.modules))"
+    frameworks = ("transformers", "lightning", "sentence_transformers", "accelerate")
+    code = f"import sys, gcbench; print(sorted(m for m in {frameworks!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
@@ -312,3 +317,60 @@ def test_hf_trainer_on_two_gloo_ranks(tmp_path):
     assert result["cached"]["syncs"] == 5  # one all-reduce per optimizer step (2 micro-batches x 2 inputs x 2 chunks)
     assert distance(result["unsynced"]["params"], result["full"]["params"]) > 1e3 * EXACT  # the control
     assert result["cached"]["ranks_agree"]
+
+
+# Lightning --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lightning_full():
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    return runs.train_lightning(False)
+
+
+@pytest.mark.slow
+def test_lightning_trains_5_steps_equal_to_automatic_optimization(lightning_full):
+    assert moved(lightning_full, runs.parameters(runs.model())) > 1e-4
+    cached = runs.train_lightning(True, keep_graphs=2)
+    assert distance(cached["params"], lightning_full["params"]) <= EXACT
+
+
+@pytest.mark.slow
+def test_lightning_control_the_loss_per_chunk_fails_the_check(lightning_full):
+    """The control: the cached module on accumulation's loss (in-batch softmax within groups of 4) does not match."""
+    per_chunk = runs.train_lightning(True, chunk_size=8, loss_per_chunk=4)
+    assert distance(per_chunk["params"], lightning_full["params"]) > 1e3 * EXACT
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"chunk_size": 0}, "chunk_size must be >= 1, got 0"),
+        ({"keep_graphs": True}, "keep_graphs must be an int >= 0 or 'all', got True"),
+        ({"encoders": [torch.nn.Linear(2, 2)] * 3}, "encoders: 3 for 2 inputs"),
+        ({"encoders": "bert"}, "encoders must be an nn.Module"),
+    ],
+)
+def test_lightning_refuses_contradicting_arguments_in_one_line(options, message):
+    pytest.importorskip("lightning")
+    from lightning.pytorch import LightningModule
+
+    from gcbench.integrations.lightning import GradCacheMixin
+
+    class Module(GradCacheMixin, LightningModule):
+        pass
+
+    arguments = {"encoders": torch.nn.Linear(2, 2), "loss_fn": runs.in_batch_softmax, **options}
+    with pytest.raises(UsageError, match=message) as error:
+        Module().configure_gradcache(**arguments)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_lightning_on_two_gloo_ranks(tmp_path):
+    pytest.importorskip("lightning")
+    result = torchrun("lightning", tmp_path)
+    assert distance(result["cached"]["params"], result["full"]["params"]) <= EXACT
+    assert result["cached"]["syncs"] == 5 and result["cached"]["ranks_agree"]
+    assert distance(result["unsynced"]["params"], result["full"]["params"]) > 1e3 * EXACT

@@ -143,14 +143,14 @@ def _FullTrainer(**kwargs: Any) -> Any:
 
 # sentence-transformers ---------------------------------------------------------------------------------
 
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his".split()
+WORDS = ("the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was")
 
 
 def sentence_transformer(folder: str, dtype: torch.dtype = torch.float64) -> Any:
     """A SentenceTransformer over a one-layer BERT (random weights) and MiniLM's tokenizer, mean-pooled."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
     from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from gcbench.peers.models import minilm_dir

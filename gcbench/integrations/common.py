@@ -25,6 +25,7 @@ from gcbench.cache.deferred import DeferredGradCache
 from gcbench.cache.engine import GetRep, KeepGraphs, as_chunk_sizes, check_keep_graphs
 from gcbench.errors import UsageError
 
+
 def check_chunk_size(value: Any, count: int | None = None, name: str = "chunk_size") -> int | tuple[int, ...]:
     """An int >= 1 or one per input; a UsageError naming ``name`` otherwise."""
     try:

@@ -70,7 +70,7 @@ class GradCachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             sync = self._sync
         loss, cache = cached_loss(
             [self.model] * len(columns),
-            lambda *embeddings: self.compute_loss_from_embeddings(list(embeddings), labels),
+            lambda *embeddings: self.compute_loss_from_embeddings(list(embeddings), labels),  # type: ignore[arg-type]
             [(column,) for column in columns],  # a SentenceTransformer takes the features dict itself
             self.mini_batch_size,
             self.keep_graphs,
@@ -93,7 +93,7 @@ class GradCachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 
 
 class GradCachedMultipleNegativesSymmetricRankingLoss(GradCachedMultipleNegativesRankingLoss):
-    """The symmetric form (``MultipleNegativesSymmetricRankingLoss``): query-to-document and back, each its own softmax."""
+    """The symmetric form (``MultipleNegativesSymmetricRankingLoss``): query-to-document and back, two softmaxes."""
 
     def __init__(
         self,

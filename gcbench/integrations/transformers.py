@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from gcbench.cache.engine import GetRep, KeepGraphs
 from gcbench.errors import UsageError
+from gcbench.integrations.common import GradientSync, cached_loss, check_chunk_size, check_keep, syncing, unwrap
 from gcbench.peers.extras import require
-from gcbench.integrations.common import GradientSync, cached_loss, check_chunk_size, check_keep, syncing
 
 require("gcbench.integrations.transformers", "trainer", ["transformers", "accelerate"])
 
@@ -74,7 +74,13 @@ class GradCacheTrainer(Trainer):
                 taken = list(inspect.signature(self.gradcache_loss_fn).parameters)
             except (TypeError, ValueError):  # a builtin or C callable: no signature to read
                 taken = []
-            self._signature_columns = [*self.gradcache_inputs, *taken, "label", "label_ids", *self.label_names]
+            self._signature_columns = [  # type: ignore[assignment]
+                *self.gradcache_inputs,
+                *taken,
+                "label",
+                "label_ids",
+                *self.label_names,
+            ]
 
     def compute_loss(
         self,
@@ -89,7 +95,7 @@ class GradCacheTrainer(Trainer):
         batches = [inputs[name] for name in self.gradcache_inputs]
         rest = {key: value for key, value in inputs.items() if key not in self.gradcache_inputs}
         if syncing(model) and self.gradcache_sync is None:
-            self.gradcache_sync = GradientSync(self.model.parameters())
+            self.gradcache_sync = GradientSync(unwrap(model).parameters())
         loss, cache = cached_loss(
             [model] * len(batches),
             self.gradcache_loss_fn,
