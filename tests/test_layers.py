@@ -29,6 +29,7 @@ LAYERS = [
     "distributed",
     "peers",
     "measure",
+    "testing",
     "results",
     "experiment",
     "estimate",
