@@ -34,6 +34,7 @@ LAYERS = [
     "experiment",
     "estimate",
     "verify",
+    "trajectory",
     "sweep",
     "tune",
     "report",
