@@ -44,6 +44,7 @@ from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.rng import RngState
 
 GetRep = Callable[[Any], Tensor]
+OnReps = Callable[[tuple[Tensor, ...]], None]
 ChunkId = tuple[int, int]  # (encoder index, chunk index)
 KeepGraphs = int | Literal["all"]  # how many first-pass graphs to keep
 
@@ -104,9 +105,13 @@ class GradCache:
     cached gradients carry the scale. Unscaling and stepping stay the caller's.
     ``keep_graphs``: how many chunks' first-pass graphs to keep instead of encoding them again (an int,
     or ``"all"``); more is faster and holds more memory (see the module docstring).
+    ``on_reps``: called with each input's representations, detached, once the cache is built and before
+    step 3 frees them: in-batch metrics from the step's own tensors, with no second forward and no memory
+    beyond what the step holds.
 
     Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
-    detached, and never touches an optimizer. DDP-wrapped encoders all-reduce once per step.
+    detached, and never touches an optimizer (:meth:`step` also returns the representations).
+    DDP-wrapped encoders all-reduce once per step.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class GradCache:
         get_rep: GetRep | None = None,
         scaler: torch.amp.GradScaler | None = None,
         keep_graphs: KeepGraphs = 1,
+        on_reps: OnReps | None = None,
     ) -> None:
         self.encoders = as_encoder_list(encoders)
         if not callable(loss_fn):
@@ -129,9 +135,21 @@ class GradCache:
         self.get_rep = get_rep
         self.scaler = scaler
         self.keep_graphs = check_keep_graphs(keep_graphs)
+        if on_reps is not None and not callable(on_reps):
+            raise TypeError(f"on_reps must be callable, got {type(on_reps).__name__}")
+        self.on_reps = on_reps
         self._warned_batchnorm: set[str] = set()
 
     def __call__(self, *batches: Batch, **loss_kwargs: Any) -> Tensor:
+        return self._step(batches, loss_kwargs, return_reps=False).loss
+
+    def step(self, *batches: Batch, **loss_kwargs: Any) -> CachedStep:
+        """As a call, also returning each input's representations: the tensors step 1 filled, detached (no
+        copy, no second forward). Held until the caller drops them, so through step 3 as well: one more
+        |S|d than a call there, the size of the gradient cache it holds then (``on_reps`` costs nothing)."""
+        return self._step(batches, loss_kwargs, return_reps=True)
+
+    def _step(self, batches: tuple[Batch, ...], loss_kwargs: dict[str, Any], return_reps: bool) -> CachedStep:
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
@@ -140,9 +158,13 @@ class GradCache:
         rng_after = RngState.capture(plan.devices)
         # Detached at once: the loss's graph reaches the representations, which step 3 frees.
         loss = self._cache_gradients(reps, loss_kwargs).detach()
+        if self.on_reps is not None:
+            with torch.no_grad():
+                self.on_reps(tuple(rep.detach() for rep in reps))
+        returned = tuple(rep.detach() for rep in reps) if return_reps else ()  # views: the same storage
         self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
-        return loss
+        return CachedStep(loss, returned)
 
     # Step 1 ------------------------------------------------------------------------------------
     def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], dict[ChunkId, Tensor], dict[ChunkId, RngState]]:
@@ -217,6 +239,14 @@ class GradCache:
         for i, encoder in enumerate(self.encoders):
             for name, module in encoder.named_modules():
                 yield f"encoders[{i}]" + (f".{name}" if name else ""), module
+
+
+@dataclass(frozen=True)
+class CachedStep:
+    """One step's detached loss and, from :meth:`GradCache.step`, each input's representations."""
+
+    loss: Tensor
+    reps: tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
