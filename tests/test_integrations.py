@@ -374,3 +374,17 @@ def test_lightning_on_two_gloo_ranks(tmp_path):
     assert distance(result["cached"]["params"], result["full"]["params"]) <= EXACT
     assert result["cached"]["syncs"] == 5 and result["cached"]["ranks_agree"]
     assert distance(result["unsynced"]["params"], result["full"]["params"]) > 1e3 * EXACT
+
+
+def test_deferred_cache_hands_the_representations_to_on_reps():
+    encoder = torch.nn.Linear(4, 3)
+    seen = []
+    q, p = torch.randn(5, 4), torch.randn(5, 4)
+    cache = DeferredGradCache([encoder, encoder], runs.in_batch_softmax, 2, on_reps=seen.append)
+    cache(q, p).backward()
+    with torch.no_grad():
+        want = (encoder(q), encoder(p))
+    assert len(seen) == 1
+    for got, mine, w in zip(seen[0], cache.last_reps, want):
+        assert got.data_ptr() == mine.data_ptr()  # the step's own tensors, no copy
+        torch.testing.assert_close(got, w)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gcbench.cache.batching import Batch
-from gcbench.cache.engine import GetRep, GradCache, KeepGraphs, _Plan
+from gcbench.cache.engine import GetRep, GradCache, KeepGraphs, OnReps, _Plan
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.rng import RngState
 
@@ -53,7 +53,8 @@ class DeferredGradCache(GradCache):
     """:class:`GradCache` whose steps 2 and 3 run in the backward of the loss it returns.
 
     ``on_pushed``: called after step 3 of every backward (where a trainer syncs gradients once).
-    The representations of the last call stay readable as :attr:`last_reps` (detached), for metrics.
+    ``on_reps`` as in :class:`GradCache` (called in the call, once the loss is built); the representations
+    of the last call also stay readable as :attr:`last_reps` (detached, no copy), for metrics.
     """
 
     def __init__(
@@ -64,9 +65,10 @@ class DeferredGradCache(GradCache):
         *,
         get_rep: GetRep | None = None,
         keep_graphs: KeepGraphs = 1,
+        on_reps: OnReps | None = None,
         on_pushed: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(encoders, loss_fn, chunk_size, get_rep=get_rep, keep_graphs=keep_graphs)
+        super().__init__(encoders, loss_fn, chunk_size, get_rep=get_rep, keep_graphs=keep_graphs, on_reps=on_reps)
         self.on_pushed = on_pushed
         self.last_reps: list[Tensor] = []
 
@@ -84,6 +86,9 @@ class DeferredGradCache(GradCache):
         reps, kept, rng_states = self._encode_without_graph(plan)
         self.last_reps = [rep.detach() for rep in reps]
         loss = contrastive_loss(self.loss_fn, reps, loss_kwargs)
+        if self.on_reps is not None:
+            with torch.no_grad():
+                self.on_reps(tuple(self.last_reps))
         handle = loss.detach().requires_grad_()
 
         def push(grad: Tensor) -> None:
