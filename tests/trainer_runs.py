@@ -25,24 +25,28 @@ class TinyBert(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
-
-        config = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = tiny_bert(vocab_size=VOCAB, max_position_embeddings=16)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def tiny_bert(**sizes: Any) -> nn.Module:
+    """One BERT layer, width 16, no dropout, no pooler (unused parameters would stall DDP's reducer)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **sizes,
+    )
+    return BertModel(config, add_pooling_layer=False)
 
 
 def model(dtype: torch.dtype = torch.float64) -> TinyBert:
@@ -151,20 +155,12 @@ def sentence_transformer(folder: str, dtype: torch.dtype = torch.float64) -> Any
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
     from gcbench.peers.models import minilm_dir
 
     torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tiny_bert().save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True).save_pretrained(folder)
     transformer = Transformer(folder, max_seq_length=12)
     return SentenceTransformer(modules=[transformer, Pooling(16, "mean")], device="cpu").to(dtype)

@@ -35,6 +35,15 @@ def check_chunk_size(value: Any, count: int | None = None, name: str = "chunk_si
     return sizes[0] if count is None else sizes
 
 
+def check_inputs(inputs: Any, loss_fn: Any) -> tuple[str, ...]:
+    """The batch keys of the inputs, in the loss's order; ``loss_fn`` callable. UsageErrors name the argument."""
+    if not callable(loss_fn):
+        raise UsageError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(inputs, str) or not inputs or not all(isinstance(name, str) for name in inputs):
+        raise UsageError(f"inputs must be a non-empty sequence of batch keys, got {inputs!r}")
+    return tuple(inputs)
+
+
 def check_keep(value: Any, name: str = "keep_graphs") -> KeepGraphs:
     try:
         return check_keep_graphs(value, name)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.engine import GetRep, KeepGraphs, as_encoder_list
 from gcbench.errors import UsageError
-from gcbench.integrations.common import GradientSync, cached_loss, check_chunk_size, check_keep
+from gcbench.integrations.common import GradientSync, cached_loss, check_chunk_size, check_inputs, check_keep
 from gcbench.peers.extras import require
 
 require("gcbench.integrations.lightning", "lightning", ["lightning"])
@@ -45,8 +45,7 @@ class GradCacheMixin:
     ) -> None:
         """``encoders``: one module (tied) or one per input, submodules of this one; the batch maps ``inputs`` to
         each encoder's features (the rest goes to ``loss_fn``); ``chunk_size``/``keep_graphs`` as in GradCache."""
-        if isinstance(inputs, str) or not inputs or not all(isinstance(name, str) for name in inputs):
-            raise UsageError(f"inputs must be a non-empty sequence of batch keys, got {inputs!r}")
+        inputs = check_inputs(inputs, loss_fn)
         try:
             modules = as_encoder_list(encoders)
         except TypeError as error:
@@ -55,8 +54,6 @@ class GradCacheMixin:
             modules = modules * len(inputs)
         if len(modules) != len(inputs):
             raise UsageError(f"encoders: {len(modules)} for {len(inputs)} inputs ({', '.join(inputs)})")
-        if not callable(loss_fn):
-            raise UsageError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.gradcache_encoders = modules
         self.gradcache_loss_fn = loss_fn
         self.gradcache_inputs = tuple(inputs)

@@ -95,24 +95,14 @@ class GradCachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 class GradCachedMultipleNegativesSymmetricRankingLoss(GradCachedMultipleNegativesRankingLoss):
     """The symmetric form (``MultipleNegativesSymmetricRankingLoss``): query-to-document and back, two softmaxes."""
 
-    def __init__(
-        self,
-        model: Any,
-        scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
-        mini_batch_size: int = 32,
-        keep_graphs: KeepGraphs = 1,
-        **options: Any,
-    ) -> None:
+    def __init__(self, model: Any, *args: Any, **options: Any) -> None:
+        """The cached MNRL's arguments, less ``directions`` and ``partition_mode`` (set here)."""
         for name in ("directions", "partition_mode"):
             if name in options:
                 raise UsageError(f"{name}: the symmetric loss sets it; use GradCachedMultipleNegativesRankingLoss")
         super().__init__(
             model,
-            scale,
-            similarity_fct,
-            mini_batch_size,
-            keep_graphs,
+            *args,
             directions=("query_to_doc", "doc_to_query"),
             partition_mode="per_direction",
             **options,

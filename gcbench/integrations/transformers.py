@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from gcbench.cache.engine import GetRep, KeepGraphs
 from gcbench.errors import UsageError
-from gcbench.integrations.common import GradientSync, cached_loss, check_chunk_size, check_keep, syncing, unwrap
+from gcbench.integrations.common import (
+    GradientSync,
+    cached_loss,
+    check_chunk_size,
+    check_inputs,
+    check_keep,
+    syncing,
+    unwrap,
+)
 from gcbench.peers.extras import require
 
 require("gcbench.integrations.transformers", "trainer", ["transformers", "accelerate"])
@@ -53,13 +61,9 @@ class GradCacheTrainer(Trainer):
         get_rep: GetRep | None = None,
         **kwargs: Any,
     ) -> None:
-        if not callable(loss_fn):
-            raise UsageError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if isinstance(inputs, str) or not inputs or not all(isinstance(name, str) for name in inputs):
-            raise UsageError(f"inputs must be a non-empty sequence of batch keys, got {inputs!r}")
+        self.gradcache_inputs = check_inputs(inputs, loss_fn)
         if get_rep is not None and not callable(get_rep):
             raise UsageError(f"get_rep must be callable, got {type(get_rep).__name__}")
-        self.gradcache_inputs = tuple(inputs)
         self.gradcache_chunk_sizes = check_chunk_size(chunk_size, len(self.gradcache_inputs))
         self.gradcache_keep_graphs = check_keep(keep_graphs)
         self.gradcache_loss_fn = loss_fn
