@@ -42,7 +42,7 @@ fi
 
 # The paths only a GPU runs (peaks from the CUDA allocator, the enforced budget, dropout from the GPU's
 # generator, the CUDA estimate against a measured peak); skipped with the reason on CPU.
-"$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.txt" || true
+"$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_integrations.py 2>&1 | tee "$OUT/cuda-tests.txt" || true
 
 for precision in float32 fp16 bf16; do
   "${G[@]}" verify --device "$DEVICE" --precision "$precision" --strategies cache,checkpoint,accumulate || true

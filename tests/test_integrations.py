@@ -120,6 +120,23 @@ def test_hf_trainer_float32_within_its_bound():
     assert distance(cached["params"], full["params"]) <= FLOAT32
 
 
+@pytest.mark.cuda
+def test_hf_trainer_fp16_on_cuda_with_accelerates_grad_scaler():
+    """fp16 autocast and accelerate's GradScaler: the scale reaches the cache, the second pass is fp16 too.
+
+    The bound is loose and unmeasured here (no GPU in CI): 5 AdamW steps at lr 1e-3 move a parameter by at most
+    about 5e-3, and the cached and full runs round differently in fp16."""
+    pytest.importorskip("transformers")
+    arguments = {"use_cpu": False, "fp16": True}
+    cached, full = (
+        runs.train_hf(True, torch.float32, arguments=arguments),
+        runs.train_hf(False, torch.float32, arguments=arguments),
+    )
+    assert cached["scale"] is not None and cached["scale"] == full["scale"]  # a scaler ran, skipping the same steps
+    assert distance(cached["params"], full["params"]) <= 1e-3
+    assert cached["losses"] == pytest.approx(full["losses"], rel=1e-2)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

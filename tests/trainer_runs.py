@@ -90,9 +90,11 @@ def train_hf(
     steps: int = 5,
     micro_batch: int = 4,
     accumulation: int = 2,
+    arguments: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """``steps`` optimizer steps of ``accumulation`` micro-batches (``options`` go to GradCacheTrainer)."""
+    """``steps`` optimizer steps of ``accumulation`` micro-batches (``arguments`` go to TrainingArguments,
+    ``options`` to GradCacheTrainer)."""
     from transformers import Trainer, TrainingArguments
 
     encoder = model(dtype)
@@ -106,9 +108,9 @@ def train_hf(
             logging_steps=1,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
             seed=0,
             dataloader_num_workers=0,
+            **{"use_cpu": True, **(arguments or {})},
             disable_tqdm=True,
             remove_unused_columns=cached,  # GradCacheTrainer keeps its inputs; the reference keeps everything
         )
@@ -123,7 +125,13 @@ def train_hf(
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     syncs = getattr(trainer, "gradcache_sync", None)
-    return {"params": parameters(encoder), "losses": losses, "syncs": syncs.calls if syncs is not None else None}
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    return {
+        "params": parameters(encoder),
+        "losses": losses,
+        "syncs": syncs.calls if syncs is not None else None,
+        "scale": scaler.get_scale() if scaler is not None else None,
+    }
 
 
 def _full_trainer_class() -> type:
