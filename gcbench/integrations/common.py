@@ -66,7 +66,8 @@ class GradientSync:
     """One all-reduce (mean over the ranks) of every trainable parameter's gradient, flattened.
 
     ``parameters``: the model's, in one order on every rank. A parameter no chunk reached counts as
-    zeros (so every rank flattens the same layout). ``calls`` counts the all-reduces, for tests.
+    zeros (so every rank flattens the same layout). Parameters of several dtypes or devices take one
+    all-reduce per kind. ``calls`` counts the syncs, for tests.
     """
 
     def __init__(self, parameters: Iterable[nn.Parameter], group: Any = None) -> None:
@@ -77,16 +78,20 @@ class GradientSync:
     def __call__(self) -> None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.group) == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        flat = _flatten_dense_tensors(grads)
-        flat.div_(dist.get_world_size(self.group))  # DDP's order: divide, then sum
-        dist.all_reduce(flat, group=self.group)
+        kinds: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for param in self.parameters:
+            kinds.setdefault((param.dtype, param.device), []).append(param)
+        for params in kinds.values():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _flatten_dense_tensors(grads)
+            flat.div_(dist.get_world_size(self.group))  # DDP's order: divide, then sum
+            dist.all_reduce(flat, group=self.group)
+            for param, reduced in zip(params, _unflatten_dense_tensors(flat, grads)):
+                if param.grad is None:
+                    param.grad = reduced
+                else:
+                    param.grad.copy_(reduced)
         self.calls += 1
-        for param, reduced in zip(self.parameters, _unflatten_dense_tensors(flat, grads)):
-            if param.grad is None:
-                param.grad = reduced
-            else:
-                param.grad.copy_(reduced)
 
 
 def cached_loss(
