@@ -18,7 +18,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[test,real,peers,dev,deepspeed,lora]"
+	$(BIN)/python -m pip install --quiet -e ".[test,real,peers,trainer,lightning,deepspeed,lora,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -69,7 +69,7 @@ step_tests() {
   if [[ "$MODE" == rehearsal ]]; then  # the cuda-marked tests hold a real card to 10%: the double's tests instead
     "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_double.py
   else
-    "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_tune.py  # test_tune: tune's peak = the sweep's
+    "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_tune.py tests/test_integrations.py  # test_tune: tune's peak = the sweep's
   fi
 }
 

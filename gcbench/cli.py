@@ -69,12 +69,15 @@ def cli(ctx: click.Context) -> None:
     _command[:] = [ctx.invoked_subcommand or ""]
 
 
+VERIFY_WORKLOADS = ("dpr", "clip", "siglip", "simclr")
+
+
 @cli.command()
 @click.option(
     "--workload",
-    default="dpr,clip,siglip,simclr",
-    show_default=True,
-    help="Workloads, comma-separated: built-in names, or your own as package.module:function.",
+    default=None,
+    help=f"Workloads, comma-separated: built-in names, or your own as package.module:function "
+    f"[default: {','.join(VERIFY_WORKLOADS)}].",
 )
 @click.option(
     "--strategies",
@@ -83,7 +86,9 @@ def cli(ctx: click.Context) -> None:
     help="Strategies to check against the full-batch reference, comma-separated: built-in names, or your own "
     "as package.module:ClassName (a gcbench.Strategy subclass).",
 )
-@click.option("--precision", default="float32", show_default=True, help=help_of("sweep.precision"))
+@click.option(
+    "--precision", default=None, help=f"{help_of('sweep.precision')} [default: float32; float64 with --steps]"
+)
 @click.option("--device", default="auto", show_default=True, help=help_of("sweep.device"))
 @click.option("--batch-size", type=int, default=12, show_default=True, help="Examples per batch (global with --nproc).")
 @click.option(
@@ -122,10 +127,25 @@ def cli(ctx: click.Context) -> None:
     show_default=True,
     help=help_of("sweep.backend"),
 )
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="Train N optimizer steps with each strategy beside its full-batch reference and report, per step, the "
+    "loss difference and the parameter distance [default precision float64, bound 1e-9].",
+)
+@click.option(
+    "--experiment",
+    default=None,
+    help="With --steps: train the workload, model and optimizer of this experiment (a shipped name or a file).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="With --steps: write steps.json, steps.png, report.md."
+)
 def verify(
-    workload: str,
+    workload: str | None,
     strategies: str,
-    precision: str,
+    precision: str | None,
     device: str,
     batch_size: int,
     chunk_sizes: str,
@@ -135,13 +155,25 @@ def verify(
     seed: int,
     nproc: int,
     backend: str,
+    steps: int | None,
+    experiment: str | None,
+    out: Path | None,
 ) -> int:
     """Check that a strategy's gradients equal full-batch ones; exit 1 if any check fails."""
     from gcbench.device import resolve_device
     from gcbench.verify import verify as run_verify
 
-    workloads, names = name_list("--workload", workload), name_list("--strategies", strategies)
+    names = name_list("--strategies", strategies)
     settings = from_text("sweep.chunk_sizes", "--chunk-sizes", chunk_sizes)
+    if steps is not None or experiment is not None or out is not None:
+        given = name_list("--workload", workload) if workload is not None else None
+        step_options = {"strategies": names, "batch_size": batch_size, "chunk_sizes": settings, "seed": seed}
+        precision = precision or "float64"
+        return verify_many_steps(
+            steps, given, experiment, out, precision, resolve_device(device), tolerance, dropout, nproc, step_options
+        )
+    workloads = name_list("--workload", workload or ",".join(VERIFY_WORKLOADS))
+    precision = precision or "float32"
     options: dict[str, Any] = {
         "precision": precision,
         "device": resolve_device(device),
@@ -199,6 +231,89 @@ def verify(
     if failed:
         console.print(f"[red]{failed} of {len(results)} checks failed[/red]")
     return 1 if failed else 0
+
+
+def verify_many_steps(
+    steps: int | None,
+    workloads: list[str] | None,
+    experiment: str | None,
+    out: Path | None,
+    precision: str,
+    device: Any,
+    tolerance: float | None,
+    dropout: float | None,
+    nproc: int,
+    options: dict[str, Any],
+) -> int:
+    """``verify --steps N``: each strategy's trajectory against the full batch's, a table, and with ``--out``
+    the JSON, the figure and a page."""
+    from dataclasses import replace
+
+    from gcbench.report.steps import write_steps_report
+    from gcbench.trajectory import verify_steps
+
+    if steps is None:
+        raise UsageError("--experiment and --out go with --steps N")
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if nproc > 1:
+        raise UsageError("--steps runs in one process; drop --nproc")
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder")
+    configs, optimizer = None, None
+    if experiment is not None:
+        if workloads is not None:
+            raise UsageError("--workload: --experiment names the workload already")
+        chosen = load_experiment(experiment)
+        config = chosen.workload
+        if dropout is not None:
+            config = replace(config, model=replace(config.model, dropout=dropout))
+        configs, optimizer = {chosen.name: config}, chosen.optimizer
+    trajectories = verify_steps(
+        steps,
+        workloads or list(VERIFY_WORKLOADS),
+        precision=precision,
+        device=device,
+        tolerance=tolerance,
+        dropout=dropout,
+        optimizer=optimizer,
+        configs=configs,
+        **options,
+    )
+    bound = trajectories[0].tolerance
+    table = Table(title=f"{steps} optimizer steps beside the full batch ({precision}, bound {bound:g})")
+    for column in ("workload", "strategy", "exact", "max loss diff", "param distance, last", "max", "result"):
+        table.add_column(column, justify="left" if column in ("workload", "strategy") else "right", overflow="fold")
+    for t in trajectories:
+        drift = max(p.param_distance for p in t.points)
+        verdict = ("[green]pass[/green]" if t.passed else "[red]FAIL[/red]") if t.exact else "not exact"
+        table.add_row(
+            t.workload,
+            t.label,
+            "yes" if t.exact else "no",
+            f"{max(p.loss_diff for p in t.points):.2e}",
+            f"{t.points[-1].param_distance:.2e}",
+            f"{drift:.2e}",
+            verdict,
+        )
+    console.print(table)
+    if out is not None:
+        for path in write_steps_report(trajectories, out, _given_command()):
+            console.print(f"wrote {path}", highlight=False)
+    failed = sum(not t.passed for t in trajectories)
+    if failed:
+        console.print(f"[red]{failed} of {len(trajectories)} trajectories drifted past the bound[/red]")
+    return 1 if failed else 0
+
+
+def _given_command() -> str:
+    """The running command as typed: its name and the options given on the command line."""
+    ctx = click.get_current_context()
+    given = []
+    for param in ctx.command.params:
+        if param.name and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            given += [param.opts[0], str(ctx.params[param.name])]
+    return " ".join(["gcbench", ctx.info_name or "verify", *given])
 
 
 def _flag_option(entry: Key) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -25,12 +25,11 @@ from gcbench.imports import is_import_path
 from gcbench.measure.equivalence import GradComparison, check_strategy
 from gcbench.measure.ranks import check_distributed
 from gcbench.strategies import resolve_strategy
+from gcbench.testing import TOLERANCE
 from gcbench.training import StepConfig
 from gcbench.workloads import WORKLOADS, ModelConfig, WorkloadConfig, check_user_workload
 
-# Half precision: the reference itself rounds at bf16/fp16 (autocast sums the chunks' weight
-# gradients in half precision there, in float32 here), so the bound is a few units of its epsilon.
-DEFAULT_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bf16": 3e-2, "fp16": 3e-3, "pure-bf16": 3e-2}
+DEFAULT_TOLERANCE = TOLERANCE  # why each bound: gcbench.testing.exactness
 VERIFY_MODEL = ModelConfig(hidden=64, layers=2, heads=4, features=32)
 
 

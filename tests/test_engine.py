@@ -14,6 +14,7 @@ from torch import nn
 from gcbench import GradCache
 from gcbench.measure.equivalence import compare, gradients
 from gcbench.strategies import Objective, backward_in_order, make_strategy, whole_batches
+from gcbench.testing import assert_gradcache_exact, assert_step_exact
 from gcbench.workloads import ModelConfig, WorkloadConfig, build_workload
 
 TINY = ModelConfig(hidden=16, layers=2, heads=2, features=8, vocab=2000)
@@ -171,22 +172,12 @@ def test_mapping_and_sequence_inputs_with_get_rep():
     mask = torch.ones(9, 5, dtype=torch.long)
     mask[:, 3:] = 0
     xs, ys = torch.randn(9, 5), torch.randn(9, 5)
-    grads = []
-    for chunks in ([2, 4], None):
-        torch.manual_seed(1)
-        a, b = DictEncoder(), TupleOut()
-        batches = ({"input_ids": ids, "attention_mask": mask, "scale": 2.0}, (xs, ys))
+    batches = ({"input_ids": ids, "attention_mask": mask, "scale": 2.0}, (xs, ys))
 
-        def get_rep(out):
-            return out[0] if isinstance(out, tuple) else out
+    def get_rep(out):
+        return out[0] if isinstance(out, tuple) else out
 
-        if chunks:
-            GradCache([a, b], dot_loss, chunks, get_rep=get_rep)(*batches)
-        else:
-            dot_loss(a(**batches[0]), get_rep(b(*batches[1]))).backward()
-        grads.append([p.grad.clone() for p in (*a.parameters(), *b.parameters())])
-    for g, r in zip(*grads):
-        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+    assert_gradcache_exact([DictEncoder(), TupleOut()], dot_loss, batches, chunk_size=[2, 4], get_rep=get_rep)
 
 
 def test_loss_kwargs_are_passed_through():
@@ -198,14 +189,15 @@ def test_loss_kwargs_are_passed_through():
     x, y = torch.randn(7, 4), torch.randn(7, 4)
     torch.manual_seed(0)
     e1 = nn.Linear(4, 3)
-    loss = GradCache([e1, e1], labelled, 3)(x, y, labels=labels)
-    g = e1.weight.grad.clone()
-    e1.weight.grad = None
-    e1.bias.grad = None
-    ref = labelled(e1(x), e1(y), labels=labels)
-    ref.backward()
-    assert torch.allclose(loss, ref.detach())
-    assert torch.allclose(g, e1.weight.grad, atol=1e-6)
+    assert_gradcache_exact([e1, e1], labelled, [x, y], chunk_size=3, loss_kwargs={"labels": labels})
+    with pytest.raises(AssertionError, match="largest error in encoders"):  # other labels: other gradients
+        assert_step_exact(
+            lambda encoders, loss, b: GradCache(encoders, loss, 3)(*b, labels=labels.flip(0)),
+            [e1, e1],
+            labelled,
+            [x, y],
+            loss_kwargs={"labels": labels},
+        )
 
 
 def test_returns_detached_loss_and_never_steps():

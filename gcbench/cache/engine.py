@@ -46,6 +46,7 @@ from gcbench.cache.rng import RngState
 from gcbench.cache.sharded import Reduce, Wrapping, check_reduce, wrapping_of
 
 GetRep = Callable[[Any], Tensor]
+OnReps = Callable[[tuple[Tensor, ...]], None]
 ChunkId = tuple[int, int]  # (encoder index, chunk index)
 KeepGraphs = int | Literal["all"]  # how many first-pass graphs to keep
 
@@ -109,9 +110,13 @@ class GradCache:
     ``reduce``: for DDP, FSDP2 (``fully_shard``) and DeepSpeed encoders, reduce gradients once per step
     (``"step"``) or after every chunk (``"chunk"``); ``keep_unsharded``: FSDP2 parameters gathered once
     for the whole step (see :mod:`gcbench.cache.sharded`).
+    ``on_reps``: called with each input's representations, detached, once the cache is built and before
+    step 3 frees them: in-batch metrics from the step's own tensors, with no second forward and no memory
+    beyond what the step holds.
 
     Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
-    detached, and never touches an optimizer. DDP-wrapped encoders all-reduce once per step.
+    detached, and never touches an optimizer (:meth:`step` also returns the representations).
+    DDP-wrapped encoders all-reduce once per step.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class GradCache:
         keep_graphs: KeepGraphs = 1,
         reduce: Reduce = "step",
         keep_unsharded: bool = False,
+        on_reps: OnReps | None = None,
     ) -> None:
         self.encoders = as_encoder_list(encoders)
         if not callable(loss_fn):
@@ -139,23 +145,39 @@ class GradCache:
         self.reduce = check_reduce(reduce)
         by_module = {id(e): wrapping_of(e, self.reduce, keep_unsharded) for e in self.encoders}
         self.wrappings: list[Wrapping] = [by_module[id(e)] for e in self.encoders]  # a tied encoder: one each
+        if on_reps is not None and not callable(on_reps):
+            raise TypeError(f"on_reps must be callable, got {type(on_reps).__name__}")
+        self.on_reps = on_reps
         self._warned_batchnorm: set[str] = set()
 
     def __call__(self, *batches: Batch, **loss_kwargs: Any) -> Tensor:
+        return self._step(batches, loss_kwargs, return_reps=False).loss
+
+    def step(self, *batches: Batch, **loss_kwargs: Any) -> CachedStep:
+        """As a call, also returning each input's representations: the tensors step 1 filled, detached (no
+        copy, no second forward). Held until the caller drops them, so through step 3 as well: one more
+        |S|d than a call there, the size of the gradient cache it holds then (``on_reps`` costs nothing)."""
+        return self._step(batches, loss_kwargs, return_reps=True)
+
+    def _step(self, batches: tuple[Batch, ...], loss_kwargs: dict[str, Any], return_reps: bool) -> CachedStep:
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
         plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs)
         with contextlib.ExitStack() as step:
-            for wrapping in {id(w): w for w in self.wrappings}.values():
+            for wrapping in distinct(self.wrappings):
                 step.enter_context(wrapping.step())
             reps, kept, rng_states = self._encode_without_graph(plan)
             rng_after = RngState.capture(plan.devices)
             # Detached at once: the loss's graph reaches the representations, which step 3 frees.
             loss = self._cache_gradients(reps, loss_kwargs).detach()
+            if self.on_reps is not None:
+                with torch.no_grad():
+                    self.on_reps(tuple(rep.detach() for rep in reps))
+            returned = tuple(rep.detach() for rep in reps) if return_reps else ()  # views: the same storage
             self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
-        return loss
+        return CachedStep(loss, returned)
 
     # Step 1 ------------------------------------------------------------------------------------
     def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], dict[ChunkId, Tensor], dict[ChunkId, RngState]]:
@@ -236,6 +258,14 @@ class GradCache:
         for i, encoder in enumerate(self.encoders):
             for name, module in encoder.named_modules():
                 yield f"encoders[{i}]" + (f".{name}" if name else ""), module
+
+
+@dataclass(frozen=True)
+class CachedStep:
+    """One step's detached loss and, from :meth:`GradCache.step`, each input's representations."""
+
+    loss: Tensor
+    reps: tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
