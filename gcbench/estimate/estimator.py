@@ -46,6 +46,7 @@ class Estimator:
         skip_repeats: bool = True,
     ) -> None:
         self.target: Target = target(target_name)
+        self.fake_steps = 0  # steps run under fake tensors, predictions and FLOP counts: what an answer costs
         self.skip_repeats = skip_repeats
         self.precision = precision
         self.optimizer_config = self.target.optimizer(optimizer or OptimizerConfig())
@@ -73,6 +74,7 @@ class Estimator:
     def _fake_step(self, config: StepConfig, objective: Objective) -> Iterator[TrainingStep]:
         """``config``'s step on the fake model (this estimator's optimizer), released and zeroed after use."""
         config = replace(config, optimizer=self.optimizer_config)
+        self.fake_steps += 1
         with self.mode, self.target.kernels(), _explained():
             step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
             try:
@@ -87,13 +89,7 @@ class Estimator:
         With ``world_size`` > 1: one rank's peak, ``config.batch_size`` being the global batch.
         """
         started = time.perf_counter()
-        config = replace(config, optimizer=self.optimizer_config, batch_size=config.batch_size // world_size)
-        objective = skipping_objective(self.workload.objective) if self.skip_repeats else self.workload.objective
-        buckets = 0
-        if world_size > 1:
-            buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
-            if gathers(config.strategy):
-                objective = gathering_objective(objective, world_size)
+        config, objective, buckets = self._rank_step(config, world_size)
         with self._fake_step(config, objective) as step:
             baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
             loss = loss_memory(step, self.target.block_size)
@@ -109,6 +105,32 @@ class Estimator:
             seconds=time.perf_counter() - started,
             world_size=world_size,
         )
+
+    def loss_peak(self, config: StepConfig, world_size: int = 1) -> int | None:
+        """:meth:`predict`'s ``loss_peak_bytes`` without the step: the loss alone, every parameter holding a
+        gradient as after the step :meth:`predict` runs first (no fake step is counted)."""
+        config, objective, _ = self._rank_step(config, world_size)
+        config = replace(config, optimizer=self.optimizer_config)
+        with self.mode, self.target.kernels(), _explained():
+            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
+            try:
+                for p in step.parameters():
+                    p.grad = torch.zeros_like(p)
+                return loss_memory(step, self.target.block_size)
+            finally:
+                step.strategy.release()
+                step.zero_grad()
+
+    def _rank_step(self, config: StepConfig, world_size: int) -> tuple[StepConfig, Objective, int]:
+        """One rank's config, objective (repeats skipped, gathers stood in for) and DDP bucket bytes."""
+        config = replace(config, optimizer=self.optimizer_config, batch_size=config.batch_size // world_size)
+        objective = skipping_objective(self.workload.objective) if self.skip_repeats else self.workload.objective
+        buckets = 0
+        if world_size > 1:
+            buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
+            if gathers(config.strategy):
+                objective = gathering_objective(objective, world_size)
+        return config, objective, buckets
 
 
 @contextlib.contextmanager
