@@ -84,13 +84,14 @@ class PointPredictions:
         nproc = self.experiment.sweep.nproc
         for key, batches in series.items():
 
+            def predict(batch: int, key: Point = key) -> Prediction:
+                return self.predict(replace(key, batch_size=batch))
+
             def loss_peak(batch: int, key: Point = key) -> int | None:
                 return self.estimator.loss_peak(self.experiment.step_config(replace(key, batch_size=batch)), nproc)
 
             try:
-                found = predict_series(
-                    lambda b, key=key: self.predict(replace(key, batch_size=b)), batches, loss_peak, fit
-                )
+                found = predict_series(predict, batches, loss_peak, fit)
             except EstimateError:
                 continue  # each point again, on its own, below: the rows that fail say why
             self._done.update({replace(key, batch_size=b): p for b, p in found.items()})

@@ -68,7 +68,10 @@ def _fitted(probes: Sequence[tuple[int, Prediction]], batch: int) -> Prediction 
     breakdown = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("breakdown.")}
     return replace(
         first,
-        **{k: v for k, v in values.items() if not k.startswith("breakdown.")},
+        peak_bytes=values["peak_bytes"],
+        baseline_bytes=values["baseline_bytes"],
+        forward_backward_peak_bytes=values["forward_backward_peak_bytes"],
+        optimizer_peak_bytes=values["optimizer_peak_bytes"],
         breakdown={k: breakdown[k] for k in first.breakdown or {}},
         loss_peak_bytes=None,
         seconds=None,
