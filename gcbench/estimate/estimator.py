@@ -51,6 +51,7 @@ class Estimator:
     ) -> None:
         """``capability``: the CUDA card's compute capability (default Hopper's, 9.0)."""
         self.target: Target = target(target_name, capability or HOPPER)
+        self.fake_steps = 0  # steps run under fake tensors, predictions and FLOP counts: what an answer costs
         self.skip_repeats = skip_repeats
         self.precision = precision
         self.optimizer_config = self.target.optimizer(optimizer or OptimizerConfig())
@@ -78,6 +79,7 @@ class Estimator:
     def _fake_step(self, config: StepConfig, objective: Objective) -> Iterator[TrainingStep]:
         """``config``'s step on the fake model (this estimator's optimizer), released and zeroed after use."""
         config = replace(config, optimizer=self.optimizer_config)
+        self.fake_steps += 1
         with self.mode, self.target.kernels(), _explained():
             step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
             try:
@@ -92,15 +94,7 @@ class Estimator:
         With ``world_size`` > 1: one rank's peak, ``config.batch_size`` being the global batch.
         """
         started = time.perf_counter()
-        config = replace(config, optimizer=self.optimizer_config, batch_size=config.batch_size // world_size)
-        objective = skipping_objective(self.workload.objective) if self.skip_repeats else self.workload.objective
-        buckets = 0
-        world: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if world_size > 1:
-            buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
-            if gathers(config.strategy):
-                objective = gathering_objective(objective, world_size)
-                world = fake_world(world_size)
+        config, objective, buckets, world = self._rank_step(config, world_size)
         with world, self._fake_step(config, objective) as step:
             baseline, tracked = track_step(step, self.target.block_size, self.target.count_cpu_rng_states)
             loss = loss_memory(step, self.target.block_size)
@@ -119,6 +113,37 @@ class Estimator:
             seconds=time.perf_counter() - started,
             world_size=world_size,
         )
+
+    def loss_peak(self, config: StepConfig, world_size: int = 1) -> int | None:
+        """:meth:`predict`'s ``loss_peak_bytes`` without the step: the loss alone, every parameter holding a
+        gradient as after the step :meth:`predict` runs first (no fake step is counted)."""
+        config, objective, _, world = self._rank_step(config, world_size)
+        config = replace(config, optimizer=self.optimizer_config)
+        with world, self.mode, self.target.kernels(), _explained():
+            step = step_on(self.workload, self.optimizer, config, self.device, objective=objective, loss_scaling=False)
+            try:
+                for p in step.parameters():
+                    p.grad = torch.zeros_like(p)
+                return loss_memory(step, self.target.block_size)
+            finally:
+                step.strategy.release()
+                step.zero_grad()
+
+    def _rank_step(
+        self, config: StepConfig, world_size: int
+    ) -> tuple[StepConfig, Objective, int, contextlib.AbstractContextManager[None]]:
+        """One rank's config, objective (repeats skipped, gathers stood in for), DDP bucket bytes and the fake world
+        its loss runs in."""
+        config = replace(config, optimizer=self.optimizer_config, batch_size=config.batch_size // world_size)
+        objective = skipping_objective(self.workload.objective) if self.skip_repeats else self.workload.objective
+        buckets = 0
+        world: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if world_size > 1:
+            buckets = DDP_GRADIENT_COPIES * ddp_bucket_bytes(self.workload.objective.encoders)
+            if gathers(config.strategy):
+                objective = gathering_objective(objective, world_size)
+                world = fake_world(world_size)
+        return config, objective, buckets, world
 
 
 @contextlib.contextmanager

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gcbench.errors import EstimateError
 from gcbench.estimate.estimator import Estimator
+from gcbench.estimate.series import predict_series
 from gcbench.experiment import Experiment
 from gcbench.losses import tiling_loss
 from gcbench.results.records import Point, Prediction
@@ -61,20 +62,66 @@ class EstimatePlan:
         return next((r for r in rows if r.prediction is not None and r.prediction.peak > device_memory), None)
 
 
+class PointPredictions:
+    """One estimator's predictions for an experiment's points, each setting predicted once (the table and the
+    chunk advice share them), a series of batch sizes from a few fake steps (:mod:`gcbench.estimate.series`)."""
+
+    def __init__(self, estimator: Estimator, experiment: Experiment) -> None:
+        self.estimator = estimator
+        self.experiment = experiment
+        self._done: dict[Point, Prediction] = {}
+
+    def predict(self, point: Point) -> Prediction:
+        if point not in self._done:
+            config = self.experiment.step_config(point)
+            self._done[point] = self.estimator.predict(config, self.experiment.sweep.nproc)
+        return self._done[point]
+
+    def rows(self, points: Sequence[Point], fit: bool = True) -> tuple[EstimateRow, ...]:
+        """A row per point; with ``fit``, each series read off a checked quadratic where it can be."""
+        series: dict[Point, list[int]] = {}
+        for point in points:
+            series.setdefault(replace(point, batch_size=0), []).append(point.batch_size)
+        nproc = self.experiment.sweep.nproc
+        for key, batches in series.items():
+
+            def predict(batch: int, key: Point = key) -> Prediction:
+                return self.predict(replace(key, batch_size=batch))
+
+            def loss_peak(batch: int, key: Point = key) -> int | None:
+                return self.estimator.loss_peak(self.experiment.step_config(replace(key, batch_size=batch)), nproc)
+
+            try:
+                found = predict_series(predict, batches, loss_peak, fit)
+            except EstimateError:
+                continue  # each point again, on its own, below: the rows that fail say why
+            self._done.update({replace(key, batch_size=b): p for b, p in found.items()})
+        return tuple(self.row(point) for point in points)
+
+    def row(self, point: Point) -> EstimateRow:
+        try:
+            return EstimateRow(point, self.predict(point))
+        except EstimateError as error:
+            return EstimateRow(point, None, str(error))
+
+
 def estimate_experiment(
-    experiment: Experiment, target: str, device_memories: Sequence[int], advice_batch: int | None = None
+    experiment: Experiment,
+    target: str,
+    device_memories: Sequence[int],
+    advice_batch: int | None = None,
+    fit: bool = True,
 ) -> EstimatePlan:
+    """Predicted peaks over ``experiment``'s grid and chunk advice; ``fit=False`` runs a fake step at every
+    point (the reference the fitted series are tested against)."""
     estimator = Estimator(
         experiment.workload, experiment.sweep.precision, target, experiment.sweep.seed, experiment.optimizer
     )
-    rows = tuple(predict_row(estimator, experiment, point) for point in experiment.points())
+    predictions = PointPredictions(estimator, experiment)
+    rows = predictions.rows(experiment.points(), fit)
     chunked = [s for s in experiment.sweep.strategies if advisable(s)]
     batch = advice_batch or max(experiment.sweep.batch_sizes)
-    advice = (
-        tuple(safe_advice(estimator, experiment, chunked[0], batch, memory) for memory in device_memories)
-        if chunked
-        else ()
-    )
+    advice = tuple(safe_advice(predictions, chunked[0], batch, memory) for memory in device_memories) if chunked else ()
     return EstimatePlan(experiment.name, target, experiment.sweep.nproc, tuple(device_memories), rows, advice)
 
 
@@ -84,19 +131,12 @@ def advisable(strategy: str) -> bool:
     return traits.exact and traits.caches_representations and traits.uses_chunks
 
 
-def predict_row(estimator: Estimator, experiment: Experiment, point: Point) -> EstimateRow:
-    try:
-        return EstimateRow(point, estimator.predict(experiment.step_config(point), experiment.sweep.nproc))
-    except EstimateError as error:
-        return EstimateRow(point, None, str(error))
-
-
-def safe_advice(
-    estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int, device_memory: int
-) -> ChunkAdvice:
+def safe_advice(predictions: PointPredictions, strategy: str, batch_size: int, device_memory: int) -> ChunkAdvice:
     """:func:`recommend_chunks`, or no advice with the reason when a chunk setting cannot be predicted."""
     try:
-        return recommend_chunks(estimator, experiment, strategy, batch_size, device_memory)
+        return recommend_chunks(
+            predictions.estimator, predictions.experiment, strategy, batch_size, device_memory, predictions
+        )
     except EstimateError as error:
         return ChunkAdvice(strategy, batch_size, device_memory, None, None, (), str(error))
 
@@ -124,18 +164,23 @@ def chunk_candidates(base: tuple[int, ...], rows: Sequence[int]) -> list[tuple[i
 
 
 def recommend_chunks(
-    estimator: Estimator, experiment: Experiment, strategy: str, batch_size: int, device_memory: int
+    estimator: Estimator,
+    experiment: Experiment,
+    strategy: str,
+    batch_size: int,
+    device_memory: int,
+    predictions: PointPredictions | None = None,
 ) -> ChunkAdvice:
-    """Binary search for the largest chunk setting that fits: larger chunks run faster."""
+    """Binary search for the largest chunk setting that fits: larger chunks run faster. ``predictions``: the
+    ones already made (the table's, other advice's), shared."""
+    predictions = predictions or PointPredictions(estimator, experiment)
     local_rows = estimator.workload.rows(batch_size // experiment.sweep.nproc)
     candidates = chunk_candidates(experiment.sweep.chunk_sizes[0], local_rows)
     tried: dict[tuple[int, ...], Prediction] = {}
 
     def peak(sizes: tuple[int, ...]) -> int:
         if sizes not in tried:
-            tried[sizes] = estimator.predict(
-                experiment.step_config(Point(strategy, batch_size, sizes)), experiment.sweep.nproc
-            )
+            tried[sizes] = predictions.predict(Point(strategy, batch_size, sizes))
         return tried[sizes].peak
 
     def advice(chunks: tuple[int, ...] | None, reason: str) -> ChunkAdvice:
