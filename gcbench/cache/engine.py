@@ -33,12 +33,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.batching import (
     Batch,
+    Rows,
     batch_devices,
     batch_size,
     call_encoder,
     chunk_bounds,
     module_devices,
-    slice_batch,
+    row_lengths,
+    take_rows,
+    token_chunks,
+    token_lengths,
 )
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.rng import RngState
@@ -104,6 +108,11 @@ class GradCache:
     cached gradients carry the scale. Unscaling and stepping stay the caller's.
     ``keep_graphs``: how many chunks' first-pass graphs to keep instead of encoding them again (an int,
     or ``"all"``); more is faster and holds more memory (see the module docstring).
+    ``chunk_tokens``: chunks by token count instead of row count (an int, or one per encoder): each chunk at
+    most that many padded tokens (rows x its longest row), rows taken longest first so that a chunk holds
+    rows of about one length; the loss still sees the batch in its own order. Rows are counted by their
+    ``attention_mask``; an input without one counts one token a row. Each chunk is padded to its own
+    longest row either way.
 
     Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
     detached, and never touches an optimizer. DDP-wrapped encoders all-reduce once per step.
@@ -113,11 +122,12 @@ class GradCache:
         self,
         encoders: nn.Module | Sequence[nn.Module],
         loss_fn: Callable[..., Tensor],
-        chunk_size: int | Sequence[int],
+        chunk_size: int | Sequence[int] | None = None,
         *,
         get_rep: GetRep | None = None,
         scaler: torch.amp.GradScaler | None = None,
         keep_graphs: KeepGraphs = 1,
+        chunk_tokens: int | Sequence[int] | None = None,
     ) -> None:
         self.encoders = as_encoder_list(encoders)
         if not callable(loss_fn):
@@ -125,7 +135,11 @@ class GradCache:
         if get_rep is not None and not callable(get_rep):
             raise TypeError(f"get_rep must be callable, got {type(get_rep).__name__}")
         self.loss_fn = loss_fn
-        self.chunk_sizes = as_chunk_sizes(chunk_size, len(self.encoders))
+        if (chunk_size is None) == (chunk_tokens is None):
+            raise ValueError("GradCache: give chunk_size (rows per chunk) or chunk_tokens (tokens per chunk), one")
+        count = len(self.encoders)
+        self.chunk_sizes = as_chunk_sizes(chunk_size, count) if chunk_size is not None else None
+        self.chunk_tokens = as_chunk_sizes(chunk_tokens, count, "chunk_tokens") if chunk_tokens is not None else None
         self.get_rep = get_rep
         self.scaler = scaler
         self.keep_graphs = check_keep_graphs(keep_graphs)
@@ -135,7 +149,7 @@ class GradCache:
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
-        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.keep_graphs)
+        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.keep_graphs, self.chunk_tokens)
         reps, kept, rng_states = self._encode_without_graph(plan)
         rng_after = RngState.capture(plan.devices)
         # Detached at once: the loss's graph reaches the representations, which step 3 frees.
@@ -143,6 +157,12 @@ class GradCache:
         self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
         return loss
+
+    def encode_steps(self, *batches: Batch) -> list[tuple[int, slice | tuple[int, ...]]]:
+        """(encoder index, rows) of every chunk in the order of the first pass: what a mask-consistent
+        full-batch reference encodes (gcbench.measure.equivalence)."""
+        plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.keep_graphs, self.chunk_tokens)
+        return [(cid[0], plan.pieces[cid[0]][cid[1]]) for cid in plan.chunk_ids]
 
     # Step 1 ------------------------------------------------------------------------------------
     def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], dict[ChunkId, Tensor], dict[ChunkId, RngState]]:
@@ -163,7 +183,7 @@ class GradCache:
             if rep is None:
                 rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
             with torch.no_grad():
-                rep[plan.rows(cid)].copy_(value)
+                rep[plan.rows(cid)] = value
         return [reps[i].requires_grad_() for i in range(len(self.encoders))], kept, rng_states
 
     # Step 2 ------------------------------------------------------------------------------------
@@ -225,7 +245,8 @@ class _Plan:
 
     batches: tuple[Batch, ...]
     sizes: tuple[int, ...]
-    bounds: tuple[tuple[tuple[int, int], ...], ...]
+    pieces: tuple[tuple[Rows, ...], ...]  # per encoder, each chunk's rows
+    lengths: tuple[list[int] | None, ...]  # per encoder, each row's length (None: unknown, no padding trimmed)
     devices: frozenset[torch.device]
     chunk_ids: tuple[ChunkId, ...]
     kept: frozenset[ChunkId]
@@ -234,15 +255,32 @@ class _Plan:
 
     @classmethod
     def make(
-        cls, encoders: list[nn.Module], batches: tuple[Batch, ...], chunk_sizes: tuple[int, ...], keep: KeepGraphs
+        cls,
+        encoders: list[nn.Module],
+        batches: tuple[Batch, ...],
+        chunk_sizes: tuple[int, ...] | None,
+        keep: KeepGraphs,
+        chunk_tokens: tuple[int, ...] | None = None,
     ) -> _Plan:
         sizes = tuple(batch_size(batch, f"batches[{i}]") for i, batch in enumerate(batches))
         for i, size in enumerate(sizes):
             if size == 0:
                 raise ValueError(f"batches[{i}] is empty")
-        bounds = tuple(tuple(chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes))
+        pieces: tuple[tuple[Rows, ...], ...]
+        if chunk_tokens is not None:
+            lengths = tuple(token_lengths(b, f"chunk_tokens[{i}]") for i, b in enumerate(batches))
+            pieces = tuple(
+                tuple(token_chunks(n, budget, f"chunk_tokens[{i}]"))
+                for i, (n, budget) in enumerate(zip(lengths, chunk_tokens))
+            )
+        else:
+            assert chunk_sizes is not None
+            lengths = tuple(row_lengths(b) for b in batches)
+            pieces = tuple(
+                tuple(slice(*bounds) for bounds in chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes)
+            )
         devices = frozenset().union(*(module_devices(e) for e in encoders), *(batch_devices(b) for b in batches))
-        chunk_ids = tuple((i, j) for i, encoder_bounds in enumerate(bounds) for j in range(len(encoder_bounds)))
+        chunk_ids = tuple((i, j) for i, encoder_pieces in enumerate(pieces) for j in range(len(encoder_pieces)))
         count = len(chunk_ids) if keep == "all" else min(keep, len(chunk_ids))
         kept = set(chunk_ids[len(chunk_ids) - count :])
         for module in {id(e): e for e in encoders if isinstance(e, DistributedDataParallel)}.values():
@@ -257,12 +295,13 @@ class _Plan:
         for cid in backward_order:
             last_use[id(encoders[cid[0]])] = cid
         syncing = frozenset(c for c in last_use.values() if isinstance(encoders[c[0]], DistributedDataParallel))
-        return cls(batches, sizes, bounds, devices, chunk_ids, frozenset(kept), backward_order, syncing)
+        return cls(batches, sizes, pieces, lengths, devices, chunk_ids, frozenset(kept), backward_order, syncing)
 
-    def rows(self, cid: ChunkId) -> slice:
-        start, stop = self.bounds[cid[0]][cid[1]]
-        return slice(start, stop)
+    def rows(self, cid: ChunkId) -> slice | list[int]:
+        """The chunk's rows, as indexing the representations takes them."""
+        rows = self.pieces[cid[0]][cid[1]]
+        return rows if isinstance(rows, slice) else list(rows)
 
     def chunk(self, cid: ChunkId) -> Batch:
-        rows = self.rows(cid)
-        return slice_batch(self.batches[cid[0]], rows.start, rows.stop)
+        """The chunk's rows of its batch, padded to its own longest row."""
+        return take_rows(self.batches[cid[0]], self.pieces[cid[0]][cid[1]], self.lengths[cid[0]])

@@ -54,7 +54,16 @@ else:  # pragma: no cover
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 # The grid (and how many rounds of it), not the numbers: extending either resumes.
-FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "keep_graphs", "timeout", "predict", "rounds")
+FINGERPRINT_EXCLUDES = (
+    "strategies",
+    "batch_sizes",
+    "chunk_sizes",
+    "chunk_tokens",
+    "keep_graphs",
+    "timeout",
+    "predict",
+    "rounds",
+)
 
 
 @typed
@@ -84,6 +93,10 @@ class Experiment:
                 for strategy in chunked:
                     settings = keeps if resolve_strategy(strategy).keeps_graphs else (None,)
                     grid.extend(Point(strategy, batch, chunks, keep) for keep in settings)
+            for tokens in self.sweep.chunk_tokens or ():
+                for strategy in (name for name in chunked if resolve_strategy(name).token_chunks):
+                    settings = keeps if resolve_strategy(strategy).keeps_graphs else (None,)
+                    grid.extend(Point(strategy, batch, None, keep, tokens) for keep in settings)
         return grid
 
     def step_config(self, point: Point) -> StepConfig:
@@ -96,6 +109,7 @@ class Experiment:
             self.optimizer,
             self.sweep.seed,
             point.keep_graphs,
+            point.chunk_tokens,
         )
 
     def reference_point(self, point: Point) -> Point | None:
@@ -251,6 +265,7 @@ def check_fit(experiment: Experiment) -> None:
                 f"sweep.chunk_sizes: {'/'.join(map(str, setting))} gives {len(setting)} sizes for {inputs} inputs; "
                 "give one size, or one per input"
             )
+    check_chunk_tokens(experiment, inputs)
     use = experiment.strategy_use()
     for name in sweep.strategies:
         resolve_strategy(name).check_use(use)
@@ -260,3 +275,37 @@ def check_fit(experiment: Experiment) -> None:
         for batch in sweep.batch_sizes:
             if batch % sweep.nproc:
                 raise UsageError(f"sweep.batch_sizes: {batch} does not split evenly over nproc={sweep.nproc} ranks")
+
+
+def check_chunk_tokens(experiment: Experiment, inputs: int) -> None:
+    """``sweep.chunk_tokens``: one budget or one per input, each holding the longest row its input can draw."""
+    sweep, workload = experiment.sweep, experiment.workload
+    if sweep.chunk_tokens is None:
+        return
+    if not any(resolve_strategy(s).token_chunks for s in sweep.strategies):
+        raise UsageError("sweep.chunk_tokens: none of the strategies chunks by tokens (cache does)")
+    longest = input_caps(workload, inputs)
+    for setting in sweep.chunk_tokens:
+        if len(setting) not in (1, inputs):
+            raise UsageError(
+                f"sweep.chunk_tokens: {'/'.join(map(str, setting))} gives {len(setting)} budgets for {inputs} "
+                "inputs; give one budget, or one per input"
+            )
+        for i, (budget, cap) in enumerate(zip(setting * inputs if len(setting) == 1 else setting, longest)):
+            if cap is not None and budget < cap:
+                raise UsageError(
+                    f"sweep.chunk_tokens: a budget of {budget} tokens is smaller than the longest row of input {i} "
+                    f"({cap} tokens); give at least {cap}"
+                )
+
+
+def input_caps(workload: WorkloadConfig, inputs: int) -> list[int | None]:
+    """The longest row each input of a built-in workload can have, in tokens (None: unknown, a user's)."""
+    if workload.user_factory is not None:
+        return [None] * inputs
+    text = workload.model.kind != FEATURE_KIND
+    if workload.name == "dpr":
+        return [workload.query_length if text else 1, workload.passage_length if text else 1]
+    if workload.name in IMAGE_TEXT:
+        return [workload.query_length, 1]
+    return [workload.query_length if text else 1] * inputs

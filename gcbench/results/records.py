@@ -32,16 +32,24 @@ KeepSetting = Annotated[int, Strict(), Ge(0)] | Literal["all"]
 @typed
 class Point:
     """One cell of the grid: a strategy at a batch size, with its chunk sizes if it uses them, and how many
-    first-pass graphs it keeps if it keeps any (None: the strategy's default)."""
+    first-pass graphs it keeps if it keeps any (None: the strategy's default); ``chunk_tokens``: chunks by token
+    count instead (one budget, or one per input)."""
 
     strategy: Str
     batch_size: Int
     chunk_sizes: tuple[Int, ...] | None = None
     keep_graphs: KeepSetting | None = None
+    chunk_tokens: tuple[Int, ...] | None = None
 
     @property
     def chunk_label(self) -> str:
+        if self.chunk_tokens:
+            return "/".join(map(str, self.chunk_tokens)) + " tokens"
         return "/".join(map(str, self.chunk_sizes)) if self.chunk_sizes else "-"
+
+    @property
+    def chunked(self) -> bool:
+        return bool(self.chunk_sizes or self.chunk_tokens)
 
     @property
     def id(self) -> str:
@@ -51,7 +59,7 @@ class Point:
     @property
     def series(self) -> str:
         """The line a point belongs to in a plot: strategy, and chunk sizes and kept graphs where they matter."""
-        setting = [f"chunk {self.chunk_label}"] if self.chunk_sizes else []
+        setting = [f"chunk {self.chunk_label}"] if self.chunked else []
         setting += [f"keep {self.keep_graphs}"] if self.keep_graphs is not None else []
         return f"{self.strategy} ({', '.join(setting)})" if setting else self.strategy
 

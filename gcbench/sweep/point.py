@@ -222,6 +222,7 @@ class InProcess(PointMeasurer):
                 device=device,
                 seed=experiment.sweep.seed,
                 keep_graphs=point.keep_graphs,
+                chunk_tokens=point.chunk_tokens,
             )
         except Exception as error:
             if not is_out_of_memory(error):

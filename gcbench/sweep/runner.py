@@ -215,6 +215,7 @@ def _skip_reason(
             record.status == "oom"
             and p.strategy == point.strategy
             and p.chunk_sizes == point.chunk_sizes
+            and p.chunk_tokens == point.chunk_tokens
             and p.batch_size < point.batch_size
         ):
             return f"{p.series} ran out of memory at batch {p.batch_size}"
