@@ -419,7 +419,7 @@ def make_strategy(
     if chunk_tokens is not None:
         if not cls.token_chunks:
             raise ValueError(f"strategy {name!r} chunks by rows only; it takes no chunk_tokens")
-        return cls(objective, None, scaler, keep_graphs, chunk_tokens=chunk_tokens)  # type: ignore[call-arg]
+        return cls(objective, None, scaler, keep_graphs, chunk_tokens=chunk_tokens)
     if keep_graphs is None:
         return cls(objective, chunks, scaler)
     if not cls.keeps_graphs:

@@ -267,12 +267,14 @@ class _Plan:
             if size == 0:
                 raise ValueError(f"batches[{i}] is empty")
         pieces: tuple[tuple[Rows, ...], ...]
+        lengths: tuple[list[int] | None, ...]
         if chunk_tokens is not None:
-            lengths = tuple(token_lengths(b, f"chunk_tokens[{i}]") for i, b in enumerate(batches))
+            counted = [token_lengths(b, f"chunk_tokens[{i}]") for i, b in enumerate(batches)]
             pieces = tuple(
                 tuple(token_chunks(n, budget, f"chunk_tokens[{i}]"))
-                for i, (n, budget) in enumerate(zip(lengths, chunk_tokens))
+                for i, (n, budget) in enumerate(zip(counted, chunk_tokens))
             )
+            lengths = tuple(counted)
         else:
             assert chunk_sizes is not None
             lengths = tuple(row_lengths(b) for b in batches)
