@@ -284,7 +284,7 @@ def check_chunk_tokens(experiment: Experiment, inputs: int) -> None:
         return
     if not any(resolve_strategy(s).token_chunks for s in sweep.strategies):
         raise UsageError("sweep.chunk_tokens: none of the strategies chunks by tokens (cache does)")
-    longest = input_caps(workload, inputs)
+    longest = workload.longest_rows(inputs)
     for setting in sweep.chunk_tokens:
         if len(setting) not in (1, inputs):
             raise UsageError(
@@ -297,15 +297,3 @@ def check_chunk_tokens(experiment: Experiment, inputs: int) -> None:
                     f"sweep.chunk_tokens: a budget of {budget} tokens is smaller than the longest row of input {i} "
                     f"({cap} tokens); give at least {cap}"
                 )
-
-
-def input_caps(workload: WorkloadConfig, inputs: int) -> list[int | None]:
-    """The longest row each input of a built-in workload can have, in tokens (None: unknown, a user's)."""
-    if workload.user_factory is not None:
-        return [None] * inputs
-    text = workload.model.kind != FEATURE_KIND
-    if workload.name == "dpr":
-        return [workload.query_length if text else 1, workload.passage_length if text else 1]
-    if workload.name in IMAGE_TEXT:
-        return [workload.query_length, 1]
-    return [workload.query_length if text else 1] * inputs

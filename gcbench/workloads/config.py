@@ -218,6 +218,18 @@ class WorkloadConfig:
             return parse_lengths(self.query_lengths, self.query_length, "workload.query_lengths")
         return parse_lengths(self.passage_lengths, self.passage_length, "workload.passage_lengths")
 
+    def longest_rows(self, inputs: int) -> list[int | None]:
+        """The longest row each input of a built-in workload can have, in tokens (an input without a mask counts
+        one a row; None: unknown, a user's workload)."""
+        if self.user_factory is not None:
+            return [None] * inputs
+        text = self.model.kind != FEATURE_KIND
+        if self.name == "dpr":
+            return [self.query_length if text else 1, self.passage_length if text else 1]
+        if self.name in IMAGE_TEXT:
+            return [self.query_length, 1]
+        return [self.query_length if text else 1] * inputs
+
     @property
     def loss_tile_size(self) -> int | None:
         """``tile_size`` for the loss modules: None for the whole score matrix."""
