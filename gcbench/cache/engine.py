@@ -135,8 +135,10 @@ class GradCache:
         if get_rep is not None and not callable(get_rep):
             raise TypeError(f"get_rep must be callable, got {type(get_rep).__name__}")
         self.loss_fn = loss_fn
-        if (chunk_size is None) == (chunk_tokens is None):
-            raise ValueError("GradCache: give chunk_size (rows per chunk) or chunk_tokens (tokens per chunk), one")
+        if chunk_size is None and chunk_tokens is None:
+            raise TypeError("chunk_size must be an int or one int per encoder, got None (or give chunk_tokens)")
+        if chunk_size is not None and chunk_tokens is not None:
+            raise ValueError("GradCache: give chunk_size (rows per chunk) or chunk_tokens (tokens per chunk), not both")
         count = len(self.encoders)
         self.chunk_sizes = as_chunk_sizes(chunk_size, count) if chunk_size is not None else None
         self.chunk_tokens = as_chunk_sizes(chunk_tokens, count, "chunk_tokens") if chunk_tokens is not None else None
