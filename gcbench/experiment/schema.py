@@ -141,6 +141,13 @@ class SweepConfig:
         default=0.05,
         ge=0.0,
     )
+    steps: Int = key(
+        "steps whose memory is measured one by one, each on a new batch (lengths drawn anew): the allocated peak "
+        "per step, on CUDA the reserved memory and fragmentation, on CPU the resident set (1: the point's step only)",
+        flag="--steps",
+        default=1,
+        ge=1,
+    )
     rounds: Int = key(
         "timing rounds per point, each in a fresh process, round 2 after round 1 of every point (memory and "
         "gradients: round 1 only)",

@@ -24,6 +24,7 @@ from gcbench.measure.memory import (
     release_memory,
     track_step,
 )
+from gcbench.measure.steps import StepsMeasurement, measure_steps
 from gcbench.measure.timing import RepeatPolicy, Timing, time_in_turns
 from gcbench.measure.tracker import TrackedPeak
 from gcbench.training import TrainingStep
@@ -40,6 +41,7 @@ class StepMeasurement:
     # or not asked for)
     reference_timing: Timing | None = None  # the reference's, turn by turn with ``timing``
     unpaired: str | None = None  # why a reference asked for was not timed
+    steps: StepsMeasurement | None = None  # memory step by step over new batches (``steps`` > 1)
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -68,6 +70,7 @@ def measure_step(
     before_each: Callable[[], None] | None = None,
     agree: Callable[[bool], bool] | None = None,
     fall_back: bool = True,
+    steps: int = 1,
 ) -> StepMeasurement:
     """Warm up, measure memory (``memory``), then time ``step``, in turns with the step ``reference``
     builds when there is one. ``fall_back``: a reference that runs out of memory leaves the step timed
@@ -86,6 +89,7 @@ def measure_step(
         block = CUDA_BLOCK if step.device.type == "cuda" else 1
         _, tracked = track_step(step, block, count_cpu_rng_states=step.device.type == "cpu")
         loss_peak = loss_memory(step, block)
+    over_steps = measure_steps(step, steps) if memory and steps > 1 else None
     candidates: dict[str, Callable[[], object]] = {STEP: step}
     unpaired = None
     if reference is not None:
@@ -103,4 +107,4 @@ def measure_step(
             release_memory(step.device)
     turns = time_in_turns(candidates, step.device, policy, before_each=before_each, agree=agree)
     reference_timing = turns.timing(REFERENCE) if REFERENCE in candidates else None
-    return StepMeasurement(measured, tracked, turns.timing(STEP), loss_peak, reference_timing, unpaired)
+    return StepMeasurement(measured, tracked, turns.timing(STEP), loss_peak, reference_timing, unpaired, over_steps)

@@ -22,6 +22,7 @@ from matplotlib.ticker import LogFormatter, NullLocator
 
 from gcbench.measure.tracker import CATEGORIES
 from gcbench.report.data import ReportData
+from gcbench.report.steps import steps_figure
 from gcbench.report.style import CATEGORY_COLOURS, FAILED_COLOUR, MemoryUnit
 from gcbench.results.units import format_bytes
 
@@ -43,6 +44,7 @@ def report_figures(
         "pareto": None if pareto is None else pareto_figure(data, pareto),
         "gradient-error": gradient_error_figure(data),
         "prediction": prediction_figure(data) if data.predicted else None,
+        "steps": steps_figure(data),
     }
     return {name: figure for name, figure in figures.items() if figure is not None}
 

@@ -17,6 +17,7 @@ from gcbench.report.data import ReportData
 from gcbench.report.figures import DPI, report_figures
 from gcbench.report.headline import headline
 from gcbench.report.load import Run, load_runs
+from gcbench.report.steps import CAPTION as STEPS_CAPTION
 from gcbench.report.tables import TABLE_FORMATS, ReportTable, report_tables
 
 REPORT_FILE = "report.md"
@@ -45,6 +46,7 @@ CAPTIONS = {  # what a first-time reader needs to read each figure
     "gradient-error": "The largest relative difference between a strategy's gradients and full's, on a log scale.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
     "on the dashed line are exact predictions.",
+    "steps": STEPS_CAPTION,
 }
 
 

@@ -65,6 +65,17 @@ class Point:
 
 
 @typed
+class StepsResult:
+    """Memory over ``sweep.steps`` steps, each on a new batch (new lengths); bytes, one value per step."""
+
+    allocated_peak_bytes: tuple[Int, ...]
+    reserved_peak_bytes: tuple[Int, ...] = ()  # CUDA: the caching allocator's reserved peak
+    fragmentation_bytes: tuple[Int, ...] = ()  # CUDA: reserved - allocated
+    resident_bytes: tuple[Int, ...] = ()  # CPU: the process's resident set after the step
+    tokens: tuple[Int, ...] = ()  # real (unpadded) tokens of the step's batch
+
+
+@typed
 class MemoryResult:
     """Bytes. ``peak`` = ``baseline`` (what the step starts from) + ``step_peak`` (the step's own)."""
 
@@ -78,6 +89,7 @@ class MemoryResult:
     breakdown: dict[str, Int] | None = None  # at the dispatch tracker's peak, absolute
     tracked_peak_bytes: Int | None = None
     loss_peak_bytes: Int | None = None  # the loss's own forward and backward, above the representations
+    steps: StepsResult | None = None  # sweep.steps > 1: memory step by step over new batches
 
 
 @typed
