@@ -35,6 +35,7 @@ from gcbench.cache.batching import Batch, Rows, batch_size, chunk_bounds, row_le
 from gcbench.cache.engine import GradCache, KeepGraphs, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
+from gcbench.cache.phases import phase
 from gcbench.errors import UsageError
 from gcbench.imports import import_object, is_import_path
 from gcbench.typed import Bool, typed
@@ -78,14 +79,16 @@ def backward_in_order(
     pieces: list[list[Tensor]] = [[] for _ in objective.encoders]
     taken: list[list[int]] = [[] for _ in objective.encoders]
     lengths = [row_lengths(batch) for batch in batches]
-    for i, rows in order:
-        batch = take_rows(batches[i], rows, lengths[i])
-        pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
-        taken[i].extend(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
-    reps = [_in_batch_order(torch.cat(p) if len(p) > 1 else p[0], rows) for p, rows in zip(pieces, taken)]
-    loss = contrastive_loss(objective.loss_fn, reps, loss_kwargs)
-    target = loss * weight if weight != 1.0 else loss
-    (scaler.scale(target) if scaler is not None else target).backward()
+    with phase("encode with graph"):
+        for i, rows in order:
+            batch = take_rows(batches[i], rows, lengths[i])
+            pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
+            taken[i].extend(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
+    with phase("loss and backward"):
+        reps = [_in_batch_order(torch.cat(p) if len(p) > 1 else p[0], rows) for p, rows in zip(pieces, taken)]
+        loss = contrastive_loss(objective.loss_fn, reps, loss_kwargs)
+        target = loss * weight if weight != 1.0 else loss
+        (scaler.scale(target) if scaler is not None else target).backward()
     return loss.detach()
 
 

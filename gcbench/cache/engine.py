@@ -45,6 +45,7 @@ from gcbench.cache.batching import (
     token_lengths,
 )
 from gcbench.cache.loss import contrastive_loss
+from gcbench.cache.phases import phase
 from gcbench.cache.rng import RngState
 
 GetRep = Callable[[Any], Tensor]
@@ -152,10 +153,12 @@ class GradCache:
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
         plan = _Plan.make(self.encoders, batches, self.chunk_sizes, self.keep_graphs, self.chunk_tokens)
-        reps, kept, rng_states = self._encode_without_graph(plan)
+        with phase("encode without graph"):
+            reps, kept, rng_states = self._encode_without_graph(plan)
         rng_after = RngState.capture(plan.devices)
         # Detached at once: the loss's graph reaches the representations, which step 3 frees.
-        loss = self._cache_gradients(reps, loss_kwargs).detach()
+        with phase("loss and cache"):
+            loss = self._cache_gradients(reps, loss_kwargs).detach()
         self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
         return loss
@@ -206,7 +209,8 @@ class GradCache:
             reused = kept.pop(cid, None)
             if cache is None:  # the loss does not depend on this input
                 continue
-            with self._sync_context(cid, plan):
+            what = "backward of the kept graph" if reused is not None else "re-encode and backward"
+            with self._sync_context(cid, plan), phase(f"{what}, input {i} chunk {cid[1] + 1}"):
                 if reused is not None:
                     rep = reused
                 else:

@@ -148,6 +148,11 @@ class SweepConfig:
         default=1,
         ge=1,
     )
+    timeline: Bool = key(
+        "after the sweep, record one step of full and of the first caching setting at one batch, memory over the "
+        "step's time with its phases (timeline.json; the report draws it; on CUDA also memory_viz snapshots)",
+        default=False,
+    )
     rounds: Int = key(
         "timing rounds per point, each in a fresh process, round 2 after round 1 of every point (memory and "
         "gradients: round 1 only)",

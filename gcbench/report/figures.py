@@ -24,6 +24,7 @@ from gcbench.measure.tracker import CATEGORIES
 from gcbench.report.data import ReportData
 from gcbench.report.steps import steps_figure
 from gcbench.report.style import CATEGORY_COLOURS, FAILED_COLOUR, MemoryUnit
+from gcbench.report.timeline import timeline_figure
 from gcbench.results.units import format_bytes
 
 WIDTH_IN, DPI = 6.4, 125  # 800 px
@@ -45,6 +46,7 @@ def report_figures(
         "gradient-error": gradient_error_figure(data),
         "prediction": prediction_figure(data) if data.predicted else None,
         "steps": steps_figure(data),
+        "timeline": timeline_figure(data),
     }
     return {name: figure for name, figure in figures.items() if figure is not None}
 

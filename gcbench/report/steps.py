@@ -34,9 +34,9 @@ def stepped(data: ReportData) -> list[tuple[str, str | None, StepsResult]]:
                 chosen[key] = record
     several = len(data.runs) > 1
     lines = []
-    for (run, series), record in chosen.items():
+    for (run_label, series), record in chosen.items():
         assert record.memory is not None and record.memory.steps is not None
-        label = f"{series}, batch {record.point.batch_size}" + (f" [{run}]" if several else "")
+        label = f"{series}, batch {record.point.batch_size}" + (f" [{run_label}]" if several else "")
         lines.append((label, data.look.colours.get(series), record.memory.steps))
     return lines
 

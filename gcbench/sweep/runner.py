@@ -146,6 +146,10 @@ def run_sweep(
         outcome.interrupted = True
     if keeps:
         write_csv(outcome.records, out_dir / "results.csv")
+        if experiment.sweep.timeline and not outcome.interrupted:
+            from gcbench.sweep.timeline import run_timelines
+
+            run_timelines(experiment, outcome.records, out_dir)
     return outcome
 
 
