@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -39,7 +41,7 @@ def test_token_chunks_partition_the_rows_within_the_budget(lengths: list[int], b
         assert len(chunk) * max(lengths[r] for r in chunk) <= budget
         assert list(chunk) == sorted(chunk)  # batch order inside a chunk
     # longest first: no row of a later chunk is longer than any row of an earlier one
-    for earlier, later in zip(chunks, chunks[1:]):
+    for earlier, later in itertools.pairwise(chunks):
         assert min(lengths[r] for r in earlier) >= max(lengths[r] for r in later)
 
 

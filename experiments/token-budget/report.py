@@ -68,11 +68,12 @@ def main() -> int:
         )
     fixed = [r for r in rows if not r["by_tokens"]]
     budgets = [r for r in rows if r["by_tokens"]]
+    shown = args.experiment.relative_to(Path.cwd()) if args.experiment.is_relative_to(Path.cwd()) else args.experiment
     lines = [
         "# Token budgets against fixed chunk sizes",
         "",
-        f"Experiment: `{args.experiment.relative_to(Path.cwd()) if args.experiment.is_relative_to(Path.cwd()) else args.experiment}`"
-        f" (made by `experiments/token-budget/report.py`). Real (unpadded) tokens a step: {rows[0]['tokens'] if rows else 0}.",
+        f"Experiment: `{shown}` (made by `experiments/token-budget/report.py`). Real (unpadded) tokens a step: "
+        f"{rows[0]['tokens'] if rows else 0}.",
         f"Load average (1, 5, 15 min) before the sweep: {', '.join(f'{v:.1f}' for v in load_before)}; after: "
         f"{', '.join(f'{v:.1f}' for v in load_after)}; on {os.cpu_count()} cores. Times are wall-clock under that "
         "load (not quiet-machine figures); each setting's own 1-minute load is in the table.",
@@ -82,10 +83,15 @@ def main() -> int:
     ]
     for r in sorted(rows, key=lambda r: (r["by_tokens"], r["peak"])):
         lines.append(
-            f"| {r['setting']} | {format_bytes(r['peak'])} | {r['tokens_per_s']:,.0f} ({r['low']:,.0f}-{r['high']:,.0f}) "
-            f"| {r['median_s'] * 1e3:.0f} ms | {r['load'] if r['load'] is not None else '-'} | {r['noise'] or '-'} |"
+            f"| {r['setting']} | {format_bytes(r['peak'])} | {r['tokens_per_s']:,.0f} "
+            f"({r['low']:,.0f}-{r['high']:,.0f}) | {r['median_s'] * 1e3:.0f} ms | "
+            f"{r['load'] if r['load'] is not None else '-'} | {r['noise'] or '-'} |"
         )
-    lines += ["", "## The goal: a token budget at 1.4x the best fixed chunk size's tokens/s, at equal or lower peak", ""]
+    lines += [
+        "",
+        "## The goal: a token budget at 1.4x the best fixed chunk size's tokens/s, at equal or lower peak",
+        "",
+    ]
     best_ratio = 0.0
     for b in sorted(budgets, key=lambda r: r["peak"]):
         rivals = [f for f in fixed if f["peak"] >= b["peak"]]
@@ -115,7 +121,10 @@ def main() -> int:
             f"Verdict: the goal ({GOAL}x) is {'met' if met else 'not met'}: the best ratio at equal or lower peak is "
             f"{best_ratio:.2f}x.",
         ]
-    lines += ["", "The sweep's own report, with the peaks, the memory over 8 steps and every point: [report.md](report.md)."]
+    lines += [
+        "",
+        "The sweep's own report, with the peaks, the memory over 8 steps and every point: [report.md](report.md).",
+    ]
     (args.out / "tokens.md").write_text("\n".join(lines) + "\n")
     print((args.out / "tokens.md").read_text())
     return 0

@@ -63,6 +63,7 @@ FINGERPRINT_EXCLUDES = (
     "timeout",
     "predict",
     "rounds",
+    "timeline",
 )
 
 
