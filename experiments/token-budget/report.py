@@ -7,6 +7,10 @@ comparison in real (unpadded) tokens per second, with the verdict on the goal: a
 
     .venv/bin/python experiments/token-budget/report.py                 # the committed report
     .venv/bin/python experiments/token-budget/report.py --out /tmp/tb   # elsewhere
+    .venv/bin/python experiments/token-budget/report.py --report-only   # tokens.md again, from the results
+
+"encoder calls" counts the first pass's chunks (each is encoded again for its backward, but the last one);
+"padded tokens" is the work the encoders see: each chunk's rows times its longest row, summed.
 
 Times depend on the machine's load: the load average is recorded beside them (``tokens.md``).
 """
@@ -22,36 +26,48 @@ from pathlib import Path
 from gcbench.cache.batching import row_lengths
 from gcbench.experiment import load_experiment
 from gcbench.report.load import load_runs
+from gcbench.results.records import Point
 from gcbench.results.units import format_bytes
+from gcbench.strategies import make_strategy
 from gcbench.workloads import build_workload
 
 HERE = Path(__file__).resolve().parent
 GOAL = 1.4
 
 
-def real_tokens(experiment_path: Path, batch_size: int) -> int:
-    """Unpadded tokens of the point's batch (the sweep measures the batch of seed + 1)."""
+def work(experiment_path: Path, point: Point) -> tuple[int, int, int]:
+    """(real tokens, padded tokens, chunks) of the point's step: its batch (the sweep measures the batch of
+    seed + 1) as its chunks encode it, each padded to its longest row."""
     experiment = load_experiment(str(experiment_path))
     workload = build_workload(experiment.workload, seed=experiment.sweep.seed)
-    batches = workload.batches(batch_size, seed=experiment.sweep.seed + 1)
-    return sum(sum(lengths) for batch in batches if (lengths := row_lengths(batch)) is not None)
+    batches = workload.batches(point.batch_size, seed=experiment.sweep.seed + 1)
+    lengths = [row_lengths(batch) or [] for batch in batches]
+    strategy = make_strategy(point.strategy, workload.objective, point.chunk_sizes, chunk_tokens=point.chunk_tokens)
+    padded = 0
+    steps = strategy.encode_steps(batches)
+    for i, rows in steps:
+        picked = range(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        padded += len(picked) * max(lengths[i][r] for r in picked)
+    return sum(map(sum, lengths)), padded, len(steps)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports/token-budget"))
     parser.add_argument("--experiment", type=Path, default=HERE / "token-budget.toml")
+    parser.add_argument("--report-only", action="store_true", help="write tokens.md from the results already in --out")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    command = [sys.executable, "-m", "gcbench", "sweep", str(args.experiment), "--out", str(args.out), "--fresh"]
-    subprocess.run([*command, "--quiet"], check=True)
+    if not args.report_only:
+        command = [sys.executable, "-m", "gcbench", "sweep", str(args.experiment), "--out", str(args.out), "--fresh"]
+        subprocess.run([*command, "--quiet"], check=True)
     load_after = os.getloadavg()
     (run,) = load_runs([args.out])
     rows = []
     for record in run.records:
         if record.status != "ok" or record.time is None or record.memory is None:
             continue
-        tokens = real_tokens(args.experiment, record.point.batch_size)
+        tokens, padded, chunks = work(args.experiment, record.point)
         rows.append(
             {
                 "setting": record.point.chunk_label,
@@ -64,6 +80,8 @@ def main() -> int:
                 "load": record.time.load_average_1m,
                 "noise": ", ".join(record.time.noise),
                 "tokens": tokens,
+                "padded": padded,
+                "chunks": chunks,
             }
         )
     fixed = [r for r in rows if not r["by_tokens"]]
@@ -78,12 +96,12 @@ def main() -> int:
         f"{', '.join(f'{v:.1f}' for v in load_after)}; on {os.cpu_count()} cores. Times are wall-clock under that "
         "load (not quiet-machine figures); each setting's own 1-minute load is in the table.",
         "",
-        "| chunks | peak | tokens/s (95% CI) | step time | load | noise |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| chunks | encoder calls | padded tokens | peak | tokens/s (95% CI) | step time | load | noise |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in sorted(rows, key=lambda r: (r["by_tokens"], r["peak"])):
         lines.append(
-            f"| {r['setting']} | {format_bytes(r['peak'])} | {r['tokens_per_s']:,.0f} "
+            f"| {r['setting']} | {r['chunks']} | {r['padded']} | {format_bytes(r['peak'])} | {r['tokens_per_s']:,.0f} "
             f"({r['low']:,.0f}-{r['high']:,.0f}) | {r['median_s'] * 1e3:.0f} ms | "
             f"{r['load'] if r['load'] is not None else '-'} | {r['noise'] or '-'} |"
         )
