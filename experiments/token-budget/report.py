@@ -9,8 +9,9 @@ comparison in real (unpadded) tokens per second, with the verdict on the goal: a
     .venv/bin/python experiments/token-budget/report.py --out /tmp/tb   # elsewhere
     .venv/bin/python experiments/token-budget/report.py --report-only   # tokens.md again, from the results
 
-"encoder calls" counts the first pass's chunks (each is encoded again for its backward, but the last one);
-"padded tokens" is the work the encoders see: each chunk's rows times its longest row, summed.
+"chunks" counts the first pass's chunks (each is encoded again for its backward, but the last one, whose
+graph is kept); "padded tokens" is the work the encoders see in one pass: each chunk's rows times its longest
+row, summed.
 
 Times depend on the machine's load: the load average is recorded beside them (``tokens.md``).
 """
@@ -96,7 +97,7 @@ def main() -> int:
         f"{', '.join(f'{v:.1f}' for v in load_after)}; on {os.cpu_count()} cores. Times are wall-clock under that "
         "load (not quiet-machine figures); each setting's own 1-minute load is in the table.",
         "",
-        "| chunks | encoder calls | padded tokens | peak | tokens/s (95% CI) | step time | load | noise |",
+        "| chunking | chunks | padded tokens | peak | tokens/s (95% CI) | step time | load | noise |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in sorted(rows, key=lambda r: (r["by_tokens"], r["peak"])):
