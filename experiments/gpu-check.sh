@@ -2,7 +2,8 @@
 # One prepared GPU run of the paper's setting (one device call of at most ~8 minutes):
 #   environment, the cuda-marked tests, gcbench verify in float32 / fp16+GradScaler / bf16, the
 #   dpr-bert-base sweep under an 11 GiB budget with predictions beside the measurements, then `full`
-#   without a budget, a report, and `gcbench tune` at one batch under the same budget.
+#   without a budget, a report, `gcbench tune` at one batch under the same budget, and long-tailed lengths
+#   (token budgets, memory over 8 steps with fragmentation, the timeline and memory_viz snapshots).
 # Logs and a tarball of the results and report land in $OUT (the device tool brings back at most 8
 # files there); the sweeps work in $WORK.
 #
@@ -26,11 +27,13 @@ if [[ "$DEVICE" == cpu ]]; then  # the same steps at a size two CPU cores finish
   BUDGET_BATCHES=8,32,128
   FREE_BATCHES=8,32
   TUNE_BATCH=32
+  LENGTHS_BATCH=32
 else
   SIZE=(--device cuda)
   BUDGET_BATCHES=8,16,32,64,128,256,512,1024
   FREE_BATCHES=8,16,32,64,128,256
   TUNE_BATCH=512
+  LENGTHS_BATCH=256
 fi
 
 {
@@ -62,6 +65,16 @@ done 2>&1 | tee "$OUT/verify.txt"
 "${G[@]}" tune dpr-bert-base "${SIZE[@]}" --batch-size "$TUNE_BATCH" --memory-budget 11GiB --rounds 2 \
   --format json > "$OUT/tune.json" 2> "$OUT/tune.log" || true
 
+# Long-tailed passages (MS MARCO-like lengths): token budgets beside fixed chunks, memory over 8 steps of new
+# lengths (CUDA: reserved memory and fragmentation per step), the step's timeline and its memory_viz snapshots.
+"${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full,cache --batch-sizes "$LENGTHS_BATCH" \
+  --set workload.passage_lengths=msmarco --chunk-sizes 8,32 --chunk-tokens 2048,8192 --steps 8 \
+  --set sweep.timeline=true --repeats 3 --max-repeats 3 --rounds 1 --warmup 1 --timeout 300 \
+  --set sweep.equivalence=false --out "$WORK/lengths" --fresh --quiet 2>&1 | tee "$OUT/lengths.txt" || true
+"$PY" -m gcbench verify --device "$DEVICE" --chunk-tokens 48,96 --workload dpr,clip 2>&1 | tee -a "$OUT/lengths.txt" || true
+(cd "$WORK" && tar -czf "$OUT/snapshots.tar.gz" lengths/timeline-*.pickle 2>/dev/null) || true
+
 tar -czf "$OUT/results.tar.gz" -C "$WORK" report budget-11GiB/results.jsonl budget-11GiB/logs \
-  no-budget/results.jsonl no-budget/logs
+  no-budget/results.jsonl no-budget/logs $(cd "$WORK" && ls -d lengths/report.md lengths/figures lengths/results.jsonl \
+  lengths/timeline.json lengths/logs 2>/dev/null)
 echo "done: $OUT"
