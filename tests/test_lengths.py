@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from gcbench.cache import GradCache
 from gcbench.cache.batching import row_lengths, take_rows, token_chunks, trim_padding
+from gcbench.cli import main
 from gcbench.errors import UsageError
 from gcbench.estimate import Estimator
 from gcbench.experiment.experiment import build_experiment
@@ -207,3 +209,31 @@ def test_experiment_checks_token_budgets_and_distributions() -> None:
         _experiment({}, {"passage_lengths": "lognormal:0:1"})
     with pytest.raises(UsageError, match="sweep.chunk_tokens"):
         _experiment({"chunk_tokens": [0]})
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["sweep", "quick", "--chunk-tokens", "20"], "sweep.chunk_tokens"),
+        (["sweep", "quick", "--set", "workload.passage_lengths=lognormal:10:-2"], "workload.passage_lengths"),
+        (["sweep", "quick", "--steps", "0"], "--steps"),
+        (["sweep", "quick", "--set", "sweep.steps=0"], "sweep.steps"),
+        (["estimate", "quick", "--chunk-tokens", "8"], "sweep.chunk_tokens"),
+        (
+            ["tune", "quick", "--batch-size", "8", "--memory-budget", "1GiB", "--chunk-tokens", "8"],
+            "sweep.chunk_tokens",
+        ),
+        (["verify", "--chunk-tokens", "8"], "--chunk-tokens"),
+    ],
+)
+def test_bad_lengths_budgets_and_steps_exit_2_naming_the_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], key: str
+) -> None:
+    out_dir = tmp_path / "out"
+    extra = ["--out", str(out_dir)] if args[0] == "sweep" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and key in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out_dir.exists()
