@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run of the paper's setting. Expected device time: about 8 minutes on an H200 (one
-# device call; environment and tests 1 min, verify 1 min, the two sweeps 4 min, report and tune 2 min),
-# from a budget of 15: leave the rest for one rerun.
+# One prepared GPU run of the paper's setting. Expected device time: about 10 minutes on an H200 (one
+# device call; environment and tests 1 min, verify 1 min, the two sweeps 4 min, report and tune 2 min,
+# lengths 2 min), from a budget of 15: leave the rest for one rerun.
 #
 # Steps, in order (each a function below; add a step by writing `step_NAME` and naming it in STEPS):
 #   environment  the card, driver, torch, CUDA, TF32 settings, cuBLAS's workspace settings
@@ -11,6 +11,8 @@
 #   sweeps       dpr-bert-base under an 11 GiB budget with predictions beside, then `full` without one
 #   report       a report of both sweeps against the 11 GiB budget
 #   tune         gcbench tune at one batch under the same budget
+#   lengths      long-tailed passages: token budgets beside fixed chunks, memory over 8 steps (reserved
+#                memory and fragmentation per step), the timeline and memory_viz snapshots; verify --chunk-tokens
 # Logs and a tarball of the results and report land in $OUT (the device tool brings back at most 8
 # files there); the sweeps work in $WORK.
 #
@@ -30,7 +32,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"   # the H200 image has torch in its python3; here: PYTHON=/work/main/.venv/bin/python
 G=("$PY" -m gcbench)
-STEPS=(${STEPS:-environment tests verify sweeps report tune})
+STEPS=(${STEPS:-environment tests verify sweeps report tune lengths})
 
 if [[ "$MODE" == rehearsal ]]; then  # CUDA's calls checked by the double, the arithmetic on the CPU
   export GCBENCH_CUDA_DOUBLE=1
@@ -40,6 +42,7 @@ if [[ "$MODE" == rehearsal ]]; then  # CUDA's calls checked by the double, the a
   BUDGET_BATCHES=4,8
   FREE_BATCHES=4,8
   TUNE_BATCH=8
+  LENGTHS_BATCH=8
   TIMEOUT=600  # the double counts every tensor in Python: steps run several times slower than plain CPU ones
 else
   SIZE=(--device cuda)
@@ -48,6 +51,7 @@ else
   BUDGET_BATCHES=8,16,32,64,128,256,512,1024
   FREE_BATCHES=8,16,32,64,128,256
   TUNE_BATCH=512
+  LENGTHS_BATCH=256
 fi
 
 step_environment() {
@@ -106,6 +110,17 @@ step_tune() {
   tail -3 "$OUT/tune.log"
 }
 
+step_lengths() {
+  # Long-tailed passages (MS MARCO-like lengths): token budgets beside fixed chunks, memory over 8 steps of new
+  # lengths (CUDA: reserved memory and fragmentation per step), the step's timeline and its memory_viz snapshots.
+  "${G[@]}" sweep dpr-bert-base "${SIZE[@]}" --strategies full,cache --batch-sizes "$LENGTHS_BATCH" \
+    --set workload.passage_lengths=msmarco --chunk-sizes 8,32 --chunk-tokens 2048,8192 --steps 8 \
+    --set sweep.timeline=true --repeats 3 --max-repeats 3 --rounds 1 --warmup 1 --timeout "$TIMEOUT" \
+    --set sweep.equivalence=false --out "$WORK/lengths" --fresh --quiet || true
+  "${G[@]}" verify "${VERIFY[@]:0:2}" --chunk-tokens 48,96 --workload dpr,clip || true
+  (cd "$WORK" && tar -czf "$OUT/snapshots.tar.gz" lengths/timeline-*.pickle 2>/dev/null) || true
+}
+
 for step in "${STEPS[@]}"; do
   echo "== $step ($MODE) $(date -u +%T)"
   "step_$step" 2>&1 | tee "$OUT/$step.txt"
@@ -113,6 +128,7 @@ done
 
 if [[ -d "$WORK/report" ]]; then
   tar -czf "$OUT/results.tar.gz" -C "$WORK" report budget-11GiB/results.jsonl budget-11GiB/logs \
-    no-budget/results.jsonl no-budget/logs
+    no-budget/results.jsonl no-budget/logs $(cd "$WORK" && ls -d lengths/report.md lengths/figures \
+    lengths/results.jsonl lengths/timeline.json lengths/logs 2>/dev/null)
 fi
 echo "done: $OUT"

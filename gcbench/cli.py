@@ -99,6 +99,12 @@ VERIFY_WORKLOADS = ("dpr", "clip", "siglip", "simclr")
     help=f"{help_of('sweep.chunk_sizes')}; each setting is checked.",
 )
 @click.option(
+    "--chunk-tokens",
+    default=None,
+    metavar="48|32/64",
+    help=f"{help_of('sweep.chunk_tokens')}; each setting is checked for the strategies that chunk by tokens.",
+)
+@click.option(
     "--tolerance",
     type=float,
     default=None,
@@ -149,6 +155,7 @@ def verify(
     device: str,
     batch_size: int,
     chunk_sizes: str,
+    chunk_tokens: str | None,
     tolerance: float | None,
     dropout: float | None,
     loss_tile: int,
@@ -182,6 +189,7 @@ def verify(
         "tolerance": tolerance,
         "seed": seed,
         "loss_tile": loss_tile,
+        "chunk_tokens": from_text("sweep.chunk_tokens", "--chunk-tokens", chunk_tokens) if chunk_tokens else None,
     }
     from gcbench.distributed import RankError, is_leader, ranks_wanted
 
@@ -220,7 +228,7 @@ def verify(
             r.workload,
             r.strategy,
             str(r.batch_size),
-            "/".join(map(str, r.chunk_sizes)),
+            r.chunk_label,
             f"{c.max_abs_err:.2e}",
             f"{c.max_rel_err:.2e}",
             f"{c.cosine:.12f}",

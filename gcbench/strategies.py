@@ -32,17 +32,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gcbench.cache.batching import Batch, batch_size, chunk_bounds, distinct, slice_batch
+from gcbench.cache.batching import Batch, Rows, batch_size, chunk_bounds, distinct, row_lengths, slice_batch, take_rows
 from gcbench.cache.checkpointing import checkpoint_layers, uncheckpoint_layers
 from gcbench.cache.engine import GradCache, KeepGraphs, as_chunk_sizes, encode, unwrap_ddp
 from gcbench.cache.loss import contrastive_loss
 from gcbench.cache.objective import Objective
+from gcbench.cache.phases import phase
 from gcbench.errors import UsageError
 from gcbench.imports import import_object, is_import_path
 from gcbench.typed import Bool, typed
 from gcbench.workloads.config import WorkloadConfig
 
-EncodeStep = tuple[int, slice]  # (encoder index, rows of its batch)
+EncodeStep = tuple[int, Rows]  # (encoder index, rows of its batch: a range, or the rows of a token chunk)
 
 
 @typed
@@ -75,16 +76,30 @@ def backward_in_order(
     scaler: torch.amp.GradScaler | None = None,
     weight: float = 1.0,
 ) -> Tensor:
-    """Encode the pieces in ``order`` keeping every graph, then one loss (times ``weight``) and backward."""
+    """Encode the pieces in ``order`` keeping every graph (each padded to its own longest row), then one loss
+    (times ``weight``) over the rows in their batch's order, and backward."""
     pieces: list[list[Tensor]] = [[] for _ in objective.encoders]
-    for i, rows in order:
-        batch = slice_batch(batches[i], rows.start, rows.stop)
-        pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
-    reps = [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
-    loss = contrastive_loss(objective.loss_fn, reps, loss_kwargs)
-    target = loss * weight if weight != 1.0 else loss
-    (scaler.scale(target) if scaler is not None else target).backward()
+    taken: list[list[int]] = [[] for _ in objective.encoders]
+    lengths = [row_lengths(batch) for batch in batches]
+    with phase("encode with graph"):
+        for i, rows in order:
+            batch = take_rows(batches[i], rows, lengths[i])
+            pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
+            taken[i].extend(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
+    with phase("loss and backward"):
+        reps = [_in_batch_order(torch.cat(p) if len(p) > 1 else p[0], rows) for p, rows in zip(pieces, taken)]
+        loss = contrastive_loss(objective.loss_fn, reps, loss_kwargs)
+        target = loss * weight if weight != 1.0 else loss
+        (scaler.scale(target) if scaler is not None else target).backward()
     return loss.detach()
+
+
+def _in_batch_order(rep: Tensor, rows: list[int]) -> Tensor:
+    """``rep``'s rows (encoded in the order ``rows``) put back in batch order (differentiably)."""
+    if rows == sorted(rows):
+        return rep
+    inverse = sorted(range(len(rows)), key=rows.__getitem__)
+    return rep[torch.tensor(inverse, device=rep.device)]
 
 
 def whole_batches(sizes: Sequence[int]) -> list[EncodeStep]:
@@ -114,6 +129,7 @@ class Strategy(ABC):
     reference: ClassVar[bool] = False
     global_negatives: ClassVar[bool | None] = None
     keeps_graphs: ClassVar[bool] = False
+    token_chunks: ClassVar[bool] = False  # takes chunk_tokens: chunks by token count instead of row count
 
     @classmethod
     def traits(cls) -> StrategyTraits:
@@ -128,18 +144,22 @@ class Strategy(ABC):
         chunk_sizes: int | Sequence[int] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         keep_graphs: KeepGraphs | None = None,
+        *,
+        chunk_tokens: int | Sequence[int] | None = None,
     ) -> None:
         if keep_graphs is not None and not self.keeps_graphs:
             raise ValueError(f"strategy {self.name!r} keeps no first-pass graphs; it takes no keep_graphs")
+        if chunk_tokens is not None and not self.token_chunks:
+            raise ValueError(f"strategy {self.name!r} chunks by rows only; it takes no chunk_tokens")
         self.objective = objective
         self.scaler = scaler
         count = len(objective.encoders)
-        if self.uses_chunks:
+        self.chunk_tokens = as_chunk_sizes(chunk_tokens, count, "chunk_tokens") if chunk_tokens is not None else None
+        self.chunk_sizes: tuple[int, ...] | None = None
+        if self.uses_chunks and self.chunk_tokens is None:
             if chunk_sizes is None:
                 raise ValueError(f"strategy {self.name!r} needs chunk sizes")
-            self.chunk_sizes: tuple[int, ...] | None = as_chunk_sizes(chunk_sizes, count, "chunk_sizes")
-        else:
-            self.chunk_sizes = None
+            self.chunk_sizes = as_chunk_sizes(chunk_sizes, count, "chunk_sizes")
 
     def check_batches(self, batches: Sequence[Batch]) -> list[int]:
         if len(batches) != len(self.objective.encoders):
@@ -153,6 +173,10 @@ class Strategy(ABC):
     @abstractmethod
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
         """The pieces of each input in the order this strategy first encodes them."""
+
+    def encode_steps(self, batches: Sequence[Batch]) -> list[EncodeStep]:
+        """:meth:`encode_order` for these batches (chunks by tokens depend on the rows' lengths, not only on sizes)."""
+        return self.encode_order(self.check_batches(batches))
 
     def release(self) -> None:
         """Undo what the strategy changed on the model (the estimator reuses one model for many points)."""
@@ -250,6 +274,7 @@ class Cache(Strategy):
     uses_chunks = True
     caches_representations = True
     keeps_graphs = True
+    token_chunks = True
     default_keep: ClassVar[KeepGraphs] = 1
     checkpoints_layers: ClassVar[bool] = False  # every chunk's forward checkpointed per layer
 
@@ -259,9 +284,10 @@ class Cache(Strategy):
         chunk_sizes: int | Sequence[int] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         keep_graphs: KeepGraphs | None = None,
+        *,
+        chunk_tokens: int | Sequence[int] | None = None,
     ) -> None:
-        super().__init__(objective, chunk_sizes, scaler, keep_graphs)
-        assert self.chunk_sizes is not None
+        super().__init__(objective, chunk_sizes, scaler, keep_graphs, chunk_tokens=chunk_tokens)
         self.keep_graphs = self.default_keep if keep_graphs is None else keep_graphs
         self.engine = GradCache(
             objective.encoders,
@@ -270,6 +296,7 @@ class Cache(Strategy):
             get_rep=objective.get_rep,
             scaler=scaler,
             keep_graphs=self.keep_graphs,
+            chunk_tokens=self.chunk_tokens,
         )
         if self.checkpoints_layers:
             for encoder in distinct_encoders(objective):
@@ -284,8 +311,12 @@ class Cache(Strategy):
         return self.engine(*batches, **loss_kwargs)
 
     def encode_order(self, sizes: Sequence[int]) -> list[EncodeStep]:
-        assert self.chunk_sizes is not None
+        if self.chunk_sizes is None:
+            raise ValueError(f"strategy {self.name!r} with chunk_tokens: its order depends on the rows' lengths")
         return chunk_order(sizes, self.chunk_sizes)
+
+    def encode_steps(self, batches: Sequence[Batch]) -> list[EncodeStep]:
+        return self.engine.encode_steps(*batches)
 
 
 class CacheRerun(Cache):
@@ -411,11 +442,17 @@ def make_strategy(
     chunk_sizes: int | Sequence[int] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     keep_graphs: KeepGraphs | None = None,
+    chunk_tokens: int | Sequence[int] | None = None,
 ) -> Strategy:
     """The strategy ``name`` on ``objective``; chunk sizes are passed to those that use them, ``keep_graphs``
-    (None: the strategy's default) only to those that keep graphs (a ValueError for the others)."""
+    (None: the strategy's default) only to those that keep graphs, ``chunk_tokens`` only to those that chunk
+    by tokens (a ValueError for the others)."""
     cls = resolve_strategy(name)
     chunks = chunk_sizes if cls.uses_chunks else None
+    if chunk_tokens is not None:
+        if not cls.token_chunks:
+            raise ValueError(f"strategy {name!r} chunks by rows only; it takes no chunk_tokens")
+        return cls(objective, None, scaler, keep_graphs, chunk_tokens=chunk_tokens)
     if keep_graphs is None:
         return cls(objective, chunks, scaler)
     if not cls.keeps_graphs:

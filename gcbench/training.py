@@ -60,10 +60,11 @@ class StepConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0
     keep_graphs: KeepGraphs | None = None  # None: the strategy's default
+    chunk_tokens: tuple[int, ...] | None = None  # chunks by tokens instead of chunk_sizes (strategies that can)
 
     def build_strategy(self, objective: Objective, scaler: torch.amp.GradScaler | None) -> Strategy:
         """This step's strategy on ``objective`` (the workload's, or a wrapped one)."""
-        return make_strategy(self.strategy, objective, self.chunk_sizes, scaler, self.keep_graphs)
+        return make_strategy(self.strategy, objective, self.chunk_sizes, scaler, self.keep_graphs, self.chunk_tokens)
 
 
 WARM_UP_MOST = 16  # extra warm-up steps at most: the scaler halves its scale at each skip (2^16 to 1)

@@ -62,16 +62,19 @@ class Candidate:
     time: Estimate | None = None
     vs_winner: Estimate | None = None  # step time over the winner's, paired turn by turn
     note: str = ""
+    chunk_tokens: tuple[int, ...] | None = None  # chunks by tokens (sweep.chunk_tokens) instead of chunk_sizes
 
     @property
     def label(self) -> str:
         """The sweep's series name, one chunk size where every input has the same."""
-        sizes = self.chunk_sizes
+        sizes, tokens = self.chunk_sizes, self.chunk_tokens
         shown = sizes[:1] if sizes and len(set(sizes)) == 1 else sizes
-        return Point(self.strategy, 0, shown, self.keep_graphs).series  # type: ignore[arg-type]
+        budgets = tokens[:1] if tokens and len(set(tokens)) == 1 else tokens
+        return Point(self.strategy, 0, shown, self.keep_graphs, budgets).series  # type: ignore[arg-type]
 
     def point(self, batch_size: int) -> Point:
-        return Point(self.strategy, batch_size, self.chunk_sizes, self.keep_graphs)  # type: ignore[arg-type]
+        keep = self.keep_graphs
+        return Point(self.strategy, batch_size, self.chunk_sizes, keep, self.chunk_tokens)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         def interval(e: Estimate | None) -> dict[str, float] | None:
@@ -80,6 +83,7 @@ class Candidate:
         return {
             "strategy": self.strategy,
             "chunk_sizes": list(self.chunk_sizes) if self.chunk_sizes else None,
+            "chunk_tokens": list(self.chunk_tokens) if self.chunk_tokens else None,
             "keep_graphs": self.keep_graphs,
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "encoder_calls": self.calls,
@@ -139,6 +143,12 @@ class TuneResult:
 
 def paste(candidate: Candidate) -> str:
     """What to write in one's own training for ``candidate``."""
+    if candidate.chunk_tokens is not None:
+        tokens = candidate.chunk_tokens
+        budget = str(tokens[0]) if len(set(tokens)) == 1 else "[" + ", ".join(map(str, tokens)) + "]"
+        kept = candidate.keep_graphs if candidate.keep_graphs != "all" else '"all"'
+        engine = f"GradCache(encoders, loss_fn, chunk_tokens={budget}, keep_graphs={kept})"
+        return engine if candidate.strategy == "cache" else f"{candidate.strategy} as {engine} in gcbench's engine"
     if candidate.chunk_sizes is None:
         if resolve_strategy(candidate.strategy).uses_chunks:
             return candidate.strategy
@@ -276,7 +286,32 @@ def _search(
         kept = max(peaks)
         keep: int | str = "all" if kept >= chunks else kept
         found.append(Candidate(cached, sizes, keep, peaks[kept], chunks + chunks - kept))
+    found += _token_candidates(estimator, experiment, cached, batch_size, limit, refused)
     return found, refused
+
+
+def _token_candidates(
+    estimator: Estimator, experiment: Experiment, cached: str, batch_size: int, limit: int, refused: list[str]
+) -> list[Candidate]:
+    """Per token budget of the experiment (``sweep.chunk_tokens``), the most kept graphs that fit."""
+    if not experiment.sweep.chunk_tokens or not resolve_strategy(cached).token_chunks:
+        return []
+    found = []
+    for tokens in experiment.sweep.chunk_tokens:
+        chunks = estimator.token_chunk_count(experiment.step_config(Point(cached, batch_size, None, None, tokens)))
+
+        def keep_peak(keep: Any, tokens: tuple[int, ...] = tokens) -> int:
+            point = Point(cached, batch_size, None, keep, tokens)
+            return estimator.predict(experiment.step_config(point)).peak
+
+        peaks = _most_kept(keep_peak, chunks, limit)
+        if not peaks:
+            refused.append(f"{cached} chunk {'/'.join(map(str, tokens))} tokens: nothing fits even re-encoding")
+            continue
+        kept = max(peaks)
+        keep: int | str = "all" if kept >= chunks else kept
+        found.append(Candidate(cached, None, keep, peaks[kept], chunks + chunks - kept, chunk_tokens=tokens))
+    return found
 
 
 def _predicted_keep(

@@ -42,6 +42,13 @@ class VerifyResult:
     chunk_sizes: tuple[int, ...]
     comparison: GradComparison
     tolerance: float
+    chunk_tokens: tuple[int, ...] | None = None  # chunks by tokens (then chunk_sizes is not used)
+
+    @property
+    def chunk_label(self) -> str:
+        if self.chunk_tokens:
+            return "/".join(map(str, self.chunk_tokens)) + " tokens"
+        return "/".join(map(str, self.chunk_sizes))
 
     @property
     def passed(self) -> bool:
@@ -85,10 +92,13 @@ def verify(
     backend: str = "auto",
     timeout: float = 600.0,
     loss_tile: int = 0,
+    chunk_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[VerifyResult]:
     """One comparison per workload, strategy and chunk setting (one size, or one per input).
 
     ``loss_tile`` > 0: the strategies compute the loss in tiles, the reference whole (as always).
+    ``chunk_tokens``: token-budget settings, checked besides the chunk sizes for the strategies that chunk by
+    tokens (rows sorted by length, the loss's order restored).
 
     One process (``nproc=1``): against the mask-consistent full-batch reference, dropout 0.1 by default.
     W ranks: all cases in one launch, ``batch_size`` the global batch (each rank gets ``batch_size / nproc``,
@@ -114,11 +124,19 @@ def verify(
         for name in workloads
     }
     settings = check_arguments(configs, strategies, precision, batch_size, chunk_sizes, tolerance, seed)
-    cases = [
-        (name, strategy, chunks)
+    budgets = check_budgets(configs, strategies, chunk_tokens)
+    cases: list[tuple[str, str, tuple[int, ...], tuple[int, ...] | None]] = [
+        (name, strategy, chunks, None)
         for name in workloads
         for strategy in strategies
         for chunks in _settings_for(strategy, settings[name])
+    ]
+    cases += [
+        (name, strategy, settings[name][0], tokens)
+        for name in workloads
+        for strategy in strategies
+        if resolve_strategy(strategy).token_chunks
+        for tokens in budgets
     ]
     if nproc == 1:
         comparisons = [
@@ -126,25 +144,56 @@ def verify(
                 configs[name],
                 strategy,
                 batch_size,
-                chunks,
+                None if tokens else chunks,
                 precision=precision,
                 device=device,
                 seed=seed,
                 reference_workload=workload_config(name, dropout),
+                chunk_tokens=tokens,
             )
-            for name, strategy, chunks in cases
+            for name, strategy, chunks, tokens in cases
         ]
     else:
         steps = [
-            StepConfig(configs[name], strategy, batch_size, chunks, precision, seed=seed)
-            for name, strategy, chunks in cases
+            StepConfig(
+                configs[name],
+                strategy,
+                batch_size,
+                None if tokens else chunks,
+                precision,
+                seed=seed,
+                chunk_tokens=tokens,
+            )
+            for name, strategy, chunks, tokens in cases
         ]
         comparisons = check_distributed(steps, nproc, device=device, backend=backend, timeout=timeout)
     tol = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
     return [
-        VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol)
-        for (name, strategy, chunks), comparison in zip(cases, comparisons)
+        VerifyResult(name, strategy, precision, batch_size, chunks, comparison, tol, tokens)
+        for (name, strategy, chunks, tokens), comparison in zip(cases, comparisons)
     ]
+
+
+def check_budgets(
+    configs: Mapping[str, WorkloadConfig], strategies: Sequence[str], chunk_tokens: Sequence[Sequence[int]] | None
+) -> list[tuple[int, ...]]:
+    """``--chunk-tokens``: each budget >= 1 and at least the longest row of a built-in workload's inputs."""
+    if not chunk_tokens:
+        return []
+    if not any(resolve_strategy(s).token_chunks for s in strategies):
+        raise UsageError("--chunk-tokens: none of the strategies chunks by tokens (cache does)")
+    budgets = [tuple(setting) for setting in chunk_tokens]
+    for name, config in configs.items():
+        caps = config.longest_rows(2)
+        for setting in budgets:
+            if not setting or any(b < 1 for b in setting) or len(setting) not in (1, len(caps)):
+                raise UsageError(f"--chunk-tokens: one budget, or one per input, each >= 1; got {setting}")
+            for budget, cap in zip(setting * len(caps) if len(setting) == 1 else setting, caps):
+                if cap is not None and budget < cap:
+                    raise UsageError(
+                        f"--chunk-tokens: a budget of {budget} tokens is smaller than the longest row of {name} ({cap})"
+                    )
+    return budgets
 
 
 def verify_distributed(

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 Batch = Any  # a tensor, or a mapping, tuple or list (nested) of tensors and other values
@@ -111,3 +112,100 @@ def batch_devices(batch: Batch) -> set[torch.device]:
 
 def module_devices(module: nn.Module) -> set[torch.device]:
     return {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
+
+
+# Variable lengths: padding trimmed per chunk, chunks formed by tokens ------------------------------------
+
+Rows = slice | tuple[int, ...]  # a chunk's rows of its batch: a range, or the rows themselves (token chunks)
+
+
+def _mask_holder(batch: Batch) -> Mapping[str, Any] | None:
+    """The mapping of ``batch`` holding a 2-D ``attention_mask`` (the batch, or the first one inside a tuple)."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return batch if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    if isinstance(batch, (tuple, list)):
+        return next((found for item in batch if (found := _mask_holder(item)) is not None), None)
+    return None
+
+
+def has_mask(batch: Batch) -> bool:
+    return _mask_holder(batch) is not None
+
+
+def row_lengths(batch: Batch) -> list[int] | None:
+    """Each row's padded extent (its last unmasked position + 1), from the attention mask; None without a mask,
+    or under fake tensors unless the workload kept the lengths beside the mask (``gcbench_lengths``)."""
+    holder = _mask_holder(batch)
+    if holder is None:
+        return None
+    mask = holder["attention_mask"]
+    kept = getattr(mask, "gcbench_lengths", None)
+    if kept is not None:
+        return [int(n) for n in kept.tolist()]
+    if isinstance(mask, FakeTensor):
+        return None
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return [int(n) for n in ((mask != 0).long() * positions).amax(1).tolist()]
+
+
+def trim_padding(batch: Batch, width: int | None) -> Batch:
+    """``batch`` with the padding beyond ``width`` columns cut off (views): every tensor of the mask's mapping
+    as long as the mask in its second dimension. Right padding only, so positions do not move."""
+    holder = _mask_holder(batch)
+    if width is None or holder is None or holder["attention_mask"].shape[1] <= width:
+        return batch
+    full = holder["attention_mask"].shape[1]
+
+    def cut(node: Any) -> Any:
+        if node is holder:
+            return {name: _cut(value, full, width) for name, value in node.items()}
+        if isinstance(node, (tuple, list)):
+            return type(node)(cut(item) for item in node)
+        return node
+
+    return cut(batch)
+
+
+def _cut(value: Any, full: int, width: int) -> Any:
+    sequence = isinstance(value, Tensor) and value.dim() >= 2 and value.shape[1] == full
+    return value[:, :width] if sequence else value
+
+
+def take_rows(batch: Batch, rows: Rows, lengths: list[int] | None) -> Batch:
+    """The chunk ``rows`` of ``batch``, padded only to its own longest row (when the lengths are known)."""
+    if isinstance(rows, slice):
+        chunk = slice_batch(batch, rows.start, rows.stop)
+        width = max(lengths[rows], default=None) if lengths is not None else None
+    else:
+        chunk = map_tensors(lambda tensor: tensor[torch.tensor(rows, device=tensor.device)], batch)
+        width = max((lengths[r] for r in rows), default=None) if lengths is not None else None
+    return trim_padding(chunk, width)
+
+
+def token_chunks(lengths: list[int], budget: int, name: str = "chunk_tokens") -> list[tuple[int, ...]]:
+    """Chunks of at most ``budget`` padded tokens (rows x the chunk's longest row), rows taken longest first so
+    that each chunk holds rows of about one length; each chunk's rows in batch order. A ValueError naming
+    ``name`` when a row alone is longer than the budget."""
+    order = sorted(range(len(lengths)), key=lambda row: (-lengths[row], row))
+    if order and lengths[order[0]] > budget:
+        raise ValueError(f"{name}: a budget of {budget} tokens is smaller than the longest row ({lengths[order[0]]})")
+    chunks: list[list[int]] = []
+    longest = 0
+    for row in order:
+        if chunks and (len(chunks[-1]) + 1) * longest <= budget:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+            longest = lengths[row]
+    return [tuple(sorted(chunk)) for chunk in chunks]
+
+
+def token_lengths(batch: Batch, name: str) -> list[int]:
+    """Tokens of each row for chunking by tokens: from the mask, or one per row for an input without one."""
+    lengths = row_lengths(batch)
+    if lengths is not None:
+        return lengths
+    if has_mask(batch):
+        raise ValueError(f"{name}: the rows' lengths are unknown (an attention mask under fake tensors)")
+    return [1] * batch_size(batch, name)

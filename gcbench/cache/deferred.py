@@ -76,12 +76,12 @@ class DeferredGradCache(GradCache):
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         if not torch.is_grad_enabled():  # evaluation: the loss alone, one forward per chunk
-            plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, 0)
+            plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, 0, self.chunk_tokens)
             reps = self._encode_without_graph(plan)[0]
             self.last_reps = [rep.detach() for rep in reps]
             return contrastive_loss(self.loss_fn, reps, loss_kwargs).detach()
         self._warn_batchnorm()
-        plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs)
+        plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs, self.chunk_tokens)
         autocast = AutocastState.capture(plan.devices)
         reps, kept, rng_states = self._encode_without_graph(plan)
         self.last_reps = [rep.detach() for rep in reps]

@@ -33,15 +33,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gcbench.cache.batching import (
     Batch,
+    Rows,
     batch_devices,
     batch_size,
     call_encoder,
     chunk_bounds,
     distinct,
     module_devices,
-    slice_batch,
+    row_lengths,
+    take_rows,
+    token_chunks,
+    token_lengths,
 )
 from gcbench.cache.loss import contrastive_loss
+from gcbench.cache.phases import phase
 from gcbench.cache.rng import RngState
 from gcbench.cache.sharded import Reduce, Wrapping, check_reduce, wrapping_of
 
@@ -113,6 +118,11 @@ class GradCache:
     ``on_reps``: called with each input's representations, detached, once the cache is built and before
     step 3 frees them: in-batch metrics from the step's own tensors, with no second forward and no memory
     beyond what the step holds.
+    ``chunk_tokens``: chunks by token count instead of row count (an int, or one per encoder): each chunk at
+    most that many padded tokens (rows x its longest row), rows taken longest first so that a chunk holds
+    rows of about one length; the loss still sees the batch in its own order. Rows are counted by their
+    ``attention_mask``; an input without one counts one token a row. Each chunk is padded to its own
+    longest row either way.
 
     Call it with one batch per encoder and the loss's keyword arguments; it returns the loss,
     detached, and never touches an optimizer (:meth:`step` also returns the representations).
@@ -123,7 +133,7 @@ class GradCache:
         self,
         encoders: nn.Module | Sequence[nn.Module],
         loss_fn: Callable[..., Tensor],
-        chunk_size: int | Sequence[int],
+        chunk_size: int | Sequence[int] | None = None,
         *,
         get_rep: GetRep | None = None,
         scaler: torch.amp.GradScaler | None = None,
@@ -131,6 +141,7 @@ class GradCache:
         reduce: Reduce = "step",
         keep_unsharded: bool = False,
         on_reps: OnReps | None = None,
+        chunk_tokens: int | Sequence[int] | None = None,
     ) -> None:
         self.encoders = as_encoder_list(encoders)
         if not callable(loss_fn):
@@ -138,7 +149,13 @@ class GradCache:
         if get_rep is not None and not callable(get_rep):
             raise TypeError(f"get_rep must be callable, got {type(get_rep).__name__}")
         self.loss_fn = loss_fn
-        self.chunk_sizes = as_chunk_sizes(chunk_size, len(self.encoders))
+        if chunk_size is None and chunk_tokens is None:
+            raise TypeError("chunk_size must be an int or one int per encoder, got None (or give chunk_tokens)")
+        if chunk_size is not None and chunk_tokens is not None:
+            raise ValueError("GradCache: give chunk_size (rows per chunk) or chunk_tokens (tokens per chunk), not both")
+        count = len(self.encoders)
+        self.chunk_sizes = as_chunk_sizes(chunk_size, count) if chunk_size is not None else None
+        self.chunk_tokens = as_chunk_sizes(chunk_tokens, count, "chunk_tokens") if chunk_tokens is not None else None
         self.get_rep = get_rep
         self.scaler = scaler
         self.keep_graphs = check_keep_graphs(keep_graphs)
@@ -163,14 +180,16 @@ class GradCache:
         if len(batches) != len(self.encoders):
             raise ValueError(f"batches: got {len(batches)} batches for {len(self.encoders)} encoders")
         self._warn_batchnorm()
-        plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs)
+        plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs, self.chunk_tokens)
         with contextlib.ExitStack() as step:
             for wrapping in distinct(self.wrappings):
                 step.enter_context(wrapping.step())
-            reps, kept, rng_states = self._encode_without_graph(plan)
+            with phase("encode without graph"):
+                reps, kept, rng_states = self._encode_without_graph(plan)
             rng_after = RngState.capture(plan.devices)
             # Detached at once: the loss's graph reaches the representations, which step 3 frees.
-            loss = self._cache_gradients(reps, loss_kwargs).detach()
+            with phase("loss and cache"):
+                loss = self._cache_gradients(reps, loss_kwargs).detach()
             if self.on_reps is not None:
                 with torch.no_grad():
                     self.on_reps(tuple(rep.detach() for rep in reps))
@@ -178,6 +197,12 @@ class GradCache:
             self._push_gradients(plan, reps, kept, rng_states)
         rng_after.restore()
         return CachedStep(loss, returned)
+
+    def encode_steps(self, *batches: Batch) -> list[tuple[int, slice | tuple[int, ...]]]:
+        """(encoder index, rows) of every chunk in the order of the first pass: what a mask-consistent
+        full-batch reference encodes (gcbench.measure.equivalence)."""
+        plan = _Plan.make(self.encoders, self.wrappings, batches, self.chunk_sizes, self.keep_graphs, self.chunk_tokens)
+        return [(cid[0], plan.pieces[cid[0]][cid[1]]) for cid in plan.chunk_ids]
 
     # Step 1 ------------------------------------------------------------------------------------
     def _encode_without_graph(self, plan: _Plan) -> tuple[list[Tensor], dict[ChunkId, Tensor], dict[ChunkId, RngState]]:
@@ -198,14 +223,18 @@ class GradCache:
             if rep is None:
                 rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
             rows = plan.rows(cid)
-            if value.shape != (rows.stop - rows.start, *rep.shape[1:]):  # copy_ would broadcast, silently
+            count, where = (rows.stop - rows.start, f"rows {rows.start}:{rows.stop}") if isinstance(rows, slice) else (
+                len(rows),
+                f"{len(rows)} rows by tokens",
+            )
+            if value.shape != (count, *rep.shape[1:]):  # the assignment would broadcast, silently
                 raise ValueError(
-                    f"encoders[{i}]: chunk {cid[1]} (rows {rows.start}:{rows.stop}) gave representations of shape "
-                    f"{tuple(value.shape)}, expected {(rows.stop - rows.start, *rep.shape[1:])} as chunk 0's; "
+                    f"encoders[{i}]: chunk {cid[1]} ({where}) gave representations of shape "
+                    f"{tuple(value.shape)}, expected {(count, *rep.shape[1:])} as chunk 0's; "
                     "every chunk must give one row per example and the same trailing shape"
                 )
             with torch.no_grad():
-                rep[plan.rows(cid)].copy_(value)
+                rep[plan.rows(cid)] = value
         return [reps[i].requires_grad_() for i in range(len(self.encoders))], kept, rng_states
 
     # Step 2 ------------------------------------------------------------------------------------
@@ -226,7 +255,8 @@ class GradCache:
             reused = kept.pop(cid, None)
             if cache is None and cid not in plan.syncing:  # the loss does not depend on this input
                 continue
-            with self._sync_context(cid, plan):
+            what = "backward of the kept graph" if reused is not None else "re-encode and backward"
+            with self._sync_context(cid, plan), phase(f"{what}, input {i} chunk {cid[1] + 1}"):
                 if reused is not None:
                     rep = reused
                 else:
@@ -274,7 +304,8 @@ class _Plan:
 
     batches: tuple[Batch, ...]
     sizes: tuple[int, ...]
-    bounds: tuple[tuple[tuple[int, int], ...], ...]
+    pieces: tuple[tuple[Rows, ...], ...]  # per encoder, each chunk's rows
+    lengths: tuple[list[int] | None, ...]  # per encoder, each row's length (None: unknown, no padding trimmed)
     devices: frozenset[torch.device]
     chunk_ids: tuple[ChunkId, ...]
     kept: frozenset[ChunkId]
@@ -287,16 +318,31 @@ class _Plan:
         encoders: list[nn.Module],
         wrappings: list[Wrapping],
         batches: tuple[Batch, ...],
-        chunk_sizes: tuple[int, ...],
+        chunk_sizes: tuple[int, ...] | None,
         keep: KeepGraphs,
+        chunk_tokens: tuple[int, ...] | None = None,
     ) -> _Plan:
         sizes = tuple(batch_size(batch, f"batches[{i}]") for i, batch in enumerate(batches))
         for i, size in enumerate(sizes):
             if size == 0:
                 raise ValueError(f"batches[{i}] is empty")
-        bounds = tuple(tuple(chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes))
+        pieces: tuple[tuple[Rows, ...], ...]
+        lengths: tuple[list[int] | None, ...]
+        if chunk_tokens is not None:
+            counted = [token_lengths(b, f"chunk_tokens[{i}]") for i, b in enumerate(batches)]
+            pieces = tuple(
+                tuple(token_chunks(n, budget, f"chunk_tokens[{i}]"))
+                for i, (n, budget) in enumerate(zip(counted, chunk_tokens))
+            )
+            lengths = tuple(counted)
+        else:
+            assert chunk_sizes is not None
+            lengths = tuple(row_lengths(b) for b in batches)
+            pieces = tuple(
+                tuple(slice(*bounds) for bounds in chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes)
+            )
         devices = frozenset().union(*(module_devices(e) for e in encoders), *(batch_devices(b) for b in batches))
-        chunk_ids = tuple((i, j) for i, encoder_bounds in enumerate(bounds) for j in range(len(encoder_bounds)))
+        chunk_ids = tuple((i, j) for i, encoder_pieces in enumerate(pieces) for j in range(len(encoder_pieces)))
         count = len(chunk_ids) if keep == "all" else min(keep, len(chunk_ids))
         kept = set(chunk_ids[len(chunk_ids) - count :])
         for module in distinct(e for e, w in zip(encoders, wrappings) if w.arms_in_forward and w.syncs):
@@ -315,12 +361,13 @@ class _Plan:
         for cid in backward_order:
             last_use[id(encoders[cid[0]])] = cid
         syncing = frozenset(c for c in last_use.values() if wrappings[c[0]].syncs)
-        return cls(batches, sizes, bounds, devices, chunk_ids, frozenset(kept), backward_order, syncing)
+        return cls(batches, sizes, pieces, lengths, devices, chunk_ids, frozenset(kept), backward_order, syncing)
 
-    def rows(self, cid: ChunkId) -> slice:
-        start, stop = self.bounds[cid[0]][cid[1]]
-        return slice(start, stop)
+    def rows(self, cid: ChunkId) -> slice | list[int]:
+        """The chunk's rows, as indexing the representations takes them."""
+        rows = self.pieces[cid[0]][cid[1]]
+        return rows if isinstance(rows, slice) else list(rows)
 
     def chunk(self, cid: ChunkId) -> Batch:
-        rows = self.rows(cid)
-        return slice_batch(self.batches[cid[0]], rows.start, rows.stop)
+        """The chunk's rows of its batch, padded to its own longest row."""
+        return take_rows(self.batches[cid[0]], self.pieces[cid[0]][cid[1]], self.lengths[cid[0]])

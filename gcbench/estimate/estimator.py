@@ -75,6 +75,11 @@ class Estimator:
             step()
         return int(counter.get_total_flops())
 
+    def token_chunk_count(self, config: StepConfig) -> int:
+        """How many chunks ``config``'s step (chunked by tokens) encodes in its first pass."""
+        with self._fake_step(config, self.workload.objective) as step:
+            return len(step.strategy.encode_steps(step.batches))
+
     @contextlib.contextmanager
     def _fake_step(self, config: StepConfig, objective: Objective) -> Iterator[TrainingStep]:
         """``config``'s step on the fake model (this estimator's optimizer), released and zeroed after use."""

@@ -55,7 +55,17 @@ else:  # pragma: no cover
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 # The grid (and how many rounds of it), not the numbers: extending either resumes.
-FINGERPRINT_EXCLUDES = ("strategies", "batch_sizes", "chunk_sizes", "keep_graphs", "timeout", "predict", "rounds")
+FINGERPRINT_EXCLUDES = (
+    "strategies",
+    "batch_sizes",
+    "chunk_sizes",
+    "chunk_tokens",
+    "keep_graphs",
+    "timeout",
+    "predict",
+    "rounds",
+    "timeline",
+)
 
 
 @typed
@@ -85,6 +95,10 @@ class Experiment:
                 for strategy in chunked:
                     settings = keeps if resolve_strategy(strategy).keeps_graphs else (None,)
                     grid.extend(Point(strategy, batch, chunks, keep) for keep in settings)
+            for tokens in self.sweep.chunk_tokens or ():
+                for strategy in (name for name in chunked if resolve_strategy(name).token_chunks):
+                    settings = keeps if resolve_strategy(strategy).keeps_graphs else (None,)
+                    grid.extend(Point(strategy, batch, None, keep, tokens) for keep in settings)
         return grid
 
     def step_config(self, point: Point) -> StepConfig:
@@ -97,6 +111,7 @@ class Experiment:
             self.optimizer,
             self.sweep.seed,
             point.keep_graphs,
+            point.chunk_tokens,
         )
 
     def reference_point(self, point: Point) -> Point | None:
@@ -115,7 +130,7 @@ class Experiment:
     def step_protocol(self) -> StepProtocol:
         """How every step of this experiment is measured (sweep points, their ranks, tune): its warm-up,
         repeat policy and memory budget."""
-        return StepProtocol(self.sweep.warmup, self.repeat_policy(), self.sweep.memory_budget)
+        return StepProtocol(self.sweep.warmup, self.repeat_policy(), self.sweep.memory_budget, steps=self.sweep.steps)
 
     def strategy_use(self) -> StrategyUse:
         return StrategyUse(self.workload, self.sweep.chunk_sizes, self.sweep.nproc, self.sweep.equivalence)
@@ -261,6 +276,7 @@ def check_fit(experiment: Experiment) -> None:
                 f"sweep.chunk_sizes: {'/'.join(map(str, setting))} gives {len(setting)} sizes for {inputs} inputs; "
                 "give one size, or one per input"
             )
+    check_chunk_tokens(experiment, inputs)
     use = experiment.strategy_use()
     for name in sweep.strategies:
         resolve_strategy(name).check_use(use)
@@ -270,3 +286,25 @@ def check_fit(experiment: Experiment) -> None:
         for batch in sweep.batch_sizes:
             if batch % sweep.nproc:
                 raise UsageError(f"sweep.batch_sizes: {batch} does not split evenly over nproc={sweep.nproc} ranks")
+
+
+def check_chunk_tokens(experiment: Experiment, inputs: int) -> None:
+    """``sweep.chunk_tokens``: one budget or one per input, each holding the longest row its input can draw."""
+    sweep, workload = experiment.sweep, experiment.workload
+    if sweep.chunk_tokens is None:
+        return
+    if not any(resolve_strategy(s).token_chunks for s in sweep.strategies):
+        raise UsageError("sweep.chunk_tokens: none of the strategies chunks by tokens (cache does)")
+    longest = workload.longest_rows(inputs)
+    for setting in sweep.chunk_tokens:
+        if len(setting) not in (1, inputs):
+            raise UsageError(
+                f"sweep.chunk_tokens: {'/'.join(map(str, setting))} gives {len(setting)} budgets for {inputs} "
+                "inputs; give one budget, or one per input"
+            )
+        for i, (budget, cap) in enumerate(zip(setting * inputs if len(setting) == 1 else setting, longest)):
+            if cap is not None and budget < cap:
+                raise UsageError(
+                    f"sweep.chunk_tokens: a budget of {budget} tokens is smaller than the longest row of input {i} "
+                    f"({cap} tokens); give at least {cap}"
+                )

@@ -98,6 +98,15 @@ class SweepConfig:
         shown_type="list of sizes, or of lists of one size per input",
         min_length=1,
     )
+    chunk_tokens: tuple[ChunkSetting, ...] | None = key(
+        "token-budget chunk settings for the strategies that chunk by tokens (cache), measured beside chunk_sizes: "
+        "each chunk at most this many padded tokens, rows sorted by length (one budget, or one per input, 4096/8192)",
+        flag="--chunk-tokens",
+        metavar="2048,4096|1024/4096",
+        default=None,
+        shown_type="list of budgets, or of lists of one budget per input, or none",
+        min_length=1,
+    )
     keep_graphs: tuple[KeepSetting, ...] | None = key(
         "first-pass graphs kept by the strategies that keep graphs (cache): each a count or all; more is faster "
         "and holds more memory (none: the strategy's default, 1)",
@@ -132,6 +141,18 @@ class SweepConfig:
         flag="--target-spread",
         default=0.05,
         ge=0.0,
+    )
+    steps: Int = key(
+        "steps whose memory is measured one by one, each on a new batch (lengths drawn anew): the allocated peak "
+        "per step, on CUDA the reserved memory and fragmentation, on CPU the resident set (1: the point's step only)",
+        flag="--steps",
+        default=1,
+        ge=1,
+    )
+    timeline: Bool = key(
+        "after the sweep, record one step of full and of the first caching setting at one batch, memory over the "
+        "step's time with its phases (timeline.json; the report draws it; on CUDA also memory_viz snapshots)",
+        default=False,
     )
     rounds: Int = key(
         "timing rounds per point, each in a fresh process, round 2 after round 1 of every point (memory and "
@@ -270,7 +291,7 @@ def value_from_text(entry: Key, text: str, label: str) -> Any:
     items = [item.strip() for item in text.split(",")]
     if any(not item for item in items):
         raise UsageError(f"{label}: empty item in {text!r} (separate values by single commas)")
-    if entry.name == "chunk_sizes":
+    if entry.name in ("chunk_sizes", "chunk_tokens"):
         return [_chunk_setting_text(item, label) for item in items]
     return [_scalar(item) for item in items]
 

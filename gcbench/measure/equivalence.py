@@ -79,6 +79,7 @@ def check_strategy(
     seed: int = 0,
     reference_workload: WorkloadConfig | None = None,
     keep_graphs: KeepGraphs | None = None,
+    chunk_tokens: Sequence[int] | None = None,
 ) -> GradComparison:
     """One step of ``strategy`` against the mask-consistent full-batch reference, same weights and data.
 
@@ -99,8 +100,8 @@ def check_strategy(
         torch.manual_seed(seed + 2)
         with autocast(precision, device):
             if role == "strategy":
-                chosen = make_strategy(strategy, objective, chunk_sizes, scaler, keep_graphs)
-                order.extend(chosen.encode_order(chosen.check_batches(batches)))
+                chosen = make_strategy(strategy, objective, chunk_sizes, scaler, keep_graphs, chunk_tokens)
+                order.extend(chosen.encode_steps(batches))
                 loss = chosen.forward_backward(batches)
             else:
                 loss = backward_in_order(objective, batches, order, {}, scaler)

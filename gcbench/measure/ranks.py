@@ -75,8 +75,11 @@ def reference_gradients(
     cls = resolve_strategy(strategy)
     chunks = config.chunk_sizes if cls.uses_chunks else None
     keep = config.keep_graphs if cls.keeps_graphs else None
+    tokens = config.chunk_tokens if cls.token_chunks else None
     return step_gradients(
-        checked_step(replace(config, strategy=strategy, chunk_sizes=chunks, keep_graphs=keep), device)
+        checked_step(
+            replace(config, strategy=strategy, chunk_sizes=chunks, keep_graphs=keep, chunk_tokens=tokens), device
+        )
     )
 
 

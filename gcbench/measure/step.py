@@ -36,6 +36,7 @@ from gcbench.measure.memory import (
     release_memory,
     track_step,
 )
+from gcbench.measure.steps import StepsMeasurement, measure_steps
 from gcbench.measure.timing import RepeatPolicy, Timing, Turns, time_in_turns
 from gcbench.measure.tracker import TrackedPeak
 from gcbench.training import TrainingStep
@@ -52,6 +53,7 @@ class StepMeasurement:
     # or not asked for)
     reference_timing: Timing | None = None  # the reference's, turn by turn with ``timing``
     unpaired: str | None = None  # why a reference asked for was not timed
+    steps: StepsMeasurement | None = None  # memory step by step over new batches (``steps`` > 1)
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -95,6 +97,7 @@ class StepProtocol:
     before_each: Callable[[], None] | None = None
     agree: Callable[[bool], bool] | None = None
     fall_back: bool = True
+    steps: int = 1  # > 1: memory also measured step by step over new batches (``sweep.steps``)
 
     def set_up(self, device: torch.device) -> None:
         """Cap the allocator to the budget (CUDA) before the first step runs."""
@@ -122,6 +125,7 @@ class StepProtocol:
             block = CUDA_BLOCK if step.device.type == "cuda" else 1
             _, tracked = track_step(step, block, count_cpu_rng_states=step.device.type == "cpu")
             loss_peak = loss_memory(step, block)
+        over_steps = measure_steps(step, self.steps) if memory and self.steps > 1 else None
         candidates: dict[str, TrainingStep] = {STEP: step}
         unpaired = None
         release_memory(step.device)  # the cap held the step's own peak, measured above; timing runs uncapped
@@ -139,7 +143,9 @@ class StepProtocol:
         self.warm(step)  # again, after the release: every step is timed warm, paired or not
         turns = self._time(candidates, step.device)
         reference_timing = turns.timing(REFERENCE) if REFERENCE in candidates else None
-        return StepMeasurement(measured, tracked, turns.timing(STEP), loss_peak, reference_timing, unpaired)
+        return StepMeasurement(
+            measured, tracked, turns.timing(STEP), loss_peak, reference_timing, unpaired, over_steps
+        )
 
     def turns(self, steps: Mapping[str, TrainingStep], device: torch.device) -> Turns:
         """Several steps built in this process, warmed up, then timed in turns under the timing conditions

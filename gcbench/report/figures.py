@@ -22,7 +22,9 @@ from matplotlib.ticker import LogFormatter, NullLocator
 
 from gcbench.measure.tracker import CATEGORIES
 from gcbench.report.data import ReportData
+from gcbench.report.memory_steps import steps_figure
 from gcbench.report.style import CATEGORY_COLOURS, FAILED_COLOUR, MemoryUnit
+from gcbench.report.timeline import timeline_figure
 from gcbench.results.units import format_bytes
 from gcbench.verify import DEFAULT_TOLERANCE
 
@@ -44,6 +46,8 @@ def report_figures(
         "pareto": None if pareto is None else pareto_figure(data, pareto),
         "gradient-error": gradient_error_figure(data),
         "prediction": prediction_figure(data) if data.predicted else None,
+        "steps": steps_figure(data),
+        "timeline": timeline_figure(data),
     }
     return {name: figure for name, figure in figures.items() if figure is not None}
 

@@ -17,7 +17,9 @@ from gcbench.report.data import ReportData
 from gcbench.report.figures import DPI, report_figures
 from gcbench.report.headline import headline
 from gcbench.report.load import Run, load_runs
+from gcbench.report.memory_steps import CAPTION as STEPS_CAPTION
 from gcbench.report.tables import TABLE_FORMATS, ReportTable, report_tables
+from gcbench.report.timeline import CAPTION as TIMELINE_CAPTION
 
 REPORT_FILE = "report.md"
 FIGURE_FORMATS = ("png", "svg")
@@ -48,6 +50,8 @@ CAPTIONS = {  # what a first-time reader needs to read each figure
     "exact strategies pass and accumulate (the missing cross-chunk negatives) fails.",
     "prediction": "The peak predicted without allocating (gcbench's estimator) against the peak measured: points "
     "on the dashed line are exact predictions.",
+    "steps": STEPS_CAPTION,
+    "timeline": TIMELINE_CAPTION,
 }
 
 

@@ -47,22 +47,22 @@ class Look:
         """Strategies in order of first appearance (the experiment's order), chunk settings ascending and
         within one the kept graphs ascending; the reference strategies (``full``) in black."""
         references = set(references)
-        by_strategy: dict[str, set[tuple[tuple[int, ...], float]]] = {}
+        by_strategy: dict[str, set[tuple[tuple[int, ...], float, tuple[int, ...]]]] = {}
         for p in points:
             keep = -1.0 if p.keep_graphs is None else math.inf if p.keep_graphs == "all" else float(p.keep_graphs)
-            by_strategy.setdefault(p.strategy, set()).add((p.chunk_sizes or (), keep))
+            by_strategy.setdefault(p.strategy, set()).add((p.chunk_sizes or (), keep, p.chunk_tokens or ()))
         spare = iter(SPARE_FAMILIES * len(by_strategy))
         colours: dict[str, str] = {}
         for strategy, settings in by_strategy.items():
             ordered = sorted(settings)
-            if strategy in references and ordered == [((), -1.0)]:
+            if strategy in references and ordered == [((), -1.0, ())]:
                 colours[strategy] = REFERENCE_COLOUR
                 continue
             family = colormaps[FAMILIES.get(strategy) or next(spare)]
-            for i, (chunks, keep) in enumerate(ordered):
+            for i, (chunks, keep, tokens) in enumerate(ordered):
                 shade = SHADES[0] + (SHADES[1] - SHADES[0]) * i / max(len(ordered) - 1, 1)
                 kept: int | Literal["all"] | None = None if keep < 0 else "all" if keep == math.inf else int(keep)
-                colours[Point(strategy, 1, chunks or None, kept).series] = to_hex(family(shade))
+                colours[Point(strategy, 1, chunks or None, kept, tokens or None).series] = to_hex(family(shade))
         return cls(tuple(colours), colours, tuple(runs))
 
     @property

@@ -35,16 +35,24 @@ KeepSetting = Annotated[int, Strict(), Ge(0)] | Literal["all"]
 @typed
 class Point:
     """One cell of the grid: a strategy at a batch size, with its chunk sizes if it uses them, and how many
-    first-pass graphs it keeps if it keeps any (None: the strategy's default)."""
+    first-pass graphs it keeps if it keeps any (None: the strategy's default); ``chunk_tokens``: chunks by token
+    count instead (one budget, or one per input)."""
 
     strategy: Str
     batch_size: Int
     chunk_sizes: tuple[Int, ...] | None = None
     keep_graphs: KeepSetting | None = None
+    chunk_tokens: tuple[Int, ...] | None = None
 
     @property
     def chunk_label(self) -> str:
+        if self.chunk_tokens:
+            return "/".join(map(str, self.chunk_tokens)) + " tokens"
         return "/".join(map(str, self.chunk_sizes)) if self.chunk_sizes else "-"
+
+    @property
+    def chunked(self) -> bool:
+        return bool(self.chunk_sizes or self.chunk_tokens)
 
     @property
     def id(self) -> str:
@@ -54,9 +62,20 @@ class Point:
     @property
     def series(self) -> str:
         """The line a point belongs to in a plot: strategy, and chunk sizes and kept graphs where they matter."""
-        setting = [f"chunk {self.chunk_label}"] if self.chunk_sizes else []
+        setting = [f"chunk {self.chunk_label}"] if self.chunked else []
         setting += [f"keep {self.keep_graphs}"] if self.keep_graphs is not None else []
         return f"{self.strategy} ({', '.join(setting)})" if setting else self.strategy
+
+
+@typed
+class StepsResult:
+    """Memory over ``sweep.steps`` steps, each on a new batch (new lengths); bytes, one value per step."""
+
+    allocated_peak_bytes: tuple[Int, ...]
+    reserved_peak_bytes: tuple[Int, ...] = ()  # CUDA: the caching allocator's reserved peak
+    fragmentation_bytes: tuple[Int, ...] = ()  # CUDA: reserved - allocated
+    resident_bytes: tuple[Int, ...] = ()  # CPU: the process's resident set after the step
+    tokens: tuple[Int, ...] = ()  # real (unpadded) tokens of the step's batch
 
 
 @typed
@@ -73,6 +92,7 @@ class MemoryResult:
     breakdown: dict[str, Int] | None = None  # at the dispatch tracker's peak, absolute
     tracked_peak_bytes: Int | None = None
     loss_peak_bytes: Int | None = None  # the loss's own forward and backward, above the representations
+    steps: StepsResult | None = None  # sweep.steps > 1: memory step by step over new batches
 
 
 @typed

@@ -38,6 +38,7 @@ from gcbench.measure.memory import is_out_of_memory, release_memory
 from gcbench.measure.ranks import REFERENCE as RANKS_REFERENCE
 from gcbench.measure.ranks import distributed_gradients, reference_gradients, worst
 from gcbench.measure.step import StepMeasurement, StepProtocol, UntrackedBaseline
+from gcbench.measure.steps import StepsMeasurement
 from gcbench.measure.timing import Timing
 from gcbench.results.environment import environment
 from gcbench.results.records import (
@@ -49,6 +50,7 @@ from gcbench.results.records import (
     Point,
     Record,
     Status,
+    StepsResult,
 )
 from gcbench.results.timing import paired_result, time_result
 from gcbench.results.units import format_bytes
@@ -100,6 +102,17 @@ def memory_result(step: StepMeasurement) -> MemoryResult:
         breakdown=tracked.breakdown,
         tracked_peak_bytes=tracked.total,
         loss_peak_bytes=step.loss_peak_bytes,
+        steps=steps_result(step.steps) if step.steps is not None else None,
+    )
+
+
+def steps_result(steps: StepsMeasurement) -> StepsResult:
+    return StepsResult(
+        steps.allocated_peak_bytes,
+        steps.reserved_peak_bytes,
+        steps.fragmentation_bytes,
+        steps.resident_bytes,
+        steps.tokens,
     )
 
 
@@ -228,6 +241,7 @@ class InProcess(PointMeasurer):
                 device=device,
                 seed=experiment.sweep.seed,
                 keep_graphs=point.keep_graphs,
+                chunk_tokens=point.chunk_tokens,
             )
         except Exception as error:
             if not is_out_of_memory(error):

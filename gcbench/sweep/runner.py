@@ -147,6 +147,10 @@ def run_sweep(
         outcome.interrupted = True
     if keeps:
         write_csv(outcome.records, out_dir / "results.csv")
+        if experiment.sweep.timeline and not outcome.interrupted:
+            from gcbench.sweep.timeline import run_timelines
+
+            run_timelines(experiment, outcome.records, out_dir)
     return outcome
 
 
@@ -216,6 +220,7 @@ def _skip_reason(
             record.status == "oom"
             and p.strategy == point.strategy
             and p.chunk_sizes == point.chunk_sizes
+            and p.chunk_tokens == point.chunk_tokens
             and p.batch_size < point.batch_size
         ):
             went = "went over the memory budget" if OVER_BUDGET in (record.reason or "") else "ran out of memory"

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from gcbench.errors import UsageError
 from gcbench.imports import is_import_path
 from gcbench.typed import Bool, Float, Int, Str, key, typed
+from gcbench.workloads.lengths import LengthDistribution, parse_lengths
 
 if TYPE_CHECKING:
     from gcbench.workloads.tasks import Inputs, Workload
@@ -207,6 +208,12 @@ class WorkloadConfig:
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     query_length: Int = key("tokens per query (dpr), caption (clip, siglip) or view (simclr on text)", default=32, ge=1)
     passage_length: Int = key("tokens per passage (dpr)", default=128, ge=1)
+    query_lengths: Str = key(
+        "real lengths of the query_length rows (padding after): fixed, uniform[:LOW] (LOW..cap, default half the "
+        "cap), lognormal:MEDIAN:SIGMA (capped), msmarco (a capped log-normal, see gcbench.workloads.lengths)",
+        default="uniform",
+    )
+    passage_lengths: Str = key("real lengths of the passage_length rows (dpr), as query_lengths", default="uniform")
     hard_negatives: Int = key("hard-negative passages per query (dpr)", default=1, ge=0)
     tied: Bool = key("dpr: one encoder for queries and passages", default=False)
     temperature: Float | None = key("softmax temperature (none: the workload's usual value)", default=None, gt=0.0)
@@ -224,10 +231,30 @@ class WorkloadConfig:
     )
 
     def __post_init__(self) -> None:
+        self.lengths("query")  # impossible parameters are refused here, naming the key
+        self.lengths("passage")
         if self.factory is not None and not is_import_path(self.factory):
             raise ValueError(f"workload.factory: {self.factory!r} is not an import path (package.module:function)")
         if self.factory is not None and is_import_path(self.name) and self.name != self.factory:
             raise ValueError(f"workload.name {self.name!r} and workload.factory {self.factory!r}: give one of them")
+
+    def lengths(self, which: Literal["query", "passage"]) -> LengthDistribution:
+        """The distribution of the real lengths of the query (caption, view) or passage rows."""
+        if which == "query":
+            return parse_lengths(self.query_lengths, self.query_length, "workload.query_lengths")
+        return parse_lengths(self.passage_lengths, self.passage_length, "workload.passage_lengths")
+
+    def longest_rows(self, inputs: int) -> list[int | None]:
+        """The longest row each input of a built-in workload can have, in tokens (an input without a mask counts
+        one a row; None: unknown, a user's workload)."""
+        if self.user_factory is not None:
+            return [None] * inputs
+        text = self.model.kind != FEATURE_KIND
+        if self.name == "dpr":
+            return [self.query_length if text else 1, self.passage_length if text else 1]
+        if self.name in IMAGE_TEXT:
+            return [self.query_length, 1]
+        return [self.query_length if text else 1] * inputs
 
     @property
     def loss_tile_size(self) -> int | None:

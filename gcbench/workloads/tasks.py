@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from gcbench.cache.batching import Batch, map_tensors
 from gcbench.cache.engine import encode
@@ -35,6 +36,7 @@ from gcbench.workloads.config import (
     WorkloadConfig,
     image_mlp,
 )
+from gcbench.workloads.lengths import LengthDistribution, with_lengths
 from gcbench.workloads.models import MLPEncoder, TransformerEncoder
 
 CLS_ID, FIRST_WORD_ID = 101, 1000
@@ -106,18 +108,31 @@ def _encoder(config: ModelConfig, length: int) -> nn.Module:
     return MLPEncoder(config) if config.kind == FEATURE_KIND else _text_tower(config).build(config, length)
 
 
-def _inputs(config: ModelConfig, length: int) -> Callable[[int, torch.Generator], Inputs]:
-    """Generator of an encoder's inputs: feature vectors for ``mlp``, token ids otherwise."""
+def _inputs(
+    config: ModelConfig, length: int, lengths: LengthDistribution | None = None
+) -> Callable[[int, torch.Generator], Inputs]:
+    """Generator of an encoder's inputs: feature vectors for ``mlp``, token ids otherwise, each row's real
+    length drawn from ``lengths`` (capped at ``length``; None: the tower's own)."""
     if config.kind == FEATURE_KIND:
         return lambda rows, g: _features(config, rows, g)
     text = _text_tower(config)
-    return lambda rows, g: text.tokens(config, rows, length, g)
+    if lengths is None:
+        return lambda rows, g: text.tokens(config, rows, length, g)
+    distribution = lengths
+
+    def make(rows: int, g: torch.Generator) -> Inputs:
+        drawn = distribution.draw(rows, length, g)
+        with unset_fake_temporarily():  # the same draw under fake tensors: the ids' generator is seeded by it
+            ids_seed = int(torch.randint(2**62, (), generator=g))
+        return with_lengths(text.tokens(config, rows, length, torch.Generator().manual_seed(ids_seed)), drawn)
+
+    return make
 
 
 def build_dpr(config: WorkloadConfig) -> Workload:
     group = 1 + config.hard_negatives
-    queries = _inputs(config.model, config.query_length)
-    passages = _inputs(config.model, config.passage_length)
+    queries = _inputs(config.model, config.query_length, config.lengths("query"))
+    passages = _inputs(config.model, config.passage_length, config.lengths("passage"))
     if config.tied:
         query_encoder = passage_encoder = _encoder(config.model, max(config.query_length, config.passage_length))
     else:
@@ -155,7 +170,7 @@ def _image_text(config: WorkloadConfig, loss: nn.Module) -> Workload:
     """clip and siglip: a text tower, an image tower as wide as its representation, ``loss`` over the pairs."""
     text_config = config.model if config.model.kind != FEATURE_KIND else replace(config.model, kind="transformer")
     text_encoder = _encoder(text_config, config.query_length)
-    texts = _inputs(text_config, config.query_length)
+    texts = _inputs(text_config, config.query_length, config.lengths("query"))
     width = representation_width(text_encoder, texts(1, torch.Generator().manual_seed(0)))
     image = _image_tower(config)
     image_encoder = image.build(config, width)
@@ -176,7 +191,7 @@ def build_siglip(config: WorkloadConfig) -> Workload:
 
 def build_simclr(config: WorkloadConfig) -> Workload:
     encoder = _encoder(config.model, config.query_length)
-    originals = _inputs(config.model, config.query_length)
+    originals = _inputs(config.model, config.query_length, config.lengths("query"))
     loss = NTXent(config.temperature or 0.5, tile_size=config.loss_tile_size)
 
     def view(batch: Inputs, g: torch.Generator) -> Inputs:
