@@ -108,8 +108,8 @@ def test_report_md_starts_with_a_headline_from_the_data(mixed_report: ReportFile
     full_32, cache_32 = peak["full batch=32 chunks=-"], peak["cache batch=32 chunks=8"]
     assert peak["full batch=64 chunks=-"] > BUDGET >= full_32  # what the sentence is about, in the fixture
     assert bullets[0] == (
-        f"- full went over the {format_bytes(BUDGET)} budget at batch 64 ({format_bytes(peak['full batch=64 chunks=-'])}); "
-        f"its largest batch was 32 at {format_bytes(full_32)}."
+        f"- full went over the {format_bytes(BUDGET)} budget at batch 64 "
+        f"({format_bytes(peak['full batch=64 chunks=-'])}); its largest batch was 32 at {format_bytes(full_32)}."
     )
     assert bullets[1] == (
         f"- cache (chunk 8) ran batch 128 in {format_bytes(peak['cache batch=128 chunks=8'])}; at batch 32, the "

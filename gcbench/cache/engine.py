@@ -223,9 +223,13 @@ class GradCache:
             if rep is None:
                 rep = reps[i] = value.new_empty((plan.sizes[i], *value.shape[1:]))
             rows = plan.rows(cid)
-            count, where = (rows.stop - rows.start, f"rows {rows.start}:{rows.stop}") if isinstance(rows, slice) else (
-                len(rows),
-                f"{len(rows)} rows by tokens",
+            count, where = (
+                (rows.stop - rows.start, f"rows {rows.start}:{rows.stop}")
+                if isinstance(rows, slice)
+                else (
+                    len(rows),
+                    f"{len(rows)} rows by tokens",
+                )
             )
             if value.shape != (count, *rep.shape[1:]):  # the assignment would broadcast, silently
                 raise ValueError(

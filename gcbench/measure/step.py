@@ -143,9 +143,7 @@ class StepProtocol:
         self.warm(step)  # again, after the release: every step is timed warm, paired or not
         turns = self._time(candidates, step.device)
         reference_timing = turns.timing(REFERENCE) if REFERENCE in candidates else None
-        return StepMeasurement(
-            measured, tracked, turns.timing(STEP), loss_peak, reference_timing, unpaired, over_steps
-        )
+        return StepMeasurement(measured, tracked, turns.timing(STEP), loss_peak, reference_timing, unpaired, over_steps)
 
     def turns(self, steps: Mapping[str, TrainingStep], device: torch.device) -> Turns:
         """Several steps built in this process, warmed up, then timed in turns under the timing conditions

@@ -12,6 +12,7 @@ from gcbench.device import resolve_device
 from gcbench.experiment import Experiment
 from gcbench.measure.memory import release_memory
 from gcbench.measure.timeline import TIMELINE_FILE, cuda_snapshot, record_timeline, write_timelines
+from gcbench.processes import run_child
 from gcbench.results.records import Point, Record
 from gcbench.strategies import resolve_strategy
 from gcbench.training import build_step
@@ -46,31 +47,22 @@ def timeline_points(experiment: Experiment, records: Sequence[Record]) -> list[P
 def run_timelines(experiment: Experiment, records: Sequence[Record], out_dir: Path) -> Path | None:
     """Record the timelines in a child process into ``out_dir/timeline.json``; None when there is no pair to
     draw or the child failed (its output goes to ``logs/timeline.log``)."""
-    from gcbench.sweep.runner import _context
-
     points = timeline_points(experiment, records)
     if not points:
         return None
     path = out_dir / TIMELINE_FILE
     path.unlink(missing_ok=True)
     log = out_dir / "logs" / "timeline.log"
-    process = _context().Process(
-        target=_child, args=(experiment.to_dict(), [dump(p) for p in points], str(out_dir), str(log))
+    run_child(
+        _child,
+        (experiment.to_dict(), [dump(p) for p in points], str(out_dir)),
+        timeout=experiment.sweep.timeout,
+        log=log,
     )
-    process.start()
-    process.join(experiment.sweep.timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
     return path if path.exists() else None
 
 
-def _child(experiment_data: dict[str, Any], point_data: list[dict[str, Any]], out_dir: str, log_path: str) -> None:
-    import os
-
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
+def _child(experiment_data: dict[str, Any], point_data: list[dict[str, Any]], out_dir: str) -> None:
     experiment = Experiment.from_dict(experiment_data)
     points = [load(Point, data) for data in point_data]
     sweep = experiment.sweep
