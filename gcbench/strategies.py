@@ -83,7 +83,7 @@ def backward_in_order(
     lengths = [row_lengths(batch) for batch in batches]
     with phase("encode with graph"):
         for i, rows in order:
-            batch = take_rows(batches[i], rows, lengths[i])
+            batch = take_rows(batches[i], rows, None if isinstance(rows, slice) else lengths[i])  # as the engine
             pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
             taken[i].extend(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
     with phase("loss and backward"):

@@ -39,7 +39,7 @@ def test_the_optimizer_has_its_state_before_the_measured_step_when_the_scaler_sk
 
     monkeypatch.setattr(step_module, "measure_step_memory", memory)
     with pytest.raises(Stop):
-        step_module.measure_step(build_step(config, torch.device("cpu")), 1, RepeatPolicy(1, 1, 0.0))
+        step_module.StepProtocol(1, RepeatPolicy(1, 1, 0.0)).measure(build_step(config, torch.device("cpu")))
     assert seen == [True]
 
 

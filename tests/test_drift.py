@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gcbench.estimate import Estimator
-from gcbench.estimate.plan import EstimatePlan, predict_row
+from gcbench.estimate.plan import EstimatePlan, PointPredictions
 from gcbench.estimate.render import plan_dict
 from gcbench.experiment import Experiment, load_experiment
 from gcbench.results import Point
@@ -113,7 +113,7 @@ def recomputed(report: str) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str,
         data["target"],
         data["world_size"],
         tuple(data["device_memories"]),
-        tuple(predict_row(estimator, experiment, point_of(row)) for row in rows),
+        tuple(PointPredictions(estimator, experiment).row(point_of(row)) for row in rows),
         (),
     )
     return tuple(rows), tuple(plan_dict(plan)["predictions"])

@@ -125,7 +125,7 @@ def test_each_setting_s_time_is_over_the_fastest_turn_by_turn(monkeypatch, tiny)
     }
     times[names[0]][1][3] = 5.0
     rounds = iter([{n: tuple(times[n][i]) for n in names} for i in range(2)])
-    monkeypatch.setattr("gcbench.tune._in_child", lambda function, experiment, points: next(rounds))
+    monkeypatch.setattr("gcbench.tune._in_child", lambda function, experiment, points, log: next(rounds))
     _time(experiment, 32, candidates, 2, lambda _: None)
     for candidate, name in zip(candidates, names):
         assert candidate.time == estimate(times[name])
@@ -158,7 +158,7 @@ def test_render_tune_shows_every_candidate_the_winner_and_its_call():
     assert set(rows) == {c.label for c in grid}
     for candidate in grid:
         row = rows[candidate.label]
-        assert format_bytes(candidate.predicted_peak_bytes) in row and f"{candidate.flops / 1e9:,.1f}" in row
+        assert format_bytes(candidate.predicted_peak_bytes) in row and f"{candidate.flops / 1e9:.3g}" in row
         if candidate.time is not None:
             t, r = candidate.time, candidate.vs_winner
             assert f"{t.value * 1e3:,.1f}" in row and f"{t.low * 1e3:,.1f}-{t.high * 1e3:,.1f}" in row

@@ -341,7 +341,9 @@ class _Plan:
             lengths = tuple(counted)
         else:
             assert chunk_sizes is not None
-            lengths = tuple(row_lengths(b) for b in batches)
+            # Chunks by rows keep the batch's padding: trimming it is exact only for encoders that honour
+            # their attention mask, which a user's encoder need not do (token chunks trim: they need to).
+            lengths = tuple(None for _ in batches)
             pieces = tuple(
                 tuple(slice(*bounds) for bounds in chunk_bounds(size, chunk)) for size, chunk in zip(sizes, chunk_sizes)
             )
