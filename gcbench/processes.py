@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gcbench import _cuda_double
 from gcbench.imports import adopt, import_path
 
 GRACE_S = 0.2  # after a child of a ``together`` run fails: wait this long for the others, SIGTERM, again, SIGKILL
@@ -121,7 +122,16 @@ def run_children(
         processes = [
             context.Process(
                 target=_child_main,
-                args=(index, folder, os.getpid(), import_path(), None if log is None else str(log), function, args),
+                args=(
+                    index,
+                    folder,
+                    os.getpid(),
+                    import_path(),
+                    _settings(),
+                    None if log is None else str(log),
+                    function,
+                    args,
+                ),
                 name=f"gcbench-child-{index}",
             )
             for index, (args, log) in enumerate(zip(arguments, logs))
@@ -223,6 +233,7 @@ def _child_main(
     folder: str,
     parent_pid: int,
     parent_path: Sequence[str],
+    settings: dict[str, str],
     log: str | None,
     function: Callable[..., Any],
     args: tuple[Any, ...],
@@ -230,6 +241,7 @@ def _child_main(
     """A child's process: watch the parent, log, run ``function``, leave its value (or failure) in a file."""
     threading.Thread(target=_end_with, args=(parent_pid,), name="gcbench-parent-watch", daemon=True).start()
     adopt(parent_path)
+    _adopt_settings(settings)
     gc.freeze()  # what the fork server imported stays put: each gc.collect() here skips it
     if log is not None:
         _this_child["log"] = Path(log)
@@ -249,6 +261,20 @@ def _child_main(
     _write(path, ("value", value))
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _settings() -> dict[str, str]:
+    """The parent's ``GCBENCH_*`` variables: a fork server started earlier holds the environment of then."""
+    return {name: value for name, value in os.environ.items() if name.startswith("GCBENCH_")}
+
+
+def _adopt_settings(settings: dict[str, str]) -> None:
+    """The parent's ``GCBENCH_*`` variables in this child, and the CUDA double if they ask for it."""
+    for name in [name for name in os.environ if name.startswith("GCBENCH_") and name not in settings]:
+        del os.environ[name]
+    os.environ.update(settings)
+    if _cuda_double.installed() is None:
+        _cuda_double.install_if_asked()
 
 
 def failure_of(index: int, error: BaseException) -> ChildFailure:
