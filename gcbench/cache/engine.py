@@ -40,7 +40,6 @@ from gcbench.cache.batching import (
     chunk_bounds,
     distinct,
     module_devices,
-    row_lengths,
     take_rows,
     token_chunks,
     token_lengths,
