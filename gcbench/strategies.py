@@ -75,15 +75,18 @@ def backward_in_order(
     loss_kwargs: Mapping[str, Any],
     scaler: torch.amp.GradScaler | None = None,
     weight: float = 1.0,
+    trim_padding: bool = False,
 ) -> Tensor:
-    """Encode the pieces in ``order`` keeping every graph (each padded to its own longest row), then one loss
-    (times ``weight``) over the rows in their batch's order, and backward."""
+    """Encode the pieces in ``order`` keeping every graph, then one loss (times ``weight``) over the rows in
+    their batch's order, and backward. A token chunk is padded to its own longest row, as the engine pads it;
+    a range of rows too with ``trim_padding`` (for a strategy that trims its chunks: its ``trims_padding``)."""
     pieces: list[list[Tensor]] = [[] for _ in objective.encoders]
     taken: list[list[int]] = [[] for _ in objective.encoders]
     lengths = [row_lengths(batch) for batch in batches]
     with phase("encode with graph"):
         for i, rows in order:
-            batch = take_rows(batches[i], rows, None if isinstance(rows, slice) else lengths[i])  # as the engine
+            trim = trim_padding or not isinstance(rows, slice)
+            batch = take_rows(batches[i], rows, lengths[i] if trim else None)
             pieces[i].append(encode(objective.encoders[i], batch, objective.get_rep, f"encoders[{i}]"))
             taken[i].extend(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
     with phase("loss and backward"):
@@ -130,6 +133,7 @@ class Strategy(ABC):
     global_negatives: ClassVar[bool | None] = None
     keeps_graphs: ClassVar[bool] = False
     token_chunks: ClassVar[bool] = False  # takes chunk_tokens: chunks by token count instead of row count
+    trims_padding: ClassVar[bool] = False  # pads each chunk by rows to its own longest row (a reference must too)
 
     @classmethod
     def traits(cls) -> StrategyTraits:

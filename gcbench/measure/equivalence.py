@@ -88,6 +88,7 @@ def check_strategy(
     """
     device = torch.device(device)
     order: list[EncodeStep] = []
+    trims: list[bool] = []  # whether the strategy pads its chunks to their own longest rows
 
     def run(role: str) -> tuple[list[Tensor], float]:
         built = config if role == "strategy" else reference_workload or config
@@ -102,9 +103,10 @@ def check_strategy(
             if role == "strategy":
                 chosen = make_strategy(strategy, objective, chunk_sizes, scaler, keep_graphs, chunk_tokens)
                 order.extend(chosen.encode_steps(batches))
+                trims.append(chosen.trims_padding)
                 loss = chosen.forward_backward(batches)
             else:
-                loss = backward_in_order(objective, batches, order, {}, scaler)
+                loss = backward_in_order(objective, batches, order, {}, scaler, trim_padding=any(trims))
         unscale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
         return [g * unscale for g in gradients(objective.parameters())], float(loss)
 

@@ -156,6 +156,7 @@ class SentenceTransformersCached(PeerStrategy):
     """``CachedMultipleNegativesRankingLoss``: every column in mini-batches of the chunk size, each encoded twice."""
 
     name = "st-cached"
+    trims_padding = True  # the peer pads each mini-batch to its own longest row
     uses_chunks = True
     caches_representations = True
 
